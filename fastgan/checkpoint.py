@@ -1,0 +1,120 @@
+"""Checkpoints: plain tensors and Python values, written atomically, read with `torch.load(weights_only=True)`.
+
+Also reads the generator files of pytorch/examples `dcgan/main.py` and the tutorial (`netG_epoch_24.pth`),
+including ones saved from DataParallel (`module.`) or torch.compile (`_orig_mod.`) modules, or on a GPU.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FastganError
+
+FORMAT = "fastgan-checkpoint"
+VERSION = 1
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DDP wrappers, so saved keys carry no prefixes."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Remove leading `module.` / `_orig_mod.` (in any order, any number) from every key."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash mid-write leaves the
+    previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` (atomically) the same file as `source`: a hard link, or a copy where links fail."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def load(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FastganError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise FastganError(f"checkpoint {path} holds pickled Python objects, not plain weights; "
+                               "fastgan loads only weights_only=True files") from None
+        raise FastganError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from None
+    except Exception as e:  # zip errors, EOFError, RuntimeError from a truncated archive
+        raise FastganError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def is_fastgan_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def generator_state(payload: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The generator's state dict from a fastgan checkpoint or a plain (pytorch/examples) state dict."""
+    if is_fastgan_checkpoint(payload):
+        payload = payload["netG"]
+    if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise FastganError(f"{path} is neither a fastgan checkpoint nor a generator state dict")
+    return strip_prefixes(payload)
+
+
+def infer_generator_shape(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "checkpoint") -> dict[str, int]:
+    """nz, ngf, nc and image_size of the generator whose weights these are."""
+    convs = [(int(k.split(".")[1]), v) for k, v in state_dict.items()
+             if k.startswith("main.") and k.endswith(".weight") and v.dim() == 4]
+    convs.sort(key=lambda kv: kv[0])
+    if len(convs) < 3:
+        raise FastganError(f"{path} does not hold DCGAN generator weights (found {len(convs)} convolutions)")
+    first, last = convs[0][1], convs[-1][1]
+    if first.shape[2:] != (4, 4) or last.shape[2:] != (4, 4):
+        raise FastganError(f"{path} does not hold DCGAN generator weights (kernel sizes "
+                           f"{tuple(first.shape[2:])} and {tuple(last.shape[2:])}, expected 4x4)")
+    if last.shape[0] == 1:  # a discriminator's last conv is [1, ndf*8, 4, 4]; a generator's [ngf, nc, 4, 4]
+        raise FastganError(f"{path} holds discriminator weights; generate needs the generator (netG)")
+    # ConvTranspose2d weights are [in, out, k, k]; each of the len(convs) layers doubles the size from 2
+    return {"nz": int(first.shape[0]), "ngf": int(last.shape[0]), "nc": int(last.shape[1]),
+            "image_size": 2 ** (len(convs) + 1)}

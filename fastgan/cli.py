@@ -1,0 +1,191 @@
+"""The `fastgan` command: train, generate, synth. It only builds options; the work is in train() etc."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Optional, Sequence
+
+from .config import AMP_CHOICES, DEVICE_CHOICES, MODEL_FIELDS, Config
+from .errors import FastganError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_train_parser(sub) -> None:
+    defaults, demo = Config(), Config.demo()
+    description = textwrap.fill(
+        "Train a DCGAN (the PyTorch DCGAN faces tutorial) on a folder of images. Without --root it trains on "
+        "built-in synthetic demo faces with a small preset "
+        f"({demo.image_size}x{demo.image_size}, ngf=ndf={demo.ngf}, batch {demo.batch_size}, "
+        f"{demo.epochs} epochs) that a 2-core CPU finishes in minutes; with --root the defaults "
+        "are the tutorial's (64x64, ngf=ndf=64, batch 128, 5 epochs). Flags given override both; "
+        "defaults are in [brackets].", 100)
+    # no ArgumentDefaultsHelpFormatter here: the defaults depend on the preset and are written out by hand
+    p = sub.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a DCGAN on a folder of images (or the demo faces)", description=description,
+        epilog="examples:\n  fastgan train\n  fastgan train --root ~/celeba --amp --compile\n"
+               "  fastgan train --out runs/a --resume auto --epochs 10")
+    # None means "not given": the preset (tutorial or demo) or the resumed run decides
+    data = p.add_argument_group("data")
+    data.add_argument("--root", help="image folder: root/*.jpg or the tutorial's root/subfolder/*.jpg "
+                                     "(default: the built-in demo faces)")
+    data.add_argument("--demo-images", type=positive_int, help=f"demo set size [{defaults.demo_images}]")
+    data.add_argument("--workers", type=int, help="DataLoader worker processes [one per core]")
+    model = p.add_argument_group("model")
+    model.add_argument("--image-size", type=int, help=f"power of two, 16..256 [{defaults.image_size}; demo "
+                                                       f"{demo.image_size}]")
+    model.add_argument("--nc", type=int, choices=(1, 3), help="image channels [3]")
+    model.add_argument("--nz", type=positive_int, help=f"latent size [{defaults.nz}]")
+    model.add_argument("--ngf", type=positive_int, help=f"generator width [{defaults.ngf}; demo {demo.ngf}]")
+    model.add_argument("--ndf", type=positive_int, help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=positive_int, help=f"[{defaults.epochs}; demo {demo.epochs}]")
+    optim.add_argument("--batch-size", type=positive_int, help=f"[{defaults.batch_size}; demo {demo.batch_size}]")
+    optim.add_argument("--lr", type=float, help=f"Adam learning rate [{defaults.lr}]")
+    optim.add_argument("--beta1", type=float, help=f"Adam beta1 [{defaults.beta1}]")
+    optim.add_argument("--seed", type=int, help=f"[{defaults.seed}]")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--device", choices=DEVICE_CHOICES, help="[auto: cuda if available]")
+    speed.add_argument("--amp", nargs="?", const="auto", choices=[c for c in AMP_CHOICES],
+                       help="mixed precision; --amp alone: fp16 + GradScaler on CUDA, bf16 on the CPU [off]")
+    speed.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile both networks")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
+    run.add_argument("--resume", metavar="PATH|auto",
+                     help="continue from a checkpoint at its next epoch; auto: --out's latest")
+    run.add_argument("--log-every", type=positive_int, help=f"iterations per statistics line [{defaults.log_every}]")
+    run.add_argument("--sample-every", type=positive_int,
+                     help=f"iterations per fixed-noise grid, besides each epoch end [{defaults.sample_every}]")
+    run.add_argument("--quiet", action="store_true", default=None, help="log lines only, no progress bar")
+    run.add_argument("--dry-run", action="store_true", default=None,
+                     help="print the resolved config, run 2 steps on a tiny batch, write nothing")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The preset (demo without --root, the tutorial's otherwise, or the resumed run's), then the flags given."""
+    from dataclasses import fields
+    given = {f.name: getattr(args, f.name) for f in fields(Config)
+             if getattr(args, f.name, None) is not None}
+    if args.resume:
+        from . import checkpoint
+        from .loop import find_resume_checkpoint
+        path = find_resume_checkpoint(Config(resume=args.resume, out=args.out), None)
+        payload = checkpoint.load(path)
+        if not checkpoint.is_fastgan_checkpoint(payload):
+            raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")
+        saved = Config.from_dict(payload["config"])
+        clash = [f"--{k.replace('_', '-')} {given[k]} (it has {getattr(saved, k)})" for k in MODEL_FIELDS
+                 if k in given and given[k] != getattr(saved, k)]
+        if clash:
+            raise FastganError(f"checkpoint {path} does not match the model asked for: " + ", ".join(clash))
+        base = {**saved.to_dict(), "out": None, "dry_run": False, "quiet": False}
+        return Config(**{**base, **given})
+    if args.root is None:
+        return Config.demo(**given)
+    return Config(**given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .loop import train
+    train(config_from_args(args))
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", formatter_class=HelpFormatter, help="write faces from a trained generator",
+                       description="Write a grid of generated images from a fastgan checkpoint (run/checkpoints/"
+                                   "last.pt, run/netG.pth) or a pytorch/examples netG_epoch_N.pth; the model's "
+                                   "shape is read off the weights.")
+    p.add_argument("--checkpoint", required=True, help="fastgan checkpoint or generator state dict (.pth)")
+    p.add_argument("--n", type=positive_int, default=64, help="number of images")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random)")
+    p.add_argument("--out", default="generated.png", help="grid image to write")
+    p.add_argument("--individual", metavar="DIR", help="also write one PNG per image into DIR")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .report import console
+    out = generate(args.checkpoint, args.n, args.seed, args.out, args.individual, args.device)
+    console.print(f"fastgan: wrote {args.n} images to {out}"
+                  + (f" and {args.individual}/" if args.individual else ""))
+    return 0
+
+
+def add_synth_parser(sub) -> None:
+    p = sub.add_parser("synth", formatter_class=HelpFormatter, help="write synthetic face photos (demo data)",
+                       description="Write N synthetic 178x218 face JPEGs like CelebA's img_align_celeba, drawn "
+                                   "procedurally and deterministically from --seed (the built-in demo data).")
+    p.add_argument("dir", help="output folder (new, or without files of the same names)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=positive_int, default=None, help="processes [one per core]")
+    p.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from .report import console
+    from .synth import write_faces
+    folder = Path(args.dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FastganError(f"{folder} exists and is not a folder")
+    existing = [f"{i:06d}.jpg" for i in range(1, args.n + 1) if (folder / f"{i:06d}.jpg").exists()]
+    if existing:
+        raise FastganError(f"{folder} already holds {existing[0]} (and {len(existing) - 1} more of the names "
+                           "to write); choose an empty folder")
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"drawing {args.n:,} faces", total=args.n)
+            write_faces(folder, args.n, seed=args.seed, workers=args.workers,
+                        progress=lambda k: bar.advance(task, k))
+    except OSError as e:
+        raise FastganError(f"cannot write to {folder}: {e.strerror or e}") from None
+    console.print(f"fastgan: wrote {args.n:,} faces to {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgan", description="Train DCGAN face generators fast.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,synth}")
+    add_train_parser(sub)
+    add_generate_parser(sub)
+    add_synth_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastganError as e:
+        print(f"fastgan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastgan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

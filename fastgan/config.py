@@ -1,0 +1,88 @@
+"""The training options: one typed dataclass, validated at the edge, saved as the run folder's config.json."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import FastganError
+from .models import check_image_size
+
+AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
+
+
+@dataclass
+class Config:
+    # data
+    root: Optional[str] = None        # folder of images (root/*.jpg or root/sub/*.jpg); None: the demo faces
+    demo_images: int = 4096           # size of the built-in demo set, used only when root is None
+    workers: Optional[int] = None     # DataLoader worker processes; None: one per core
+    # model: the tutorial's defaults
+    image_size: int = 64              # power of two from 16 to 256
+    nc: int = 3                       # image channels: 3 (RGB) or 1 (grayscale)
+    nz: int = 100                     # length of the latent vector z
+    ngf: int = 64                     # generator width
+    ndf: int = 64                     # discriminator width
+    # optimisation: the tutorial's defaults
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 2e-4
+    beta1: float = 0.5                # Adam beta1; beta2 stays 0.999 as in the DCGAN paper
+    seed: int = 999
+    # speed: each of these is checked against eager fp32 in the tests
+    device: str = "auto"              # auto: cuda when available, else cpu
+    amp: str = "off"                  # off | auto | fp16 | bf16
+    channels_last: bool = False
+    compile: bool = False             # torch.compile both networks
+    # reporting
+    out: Optional[str] = None         # run folder; None: runs/<timestamp>
+    log_every: int = 50               # iterations between statistics reads (each one is a host sync)
+    sample_every: int = 500           # iterations between fixed-noise grids (also one at each epoch end)
+    quiet: bool = False               # log lines only, no progress bar
+    resume: Optional[str] = None      # checkpoint path, or "auto" for the run folder's latest
+    dry_run: bool = False             # a couple of steps on a tiny batch, nothing written
+
+    @classmethod
+    def demo(cls, **overrides: Any) -> "Config":
+        """The built-in demo: small faces and narrow networks so that a 2-core CPU trains it in minutes."""
+        preset = dict(image_size=32, ngf=32, ndf=32, batch_size=64, epochs=6, log_every=16, sample_every=64)
+        return cls(**{**preset, **overrides})
+
+    def validate(self) -> "Config":
+        """Raise FastganError with one clear line for the first bad option; return self."""
+        try:
+            check_image_size(self.image_size)
+        except ValueError as e:
+            raise FastganError(str(e)) from None
+        positive = ("nz", "ngf", "ndf", "epochs", "batch_size", "log_every", "sample_every", "demo_images")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FastganError(f"{name} must be a positive integer, got {value!r}")
+        if self.nc not in (1, 3):
+            raise FastganError(f"nc must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise FastganError(f"workers must be 0 or more, got {self.workers!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise FastganError(f"lr must be in (0, 1), got {self.lr!r}")
+        if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
+            raise FastganError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.amp not in AMP_CHOICES:
+            raise FastganError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise FastganError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from a saved config, ignoring keys this version does not know (older or newer files)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def model_shape(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MODEL_FIELDS}

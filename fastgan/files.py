@@ -1,0 +1,180 @@
+"""The file index shared by every loader: find the images under a root, and set aside the ones that cannot be
+decoded before training starts (pytorch/examples issue #835: one bad JPEG used to kill a run hours in).
+
+The check decodes every file once, in parallel, and caches the verdicts by (path, size, mtime), so a second run
+on CelebA's 202,599 files only stats them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from PIL import Image, ImageOps
+
+from .errors import FastganError
+
+# torchvision's IMG_EXTENSIONS, matched case-insensitively
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastgan"
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under root (flat, or the tutorial's root/subfolder/*.jpg, or deeper), sorted.
+
+    Hidden files and folders are ignored, and so is anything without an image extension."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FastganError(f"--root {root} does not exist")
+    if not root.is_dir():
+        raise FastganError(f"--root {root} is not a folder")
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(folder) / f for f in files
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise FastganError(f"--root {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(found)
+
+
+def load_image(path: str | os.PathLike, nc: int) -> Image.Image:
+    """Open an image upright (EXIF orientation) and in the model's channels: RGB for nc=3, L for nc=1.
+
+    Grayscale, CMYK, palette and alpha images are converted; transparency is laid over white."""
+    with Image.open(path) as image:
+        image.load()
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block is no reason to drop the pixels
+            pass
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB" if nc == 3 else "L")
+
+
+def check_image(path: str | os.PathLike) -> Optional[str]:
+    """None when the file decodes to a non-empty image, else the reason it cannot be used."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd EXIF or palette warnings are not failures
+            image = load_image(path, nc=3)
+        if image.width < 1 or image.height < 1:
+            return "image has no pixels"
+        return None
+    except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, DecompressionBombError
+        message = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {message}"[:200]
+
+
+@dataclass
+class FileIndex:
+    root: Path
+    good: list[Path]
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    checked: int = 0   # files decoded in this call (the rest came from the cache)
+
+    def write_skipped(self, path: Path) -> None:
+        """List the skipped files, one 'path<TAB>reason' per line."""
+        path.write_text("".join(f"{p}\t{reason}\n" for p, reason in self.bad))
+
+    def summary(self) -> str:
+        total = len(self.good) + len(self.bad)
+        line = f"{len(self.good):,} images under {self.root}"
+        if self.bad:
+            line += f"; skipped {len(self.bad):,} of {total:,} files that cannot be decoded"
+        return line
+
+
+def _cache_path(root: Path) -> Path:
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "index" / f"{digest}.json"
+
+
+def _read_cache(path: Path, root: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == CACHE_VERSION and data.get("root") == str(root.resolve()):
+            return data["entries"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # a missing or damaged cache only costs a re-check
+    return {}
+
+
+def _write_cache(path: Path, root: Path, entries: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "root": str(root.resolve()), "entries": entries}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache folder only costs a re-check next time
+
+
+def index_images(root: str | os.PathLike, workers: Optional[int] = None,
+                 progress: Optional[Callable[[int, int], None]] = None, use_cache: bool = True) -> FileIndex:
+    """Find the images under root and check that each decodes; `progress(done, total)` is called as it goes.
+
+    Raises FastganError when the root is missing or no file decodes."""
+    root = Path(root).expanduser()
+    paths = find_images(root)
+    cache_file = _cache_path(root)
+    cached = _read_cache(cache_file, root) if use_cache else {}
+    keys, verdicts, todo = [], {}, []
+    for path in paths:
+        stat = path.stat()
+        key = str(path.relative_to(root))
+        keys.append(key)
+        entry = cached.get(key)
+        if entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            verdicts[key] = entry
+        else:
+            todo.append((key, path, stat.st_size, stat.st_mtime_ns))
+    total = len(todo)
+    if progress:
+        progress(0, total)
+    workers = default_workers() if workers is None else workers
+    if todo:
+        todo_paths = [t[1] for t in todo]
+        if workers <= 1 or total < 64:
+            results = map(check_image, todo_paths)
+            executor = None
+        else:
+            executor = ProcessPoolExecutor(workers)
+            results = executor.map(check_image, todo_paths, chunksize=max(1, min(256, total // (8 * workers))))
+        try:
+            for done, ((key, _, size, mtime), reason) in enumerate(zip(todo, results), 1):
+                verdicts[key] = [size, mtime, reason]
+                if progress and (done % 256 == 0 or done == total):
+                    progress(done, total)
+        finally:
+            if executor is not None:
+                executor.shutdown(cancel_futures=True)
+        if use_cache:
+            _write_cache(cache_file, root, verdicts)  # files gone since are dropped
+    good = [p for p, k in zip(paths, keys) if verdicts[k][2] is None]
+    bad = [(p, verdicts[k][2]) for p, k in zip(paths, keys) if verdicts[k][2] is not None]
+    if not good:
+        raise FastganError(f"--root {root}: none of its {len(paths):,} image files can be decoded "
+                           f"(first: {bad[0][0].name}: {bad[0][1]})")
+    return FileIndex(root=root, good=good, bad=bad, checked=total)

@@ -1,0 +1,341 @@
+"""`train(cfg)`: the whole training run, from a Config to a run folder. `fastgan train` is a thin layer over it.
+
+    from fastgan import Config, train
+    run = train(Config(root="~/celeba", epochs=5))   # -> Path of the run folder
+
+Performance switches (device, autocast, GradScaler, channels_last, torch.compile) are decided once, before
+the loop, as null objects where off; the loop never asks which are on. Statistics stay on the device and
+are read once per log interval (the only host sync in the loop besides samples and checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.progress import Progress
+
+from . import checkpoint
+from .config import MODEL_FIELDS, Config
+from .errors import FastganError
+from .files import FileIndex, default_workers, index_images
+from .models import Discriminator, Generator, init_weights
+from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
+from .plot import plot_losses
+from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, prepare_run_folder,
+                     save_animation, save_image_atomic, write_json)
+from .step import STAT_NAMES, train_step
+
+FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decided once, before the loop
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastganError("--device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() "
+                           "is False); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    name: str           # fp32 | fp16 | bf16
+    autocast: object    # a context manager: nullcontext() for fp32
+    scaler: torch.amp.GradScaler  # disabled unless fp16
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """--amp: off -> fp32; auto -> fp16 + GradScaler on CUDA, bf16 on the CPU (where fp16 autocast is poor)."""
+    name = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(amp) or ("fp16" if device.type == "cuda" else "bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FastganError("--amp bf16 asked for, but this GPU does not support bfloat16; use --amp fp16")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+    return Precision(name, autocast, scaler)
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discriminator]:
+    """G and D with the DCGAN init, drawn on the CPU from torch's global RNG so they match on every device."""
+    netG = Generator(cfg.nz, cfg.ngf, cfg.nc, cfg.image_size)
+    netG.apply(init_weights)
+    netD = Discriminator(cfg.ndf, cfg.nc, cfg.image_size)
+    netD.apply(init_weights)
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    return netG.to(device, memory_format=memory_format), netD.to(device, memory_format=memory_format)
+
+
+def build_optimizers(cfg: Config, netG, netD) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    betas = (cfg.beta1, 0.999)
+    return (torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=betas),
+            torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=betas))
+
+
+def make_fixed_noise(cfg: Config) -> torch.Tensor:
+    """The noise behind every progress grid: its own generator, so it does not shift the training noise."""
+    return torch.randn(FIXED_NOISE_SIZE, cfg.nz, 1, 1, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+@torch.no_grad()
+def sample(netG: torch.nn.Module, noise: torch.Tensor) -> torch.Tensor:
+    """G(noise) with BatchNorm on its running statistics: deterministic per image, leaves G's state alone."""
+    was_training = netG.training
+    netG.eval()
+    try:
+        return netG(noise).float()
+    finally:
+        netG.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+def index_data(cfg: Config) -> FileIndex:
+    if cfg.root is None:
+        from .demo import demo_faces
+        root = demo_faces(cfg.demo_images, quiet=cfg.quiet)
+    else:
+        root = Path(cfg.root).expanduser()
+    with Progress(console=console, transient=True, disable=cfg.quiet) as bar:
+        task = bar.add_task("checking images", total=None)
+        index = index_images(root, cfg.workers, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                          total=total))
+    if len(index.good) < cfg.batch_size and not cfg.dry_run:
+        raise FastganError(f"batch size {cfg.batch_size} is larger than the {len(index.good):,} usable images "
+                           f"under {index.root}; lower --batch-size")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume
+
+def find_resume_checkpoint(cfg: Config, run: Optional[Path]) -> Optional[Path]:
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        return Path(cfg.resume).expanduser()
+    if cfg.out is None:
+        raise FastganError("--resume auto needs --out, the run folder to continue")
+    last = Path(cfg.out).expanduser() / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise FastganError(f"--resume auto: no checkpoint to resume in {last.parent}")
+    return last
+
+
+def check_model_shape(cfg: Config, saved: dict, path: Path) -> None:
+    mismatched = [f"{k}={saved.get(k)} (asked {getattr(cfg, k)})" for k in MODEL_FIELDS
+                  if saved.get(k) != getattr(cfg, k)]
+    if mismatched:
+        raise FastganError(f"checkpoint {path} does not match the model: it was trained with "
+                           + ", ".join(mismatched))
+
+
+def load_resume(path: Path, cfg: Config) -> dict:
+    payload = checkpoint.load(path)
+    if not checkpoint.is_fastgan_checkpoint(payload):
+        raise FastganError(f"{path} is not a fastgan training checkpoint (a plain state dict can be used "
+                           "with `fastgan generate`, not resumed)")
+    check_model_shape(cfg, payload["config"], path)
+    if payload["epoch"] >= cfg.epochs:
+        raise FastganError(f"checkpoint {path} has already trained {payload['epoch']} epochs; pass "
+                           f"--epochs larger than {payload['epoch']} to train more")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+def train(cfg: Config) -> Optional[Path]:
+    """Train as cfg says; return the run folder (None for a dry run, which writes nothing)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.amp, device)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    resume_path = find_resume_checkpoint(cfg, None)
+    resumed = load_resume(resume_path, cfg) if resume_path else None
+
+    index = index_data(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, index, device, precision)
+
+    out = cfg.out
+    if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
+        out = str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
+    run = prepare_run_folder(out, resuming=resumed is not None)
+    if resumed:
+        refuse_overwriting_later_epochs(run, resumed["epoch"])
+    console.print(f"fastgan: {index.summary()}"
+                  + (f" (listed in {run / 'skipped_files.txt'})" if index.bad else ""))
+    console.print(f"fastgan: device {device}, precision {precision.name}, loader torch ({workers} workers), "
+                  f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}"
+                  f" -> {run}")
+
+    torch.manual_seed(cfg.seed)
+    netG, netD = build_models(cfg, device)
+    optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
+    fixed_noise = make_fixed_noise(cfg)
+    scaler = precision.scaler
+    start_epoch, step, loss_history = 0, 0, torch.zeros(0, 2)
+    if resumed:
+        netG.load_state_dict(resumed["netG"])
+        netD.load_state_dict(resumed["netD"])
+        optimizerG.load_state_dict(resumed["optimizerG"])
+        optimizerD.load_state_dict(resumed["optimizerD"])
+        if scaler.is_enabled() and resumed["scaler"]:
+            scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if device.type == "cuda" and resumed["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        fixed_noise = resumed["fixed_noise"]
+        start_epoch, step, loss_history = resumed["epoch"], resumed["step"], resumed["loss_history"]
+        console.print(f"fastgan: resumed from {resume_path} at epoch {start_epoch + 1}, iteration {step}")
+    config_file = run / "config.json"
+    write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
+    if index.bad:
+        index.write_skipped(run / "skipped_files.txt")
+    fixed_noise = fixed_noise.to(device)
+
+    # The step runs the (possibly compiled) modules; samples and checkpoints use the plain ones
+    stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
+    loader = TorchLoader(index.good, cfg.image_size, cfg.nc, cfg.batch_size, device,
+                         channels_last=cfg.channels_last, workers=workers, seed=cfg.seed)
+    if not (run / "samples" / "real.png").exists():
+        save_real_grid(index, cfg, run / "samples" / "real.png")
+
+    steps_per_epoch = len(loader)
+    history = torch.zeros(cfg.log_every, len(STAT_NAMES), device=device)  # per-step stats, read per interval
+    losses = [loss_history]
+    metrics = MetricsLog(run / "metrics.jsonl")
+    in_interval, interval_start = 0, time.perf_counter()
+    run_start, images_seen = time.perf_counter(), 0
+
+    def read_interval(epoch: int, i: int) -> None:
+        nonlocal in_interval, interval_start
+        values = history[:in_interval].cpu()  # note: the host sync of this interval
+        now = time.perf_counter()
+        losses.append(values[:, :2].clone())
+        stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
+        images_per_second = in_interval * cfg.batch_size / max(now - interval_start, 1e-9)
+        metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
+                       "images_per_second": round(images_per_second, 1), "time": round(now - run_start, 3)})
+        progress.log(f"[{epoch + 1}/{cfg.epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
+                     f"{images_per_second:,.0f} img/s", stats, images_per_second)
+        in_interval, interval_start = 0, now
+
+    def save_samples(tag: str) -> None:
+        grid = image_grid(sample(netG, fixed_noise), nrow=8)
+        save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
+
+    if step == 0:
+        save_samples(f"step{step:07d}")  # the untrained generator: the animation's first frame
+    total_steps = cfg.epochs * steps_per_epoch
+    with RunProgress(total_steps, start_epoch * steps_per_epoch, cfg.quiet) as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            loader.set_epoch(epoch)
+            progress.epoch(epoch, cfg.epochs)
+            for i, real in enumerate(loader):
+                noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device)
+                history[in_interval] = train_step(stepG, stepD, optimizerG, optimizerD, real, noise,
+                                                  precision.autocast, scaler)
+                in_interval += 1
+                step += 1
+                images_seen += cfg.batch_size
+                progress.advance()
+                if in_interval == cfg.log_every or i + 1 == steps_per_epoch:
+                    read_interval(epoch, i)
+                if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
+                    save_samples(f"step{step:07d}")
+            save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
+            loss_history = torch.cat(losses)
+            losses = [loss_history]
+            save_checkpoint(run, epoch, step, cfg, netG, netD, optimizerG, optimizerD, scaler, fixed_noise,
+                            loss_history, device)
+    metrics.close()
+    elapsed = time.perf_counter() - run_start
+
+    finish(run, netG, loss_history)
+    console.print(f"fastgan: trained {cfg.epochs - start_epoch} epochs ({images_seen:,} images) in "
+                  f"{format_seconds(elapsed)}: {images_seen / max(elapsed, 1e-9):,.0f} images/s; "
+                  f"results in {run}")
+    return run
+
+
+def save_real_grid(index: FileIndex, cfg: Config, path: Path) -> None:
+    """The tutorial's "Training Images" figure: the first 64 images of the first epoch."""
+    dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
+    order = epoch_permutation(len(dataset), cfg.seed, 0)[:FIXED_NOISE_SIZE]
+    save_image_atomic(image_grid(torch.stack([dataset[int(j)] for j in order]), nrow=8), path)
+
+
+def refuse_overwriting_later_epochs(run: Path, epochs_done: int) -> None:
+    """Resuming from an older checkpoint of a run would overwrite its later epochs' files: refuse."""
+    later = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt")
+                   if p.stem[5:].isdigit() and int(p.stem[5:]) > epochs_done)
+    if later:
+        raise FastganError(f"{run} already holds later checkpoints ({', '.join(later)}); resume into a "
+                           "new --out folder so that they are kept")
+
+
+def save_checkpoint(run: Path, epoch: int, step: int, cfg: Config, netG, netD, optimizerG, optimizerD,
+                    scaler, fixed_noise, loss_history, device) -> None:
+    payload = {
+        "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
+        "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
+        "optimizerG": optimizerG.state_dict(), "optimizerD": optimizerD.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch + 1,  # epochs completed
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+        "fixed_noise": fixed_noise.cpu(),
+        "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
+        "config": cfg.to_dict(),
+    }
+    epoch_file = run / "checkpoints" / f"epoch{epoch + 1:03d}.pt"
+    checkpoint.save(epoch_file, payload)
+    checkpoint.link_or_copy(epoch_file, run / "checkpoints" / "last.pt")
+
+
+def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
+    """The run's end products: the loss plot, the animation of the progress grids, netG.pth."""
+    steps = torch.arange(1, loss_history.shape[0] + 1)
+    plot_losses(steps, loss_history[:, 1], loss_history[:, 0], run / "loss.png")
+    save_animation(sorted((run / "samples").glob("fake_step*.png")), run / "progress.gif")
+    # pytorch/examples format: a plain state dict of the unwrapped generator, on the CPU
+    state = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
+    checkpoint.save(run / "netG.pth", state)
+
+
+def dry_run(cfg: Config, index: FileIndex, device: torch.device, precision: Precision) -> None:
+    """Print the resolved config and run two steps on a tiny batch; write nothing."""
+    console.print(json.dumps({**cfg.to_dict(), "resolved": {
+        "device": str(device), "precision": precision.name, "images": len(index.good),
+        "skipped": len(index.bad), "root": str(index.root)}}, indent=2))
+    batch = min(cfg.batch_size, 4, len(index.good))
+    torch.manual_seed(cfg.seed)
+    netG, netD = build_models(cfg, device)
+    optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
+    stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
+    dataset = ImageFiles(index.good[:batch], cfg.image_size, cfg.nc)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    real = torch.stack([dataset[i] for i in range(batch)]).to(device, memory_format=memory_format)
+    for _ in range(2):
+        noise = torch.randn(batch, cfg.nz, 1, 1, device=device)
+        stats = train_step(stepG, stepD, optimizerG, optimizerD, real, noise, precision.autocast,
+                           precision.scaler)
+    console.print(f"dry run: 2 steps on {batch} images OK; {format_stats(dict(zip(STAT_NAMES, stats.tolist())))}")
+    return None
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, s = divmod(seconds, 60)
+    return f"{int(minutes)}m{s:04.1f}s" if minutes else f"{s:.1f}s"

@@ -1,0 +1,145 @@
+"""What a run shows and leaves behind: the progress bar or log lines, metrics.jsonl, sample grids, the GIF.
+
+Everything here runs once per log interval or sample, never per step, except `Progress.advance`, which only
+moves a counter.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from torchvision.utils import make_grid
+
+from .errors import FastganError
+
+console = Console(stderr=True, highlight=False)
+
+
+def prepare_run_folder(out: Optional[str], resuming: bool) -> Path:
+    """The run folder, created; a non-empty existing one is refused unless resuming, so no run is overwritten."""
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder, n = Path("runs") / stamp, 1
+        while folder.exists():
+            n += 1
+            folder = Path("runs") / f"{stamp}-{n}"
+    else:
+        folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FastganError(f"--out {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not resuming:
+        raise FastganError(f"--out {folder} already holds files; choose a new folder, or add --resume auto "
+                           "to continue the run in it")
+    try:
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FastganError(f"--out {folder} is not writable ({e.strerror or e})") from None
+    return folder
+
+
+def write_json(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
+    """A grid of [-1, 1] images as the tutorial draws it (2-pixel padding), on the fixed [-1, 1] scale so
+    that grids from different steps compare."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    array = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+
+
+def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    image.save(tmp, **kwargs)
+    os.replace(tmp, path)
+
+
+def save_animation(frames: Sequence[Path], path: Path, ms_per_frame: int = 400) -> None:
+    """An animated GIF of the fixed-noise grids over training (the tutorial's animation, as a file)."""
+    if not frames:
+        return
+    images = [Image.open(f).convert("RGB").quantize(256) for f in frames]
+    first, rest = images[0], images[1:]
+    tmp = path.with_name(f".{path.name}.tmp.gif")
+    first.save(tmp, save_all=True, append_images=rest, duration=ms_per_frame, loop=0)
+    os.replace(tmp, path)
+
+
+def format_stats(stats: dict) -> str:
+    return (f"Loss_D: {stats['loss_d']:.4f}  Loss_G: {stats['loss_g']:.4f}  D(x): {stats['d_x']:.4f}  "
+            f"D(G(z)): {stats['d_g_z1']:.4f} / {stats['d_g_z2']:.4f}")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log interval, appended and flushed so that a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RunProgress:
+    """A rich progress bar over all the run's iterations (epoch, iteration, images/s, ETA, latest statistics),
+    or, with quiet=True, plain log lines at each log interval."""
+
+    def __init__(self, total_steps: int, done_steps: int, quiet: bool):
+        self.quiet = quiet
+        self.bar: Optional[Progress] = None
+        if not quiet:
+            self.bar = Progress(
+                TextColumn("[bold]{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                console=console, transient=False)
+            self.task = self.bar.add_task("train", total=total_steps, completed=done_steps,
+                                          epoch="", speed="", stats="")
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def epoch(self, epoch: int, epochs: int) -> None:
+        if self.bar:
+            self.bar.update(self.task, epoch=f"epoch {epoch + 1}/{epochs}")
+
+    def advance(self) -> None:
+        if self.bar:
+            self.bar.advance(self.task)
+
+    def log(self, line: str, stats: dict, images_per_second: float) -> None:
+        if self.bar:
+            self.bar.update(self.task, speed=f"{images_per_second:,.0f} img/s",
+                            stats=f"D {stats['loss_d']:.3f} G {stats['loss_g']:.3f} D(x) {stats['d_x']:.2f}")
+        else:
+            console.print(line)
+
+    def print(self, line: str) -> None:
+        console.print(line)
