@@ -21,7 +21,7 @@ from torchvision.utils import make_grid
 
 from .errors import FastganError
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines stay whole in files
 
 
 def prepare_run_folder(out: Optional[str], resuming: bool) -> Path:

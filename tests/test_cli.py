@@ -1,0 +1,224 @@
+"""End to end through the real command line: train, resume, generate, synth, and every user error."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_images
+from fastgan.cli import main
+from fastgan.models import Generator
+
+TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
+        "--quiet", "--log-every", "2", "--sample-every", "2"]
+
+
+def train(*args):
+    return main(["train", *TINY, *map(str, args)])
+
+
+@pytest.fixture
+def trained(image_folder, tmp_path):
+    """A finished two-epoch run on 24 images (3 iterations per epoch)."""
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 0
+    return run
+
+
+def test_train_writes_the_whole_run_folder(trained):
+    run = trained
+    assert json.loads((run / "config.json").read_text())["image_size"] == 16
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # log every 2 iterations and at each epoch end: iterations 2, 3 of each epoch
+    assert [(m["epoch"], m["iteration"], m["step"]) for m in metrics] == [(1, 2, 2), (1, 3, 3), (2, 2, 5), (2, 3, 6)]
+    assert all(set(m) >= {"loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "images_per_second"} for m in metrics)
+    samples = sorted(p.name for p in (run / "samples").iterdir())
+    assert samples == ["fake_step0000000.png", "fake_step0000002.png", "fake_step0000003_epoch001.png",
+                       "fake_step0000004.png", "fake_step0000006_epoch002.png", "real.png"]
+    grid = Image.open(run / "samples" / "fake_step0000006_epoch002.png")
+    assert grid.size == (8 * 18 + 2, 8 * 18 + 2)  # 8x8 images of 16 px with 2 px padding
+    assert Image.open(run / "samples" / "real.png").size == (8 * 18 + 2, 3 * 18 + 2)  # 24 images, 8 a row
+    assert Image.open(run / "loss.png").size == (1000, 500)
+    gif = Image.open(run / "progress.gif")
+    assert gif.n_frames == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch001.pt", "epoch002.pt", "last.pt"]
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["loss_history"].shape == (6, 2)
+    assert set(ckpt) >= {"netG", "netD", "optimizerG", "optimizerD", "scaler", "rng", "fixed_noise", "config"}
+    netG = torch.load(run / "netG.pth", weights_only=True)
+    assert list(netG) == list(Generator(8, 4, 3, 16).state_dict())
+    torch.testing.assert_close(netG["main.0.weight"], ckpt["netG"]["main.0.weight"])
+
+
+def test_same_seed_same_weights(image_folder, tmp_path):
+    for name in "ab":
+        assert train("--root", image_folder, "--out", tmp_path / name, "--epochs", 1) == 0
+    a, b = (torch.load(tmp_path / n / "netG.pth", weights_only=True) for n in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_continues_at_the_next_epoch(trained, capsys):
+    run = trained
+    samples_before = {p.name: p.read_bytes() for p in (run / "samples").iterdir()}
+    assert main(["train", "--resume", "auto", "--out", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["step"] == 9 and ckpt["loss_history"].shape == (9, 2)
+    assert ckpt["config"]["image_size"] == 16  # the model came from the checkpoint, not the defaults
+    first = torch.load(run / "checkpoints" / "epoch001.pt", weights_only=True)
+    torch.testing.assert_close(ckpt["fixed_noise"], first["fixed_noise"])
+    assert (run / "config.resumed-at-6.json").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 3, 5, 6, 8, 9]
+    for name, data in samples_before.items():  # nothing of the first session was overwritten
+        assert (run / "samples" / name).read_bytes() == data
+    assert (run / "samples" / "fake_step0000009_epoch003.png").exists()
+
+
+def test_resume_of_a_finished_run_says_how_to_continue(trained, capsys):
+    assert main(["train", "--resume", str(trained / "checkpoints" / "last.pt")]) == 2
+    assert "already trained 2 epochs; pass --epochs larger than 2" in capsys.readouterr().err
+
+
+def test_resume_from_an_older_epoch_keeps_later_files(trained, capsys):
+    code = main(["train", "--resume", str(trained / "checkpoints" / "epoch001.pt"), "--epochs", "3"])
+    assert code == 2 and "already holds later checkpoints (epoch002.pt)" in capsys.readouterr().err
+    # into a new folder it works, and the old run is untouched
+    assert main(["train", "--resume", str(trained / "checkpoints" / "epoch001.pt"), "--epochs", "2",
+                 "--out", str(trained.parent / "branch"), "--quiet"]) == 0
+    assert (trained.parent / "branch" / "checkpoints" / "epoch002.pt").exists()
+
+
+@pytest.mark.parametrize("source", ["checkpoints/last.pt", "netG.pth"])
+def test_generate_from_a_run(trained, tmp_path, source):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--checkpoint", str(trained / source), "--n", "10", "--seed", "1",
+                 "--out", str(out), "--individual", str(tmp_path / "each")]) == 0
+    assert Image.open(out).size == (4 * 18 + 2, 3 * 18 + 2)  # 10 images: 4 a row, 3 rows
+    each = sorted((tmp_path / "each").iterdir())
+    assert len(each) == 10 and Image.open(each[0]).size == (16, 16)
+
+
+def test_generate_is_deterministic_per_seed(trained, tmp_path):
+    for name in ("a.png", "b.png"):
+        main(["generate", "--checkpoint", str(trained / "netG.pth"), "--seed", "3", "--out", str(tmp_path / name)])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_bad_files_are_skipped_and_listed(image_folder, tmp_path, capsys):
+    faces = image_folder / "faces"
+    (faces / "empty.jpg").write_bytes(b"")
+    good = (faces / "0000.jpg").read_bytes()
+    (faces / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (faces / "notes.jpg").write_text("not an image")
+    (faces / "README.txt").write_text("ignored: not an image extension")
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 1) == 0
+    assert "skipped 3 of 27 files that cannot be decoded" in capsys.readouterr().err
+    listed = (run / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in listed) == ["empty.jpg", "notes.jpg",
+                                                                              "truncated.jpg"]
+
+
+def test_dry_run_prints_the_config_and_writes_nothing(image_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--dry-run") == 0
+    err = capsys.readouterr().err
+    assert '"image_size": 16' in err and '"precision": "fp32"' in err and "dry run: 2 steps" in err
+    assert not run.exists()
+
+
+def test_flat_folder_and_grayscale_model(tmp_path):
+    write_images(tmp_path / "flat", 16, ext=".PNG")
+    assert train("--root", tmp_path / "flat", "--out", tmp_path / "run", "--nc", "1", "--epochs", 1) == 0
+    assert torch.load(tmp_path / "run" / "netG.pth", weights_only=True)["main.6.weight"].shape[1] == 1
+
+
+def test_demo_preset_without_root(monkeypatch, capsys):
+    from fastgan.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["train", "--epochs", "1"]))
+    assert (cfg.root, cfg.image_size, cfg.ngf, cfg.epochs) == (None, 32, 32, 1)
+    cfg = config_from_args(build_parser().parse_args(["train", "--root", "x"]))
+    assert (cfg.image_size, cfg.ngf, cfg.batch_size, cfg.epochs) == (64, 64, 128, 5)  # the tutorial's
+
+
+# ---- each user error: one line on stderr, exit 2 --------------------------------------------------------
+
+def error_cases(tmp_path, image_folder, trained_run):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "a.txt").write_text("x")
+    (tmp_path / "all_bad").mkdir()
+    (tmp_path / "all_bad" / "a.jpg").write_bytes(b"garbage")
+    (tmp_path / "a_file").write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((trained_run / "netG.pth").read_bytes()[:3000])
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"netG": Generator(8, 4, 3, 16).state_dict(), "extra": argparse.Namespace(payload="arbitrary code")}, pickled)
+    disc = tmp_path / "netD.pth"
+    torch.save(torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)["netD"], disc)
+    root = str(image_folder)
+    last = str(trained_run / "checkpoints" / "last.pt")
+    return [
+        (["train", "--root", str(tmp_path / "missing")], "does not exist"),
+        (["train", "--root", str(tmp_path / "a_file")], "is not a folder"),
+        (["train", "--root", str(tmp_path / "empty")], "holds no image files"),
+        (["train", "--root", str(tmp_path / "no_images")], "holds no image files"),
+        (["train", "--root", str(tmp_path / "all_bad")], "none of its 1 image files can be decoded"),
+        (["train", "--root", root, "--image-size", "48"], "power of two from 16 to 256"),
+        (["train", "--root", root, "--image-size", "512"], "power of two from 16 to 256"),
+        (["train", *TINY, "--root", root, "--batch-size", "25"], "batch size 25 is larger than the 24 usable"),
+        (["train", *TINY, "--root", root, "--out", str(tmp_path / "a_file" / "run")], "is not writable"),
+        (["train", *TINY, "--root", root, "--out", str(full)], "already holds files"),
+        (["train", *TINY, "--root", root, "--lr", "-1"], "lr must be in (0, 1)"),
+        (["train", "--resume", last, "--image-size", "32"], "does not match the model"),
+        (["train", "--resume", str(truncated)], "corrupt or truncated"),
+        (["train", "--resume", str(pickled)], "pickled Python objects"),
+        (["train", "--resume", "auto"], "--resume auto needs --out"),
+        (["train", "--resume", "auto", "--out", str(tmp_path / "empty")], "no checkpoint to resume"),
+        (["train", "--resume", str(trained_run / "netG.pth")], "not a fastgan training checkpoint"),
+        (["generate", "--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        (["generate", "--checkpoint", str(truncated)], "corrupt or truncated"),
+        (["generate", "--checkpoint", str(pickled)], "pickled Python objects"),
+        (["generate", "--checkpoint", str(disc)], "discriminator weights"),
+        (["generate", "--checkpoint", last, "--out", str(tmp_path / "grid.txt")], "needs an image extension"),
+        (["train", *TINY, "--root", root, "--device", "cuda"], "no CUDA GPU") if not torch.cuda.is_available()
+        else (["train", "--root", root, "--image-size", "8"], "power of two"),
+    ]
+
+
+def test_every_user_error_is_one_line_and_exit_2(tmp_path, image_folder, trained, capsys):
+    for argv, message in error_cases(tmp_path, image_folder, trained):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert err.startswith("fastgan: error: ") and message in err, (argv, err)
+        assert len(err.splitlines()) == 1, err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # a refused --out is left as it was
+
+
+def test_a_real_process_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastgan", "train", "--root", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"fastgan: error: --root {tmp_path / 'missing'} does not exist"
+    assert "Traceback" not in result.stderr
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--batch-size", "0"])
+    assert e.value.code == 2
+
+
+def test_train_with_amp_and_channels_last(image_folder, tmp_path, capsys):
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 1, "--amp", "--channels-last") == 0
+    assert "precision bf16" in capsys.readouterr().err  # --amp alone on the CPU
+    assert (tmp_path / "run" / "netG.pth").exists()
