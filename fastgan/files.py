@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import FastganError
@@ -45,8 +46,13 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         raise FastganError(f"--root {root} does not exist")
     if not root.is_dir():
         raise FastganError(f"--root {root} is not a folder")
-    found = []
+    found, visited = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:  # a symlink back up the tree: each folder is read once
+            subfolders[:] = []
+            continue
+        visited.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found += [Path(folder) / f for f in files
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -61,11 +67,15 @@ def load_image(path: str | os.PathLike, nc: int) -> Image.Image:
     Grayscale, CMYK, palette and alpha images are converted; transparency is laid over white."""
     with Image.open(path) as image:
         image.load()
+        if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF): PIL's convert would clip, so scale
+            pixels = np.asarray(image, dtype=np.float64)
+            sixteen_bit = image.mode.startswith("I;16") or pixels.max() > 255
+            image = Image.fromarray((pixels / 257 if sixteen_bit else pixels).clip(0, 255).round().astype(np.uint8))
         try:
             image = ImageOps.exif_transpose(image)
         except Exception:  # a broken EXIF block is no reason to drop the pixels
             pass
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # P, and RGB/L with a tRNS key
             rgba = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return image.convert("RGB" if nc == 3 else "L")
@@ -96,7 +106,7 @@ class FileIndex:
 
     def write_skipped(self, path: Path) -> None:
         """List the skipped files, one 'path<TAB>reason' per line."""
-        path.write_text("".join(f"{p}\t{reason}\n" for p, reason in self.bad))
+        Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in self.bad))
 
     def summary(self) -> str:
         total = len(self.good) + len(self.bad)
