@@ -47,7 +47,7 @@ class Config:
     @classmethod
     def demo(cls, **overrides: Any) -> "Config":
         """The built-in demo: small faces and narrow networks so that a 2-core CPU trains it in minutes."""
-        preset = dict(image_size=32, ngf=32, ndf=32, batch_size=64, epochs=6, log_every=16, sample_every=64)
+        preset = dict(image_size=32, ngf=32, ndf=32, batch_size=64, epochs=10, log_every=16, sample_every=64)
         return cls(**{**preset, **overrides})
 
     def validate(self) -> "Config":
