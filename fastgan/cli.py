@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.resume:
         from . import checkpoint
         from .loop import find_resume_checkpoint
-        path = find_resume_checkpoint(Config(resume=args.resume, out=args.out), None)
+        path = find_resume_checkpoint(Config(resume=args.resume, out=args.out))
         payload = checkpoint.load(path)
         if not checkpoint.is_fastgan_checkpoint(payload):
             raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")

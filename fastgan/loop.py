@@ -118,7 +118,7 @@ def index_data(cfg: Config) -> FileIndex:
 # ---------------------------------------------------------------------------------------------------------
 # resume
 
-def find_resume_checkpoint(cfg: Config, run: Optional[Path]) -> Optional[Path]:
+def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
@@ -151,6 +151,19 @@ def load_resume(path: Path, cfg: Config) -> dict:
     return payload
 
 
+def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, device: torch.device) -> None:
+    """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
+    netG.load_state_dict(resumed["netG"])
+    netD.load_state_dict(resumed["netD"])
+    optimizerG.load_state_dict(resumed["optimizerG"])
+    optimizerD.load_state_dict(resumed["optimizerD"])
+    if scaler.is_enabled() and resumed["scaler"]:  # a run that changes precision starts a fresh scaler
+        scaler.load_state_dict(resumed["scaler"])
+    torch.set_rng_state(resumed["rng"]["torch"])
+    if device.type == "cuda" and resumed["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
@@ -160,7 +173,7 @@ def train(cfg: Config) -> Optional[Path]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    resume_path = find_resume_checkpoint(cfg, None)
+    resume_path = find_resume_checkpoint(cfg)
     resumed = load_resume(resume_path, cfg) if resume_path else None
 
     index = index_data(cfg)
@@ -182,21 +195,12 @@ def train(cfg: Config) -> Optional[Path]:
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
-    fixed_noise = make_fixed_noise(cfg)
     scaler = precision.scaler
-    start_epoch, step, loss_history = 0, 0, torch.zeros(0, 2)
+    start_epoch, step, loss_history, fixed_noise = 0, 0, torch.zeros(0, 2), make_fixed_noise(cfg)
     if resumed:
-        netG.load_state_dict(resumed["netG"])
-        netD.load_state_dict(resumed["netD"])
-        optimizerG.load_state_dict(resumed["optimizerG"])
-        optimizerD.load_state_dict(resumed["optimizerD"])
-        if scaler.is_enabled() and resumed["scaler"]:
-            scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if device.type == "cuda" and resumed["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        fixed_noise = resumed["fixed_noise"]
-        start_epoch, step, loss_history = resumed["epoch"], resumed["step"], resumed["loss_history"]
+        restore(resumed, netG, netD, optimizerG, optimizerD, scaler, device)
+        start_epoch, step = resumed["epoch"], resumed["step"]
+        loss_history, fixed_noise = resumed["loss_history"], resumed["fixed_noise"]
         console.print(f"fastgan: resumed from {resume_path} at epoch {start_epoch + 1}, iteration {step}")
     config_file = run / "config.json"
     write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
