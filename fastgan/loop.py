@@ -64,6 +64,17 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     return Precision(name, autocast, scaler)
 
 
+def cpu_has_native_bf16() -> Optional[bool]:
+    """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent.
+
+    Without them oneDNN emulates bf16: measured 2x slower than fp32 for the 64x64 step on such a Xeon."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discriminator]:
     """G and D with the DCGAN init, drawn on the CPU from torch's global RNG so they match on every device."""
     netG = Generator(cfg.nz, cfg.ngf, cfg.nc, cfg.image_size)
@@ -188,6 +199,9 @@ def train(cfg: Config) -> Optional[Path]:
         refuse_overwriting_later_epochs(run, resumed["epoch"])
     console.print(f"fastgan: {index.summary()}"
                   + (f" (listed in {run / 'skipped_files.txt'})" if index.bad else ""))
+    if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
+        console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
+                      "autocast is emulated and usually slower than fp32 here")
     console.print(f"fastgan: device {device}, precision {precision.name}, loader torch ({workers} workers), "
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}"
                   f" -> {run}")
@@ -259,6 +273,7 @@ def train(cfg: Config) -> Optional[Path]:
                 if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
                     save_samples(f"step{step:07d}")
             save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
+            progress.epoch_end()
             loss_history = torch.cat(losses)
             losses = [loss_history]
             save_checkpoint(run, epoch, step, cfg, netG, netD, optimizerG, optimizerD, scaler, fixed_noise,

@@ -107,6 +107,7 @@ class RunProgress:
 
     def __init__(self, total_steps: int, done_steps: int, quiet: bool):
         self.quiet = quiet
+        self.last_line = ""
         self.bar: Optional[Progress] = None
         if not quiet:
             self.bar = Progress(
@@ -135,11 +136,14 @@ class RunProgress:
             self.bar.advance(self.task)
 
     def log(self, line: str, stats: dict, images_per_second: float) -> None:
+        self.last_line = line
         if self.bar:
             self.bar.update(self.task, speed=f"{images_per_second:,.0f} img/s",
                             stats=f"D {stats['loss_d']:.3f} G {stats['loss_g']:.3f} D(x) {stats['d_x']:.2f}")
         else:
             console.print(line)
 
-    def print(self, line: str) -> None:
-        console.print(line)
+    def epoch_end(self) -> None:
+        """Above the bar, one line per epoch (its last statistics), so the history stays on screen."""
+        if self.bar and self.last_line:
+            self.bar.console.print(self.last_line)
