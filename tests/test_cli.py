@@ -222,3 +222,43 @@ def test_train_with_amp_and_channels_last(image_folder, tmp_path, capsys):
     assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 1, "--amp", "--channels-last") == 0
     assert "precision bf16" in capsys.readouterr().err  # --amp alone on the CPU
     assert (tmp_path / "run" / "netG.pth").exists()
+
+
+def test_synth_writes_faces_and_keeps_existing_files(tmp_path, capsys):
+    out = tmp_path / "faces"
+    assert main(["synth", str(out), "--n", "5", "--seed", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"00000{i}.jpg" for i in range(1, 6)]
+    assert Image.open(out / "000001.jpg").size == (178, 218)
+    before = (out / "000001.jpg").read_bytes()
+    assert main(["synth", str(out), "--n", "3", "--seed", "3"]) == 2
+    assert "already holds 000001.jpg" in capsys.readouterr().err
+    assert (out / "000001.jpg").read_bytes() == before
+
+
+def test_python_api_returns_the_run_folder(image_folder, tmp_path):
+    from fastgan import Config, FastganError, train as train_api
+    cfg = Config(root=str(image_folder), out=str(tmp_path / "api"), image_size=16, ngf=4, ndf=4, nz=8,
+                 batch_size=8, epochs=1, workers=0, quiet=True)
+    run = train_api(cfg)
+    assert run == tmp_path / "api" and (run / "netG.pth").exists()
+    with pytest.raises(FastganError, match="nc must be 1"):
+        train_api(Config(root=str(image_folder), nc=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", [[], ["--amp"], ["--amp", "bf16", "--channels-last"], ["--compile"]])
+def test_train_on_cuda(image_folder, tmp_path, capsys, flags):
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 2, "--device", "cuda",
+                 "--workers", "2", *flags) == 0
+    err = capsys.readouterr().err
+    assert "device cuda" in err
+    if flags[:1] == ["--amp"]:
+        assert ("precision fp16" if len(flags) == 1 else "precision bf16") in err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([m["loss_d"], m["loss_g"]])).all() for m in metrics)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    if flags == ["--amp"]:  # fp16 keeps its GradScaler's state for resuming
+        assert ckpt["scaler"]["scale"] > 0
+    else:
+        assert ckpt["scaler"] == {}

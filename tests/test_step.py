@@ -203,3 +203,28 @@ def test_compile_matches_eager_fp32():
     # Measured: 6e-8 everywhere (inductor fuses and reorders fp32 arithmetic)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
     assert max_abs_diff(g, ref_g) < 1e-6 and max_abs_diff(d, ref_d) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_step_matches_the_cpu():
+    cfg = small_config()
+    data = batches(cfg, 2)
+    ref_stats, ref_g, _ = run_fastgan(cfg, data)
+    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32, not TF32 convolutions
+    torch.manual_seed(cfg.seed)
+    cuda = torch.device("cuda")
+    netG, netD = build_models(cfg, cuda)
+    optG, optD = build_optimizers(cfg, netG, netD)
+    precision = resolve_precision("off", cuda)
+    stats = torch.stack([train_step(netG, netD, optG, optD, real.to(cuda), noise.to(cuda), precision.autocast,
+                                    precision.scaler) for real, noise in data]).cpu()
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-4)
+    assert max_abs_diff({k: v.cpu() for k, v in netG.state_dict().items()}, ref_g, buffers=False) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_auto_is_fp16_with_scaler():
+    precision = resolve_precision("auto", torch.device("cuda"))
+    assert precision.name == "fp16" and precision.scaler.is_enabled()
