@@ -6,7 +6,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
-from .config import AMP_CHOICES, DEVICE_CHOICES, MODEL_FIELDS, Config
+from .config import AMP_CHOICES, DEVICE_CHOICES, Config
 from .errors import FastganError
 
 
@@ -89,12 +89,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         payload = checkpoint.load(path)
         if not checkpoint.is_fastgan_checkpoint(payload):
             raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")
-        saved = Config.from_dict(payload["config"])
-        clash = [f"--{k.replace('_', '-')} {given[k]} (it has {getattr(saved, k)})" for k in MODEL_FIELDS
-                 if k in given and given[k] != getattr(saved, k)]
-        if clash:
-            raise FastganError(f"checkpoint {path} does not match the model asked for: " + ", ".join(clash))
-        base = {**saved.to_dict(), "out": None, "dry_run": False, "quiet": False}
+        # the run's own options, then the flags given; train() refuses flags that change the model's shape
+        base = {**Config.from_dict(payload["config"]).to_dict(), "out": None, "dry_run": False, "quiet": False}
         return Config(**{**base, **given})
     if args.root is None:
         return Config.demo(**given)

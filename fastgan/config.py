@@ -83,6 +83,3 @@ class Config:
         """Build from a saved config, ignoring keys this version does not know (older or newer files)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    def model_shape(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in MODEL_FIELDS}
