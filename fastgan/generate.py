@@ -37,6 +37,12 @@ def generate(checkpoint_path: str | os.PathLike, n: int = 64, seed: Optional[int
     out = Path(out).expanduser()
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise FastganError(f"--out {out} needs an image extension such as .png")
+    if out.exists():
+        raise FastganError(f"--out {out} already exists; choose another name (fastgan overwrites nothing)")
+    if individual is not None and Path(individual).expanduser().is_dir():
+        taken = [f"{i:05d}.png" for i in range(n) if (Path(individual).expanduser() / f"{i:05d}.png").exists()]
+        if taken:
+            raise FastganError(f"--individual {individual} already holds {taken[0]}; choose an empty folder")
     torch_device = resolve_device(device)
     netG = load_generator(checkpoint_path, torch_device)
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())

@@ -103,6 +103,19 @@ def test_generate_from_a_run(trained, tmp_path, source):
     assert len(each) == 10 and Image.open(each[0]).size == (16, 16)
 
 
+def test_generate_never_overwrites(trained, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"the user's picture")
+    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"the user's picture"
+    (tmp_path / "each").mkdir()
+    (tmp_path / "each" / "00001.png").write_bytes(b"mine")
+    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), "--out", str(tmp_path / "new.png"),
+                 "--individual", str(tmp_path / "each")]) == 2
+    assert "already holds 00001.png" in capsys.readouterr().err
+    assert not (tmp_path / "new.png").exists()
+
+
 def test_generate_is_deterministic_per_seed(trained, tmp_path):
     for name in ("a.png", "b.png"):
         main(["generate", "--checkpoint", str(trained / "netG.pth"), "--seed", "3", "--out", str(tmp_path / name)])
