@@ -256,29 +256,37 @@ def train(cfg: Config) -> Optional[Path]:
     if step == 0:
         save_samples(f"step{step:07d}")  # the untrained generator: the animation's first frame
     total_steps = cfg.epochs * steps_per_epoch
-    with RunProgress(total_steps, start_epoch * steps_per_epoch, cfg.quiet) as progress:
-        for epoch in range(start_epoch, cfg.epochs):
-            loader.set_epoch(epoch)
-            progress.epoch(epoch, cfg.epochs)
-            for i, real in enumerate(loader):
-                noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device)
-                history[in_interval] = train_step(stepG, stepD, optimizerG, optimizerD, real, noise,
-                                                  precision.autocast, scaler)
-                in_interval += 1
-                step += 1
-                images_seen += cfg.batch_size
-                progress.advance()
-                if in_interval == cfg.log_every or i + 1 == steps_per_epoch:
-                    read_interval(epoch, i)
-                if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
-                    save_samples(f"step{step:07d}")
-            save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
-            progress.epoch_end()
-            loss_history = torch.cat(losses)
-            losses = [loss_history]
-            save_checkpoint(run, epoch, step, cfg, netG, netD, optimizerG, optimizerD, scaler, fixed_noise,
-                            loss_history, device)
-    metrics.close()
+    try:
+        with RunProgress(total_steps, start_epoch * steps_per_epoch, cfg.quiet) as progress:
+            for epoch in range(start_epoch, cfg.epochs):
+                loader.set_epoch(epoch)
+                progress.epoch(epoch, cfg.epochs)
+                for i, real in enumerate(loader):
+                    noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device)
+                    history[in_interval] = train_step(stepG, stepD, optimizerG, optimizerD, real, noise,
+                                                      precision.autocast, scaler)
+                    in_interval += 1
+                    step += 1
+                    images_seen += cfg.batch_size
+                    progress.advance()
+                    if in_interval == cfg.log_every or i + 1 == steps_per_epoch:
+                        read_interval(epoch, i)
+                    if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
+                        save_samples(f"step{step:07d}")
+                save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
+                progress.epoch_end()
+                loss_history = torch.cat(losses)
+                losses = [loss_history]
+                save_checkpoint(run, epoch, step, cfg, netG, netD, optimizerG, optimizerD, scaler, fixed_noise,
+                                loss_history, device)
+    except KeyboardInterrupt:
+        last = run / "checkpoints" / "last.pt"
+        console.print(f"fastgan: interrupted at iteration {step}; " + (
+            f"continue from the last finished epoch with: fastgan train --out {run} --resume auto"
+            if last.exists() else "no epoch had finished, so there is no checkpoint to resume"))
+        raise
+    finally:
+        metrics.close()
     elapsed = time.perf_counter() - run_start
 
     finish(run, netG, loss_history)
