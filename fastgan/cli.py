@@ -163,7 +163,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastgan", description="Train DCGAN face generators fast.")
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="fastgan", description="Train DCGAN face generators fast: "
+                                     "`fastgan train` (on the demo faces without --root), then `fastgan generate`.")
+    parser.add_argument("--version", action="version", version=f"fastgan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,synth}")
     add_train_parser(sub)
     add_generate_parser(sub)
