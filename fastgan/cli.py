@@ -6,7 +6,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
-from .config import AMP_CHOICES, DEVICE_CHOICES, Config
+from .config import AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, Config
 from .errors import FastganError
 
 
@@ -44,7 +44,15 @@ def add_train_parser(sub) -> None:
     data.add_argument("--root", help="image folder: root/*.jpg or the tutorial's root/subfolder/*.jpg "
                                      "(default: the built-in demo faces)")
     data.add_argument("--demo-images", type=positive_int, help=f"demo set size [{defaults.demo_images}]")
-    data.add_argument("--workers", type=int, help="DataLoader worker processes [one per core]")
+    data.add_argument("--workers", type=int, help="torch loader: DataLoader worker processes [one per core]")
+    data.add_argument("--loader", choices=LOADER_CHOICES,
+                      help="auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch otherwise "
+                           "[auto]")
+    data.add_argument("--dali-decoder", choices=DALI_DECODER_CHOICES,
+                      help="DALI's JPEG decoding: mixed = on the GPU, cpu = on the CPU [auto: mixed on CUDA]")
+    data.add_argument("--dali-threads", type=positive_int, help="DALI's CPU threads [one per core]")
+    data.add_argument("--hw-decoder-load", type=float,
+                      help=f"share of JPEGs for the GPU's hardware decoder (A100, H100) [{defaults.hw_decoder_load}]")
     model = p.add_argument_group("model")
     model.add_argument("--image-size", type=int, help=f"power of two, 16..256 [{defaults.image_size}; demo "
                                                        f"{demo.image_size}]")

@@ -8,6 +8,8 @@ from typing import Any, Optional
 from .errors import FastganError
 from .models import check_image_size
 
+LOADER_CHOICES = ("auto", "dali", "torch")
+DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
@@ -19,6 +21,10 @@ class Config:
     root: Optional[str] = None        # folder of images (root/*.jpg or root/sub/*.jpg); None: the demo faces
     demo_images: int = 4096           # size of the built-in demo set, used only when root is None
     workers: Optional[int] = None     # DataLoader worker processes; None: one per core
+    loader: str = "auto"              # auto | dali | torch; auto: DALI on CUDA when it is installed, else torch
+    dali_decoder: str = "auto"        # auto | cpu | mixed (GPU); auto: mixed on CUDA, cpu otherwise
+    dali_threads: Optional[int] = None  # DALI's CPU threads; None: one per core
+    hw_decoder_load: float = 0.65     # share of JPEGs sent to the GPU's hardware decoder (DALI's default)
     # model: the tutorial's defaults
     image_size: int = 64              # power of two from 16 to 256
     nc: int = 3                       # image channels: 3 (RGB) or 1 (grayscale)
@@ -69,6 +75,15 @@ class Config:
             raise FastganError(f"lr must be in (0, 1), got {self.lr!r}")
         if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
             raise FastganError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.loader not in LOADER_CHOICES:
+            raise FastganError(f"loader must be one of {', '.join(LOADER_CHOICES)}, got {self.loader!r}")
+        if self.dali_decoder not in DALI_DECODER_CHOICES:
+            raise FastganError(f"dali_decoder must be one of {', '.join(DALI_DECODER_CHOICES)}, "
+                               f"got {self.dali_decoder!r}")
+        if self.dali_threads is not None and (not isinstance(self.dali_threads, int) or self.dali_threads < 1):
+            raise FastganError(f"dali_threads must be a positive integer, got {self.dali_threads!r}")
+        if not (isinstance(self.hw_decoder_load, (int, float)) and 0 <= self.hw_decoder_load <= 1):
+            raise FastganError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load!r}")
         if self.amp not in AMP_CHOICES:
             raise FastganError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.device not in DEVICE_CHOICES:

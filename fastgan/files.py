@@ -22,7 +22,7 @@ from .errors import FastganError
 
 # torchvision's IMG_EXTENSIONS, matched case-insensitively
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # entries: [size, mtime_ns, reason or None, format]
 
 
 def cache_dir() -> Path:
@@ -81,20 +81,28 @@ def load_image(path: str | os.PathLike, nc: int) -> Image.Image:
         return image.convert("RGB" if nc == 3 else "L")
 
 
-def check_image(path: str | os.PathLike) -> Optional[str]:
-    """None when the file decodes to a non-empty image, else the reason it cannot be used."""
+def inspect_image(path: str | os.PathLike) -> tuple[Optional[str], Optional[str]]:
+    """(reason, format): reason is None when the file decodes to a non-empty image, else why it cannot be
+    used; format is PIL's name for the file's real format (JPEG, PNG, ...), which need not match its extension."""
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file", None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd EXIF or palette warnings are not failures
+            with Image.open(path) as opened:
+                image_format = opened.format
             image = load_image(path, nc=3)
         if image.width < 1 or image.height < 1:
-            return "image has no pixels"
-        return None
+            return "image has no pixels", image_format
+        return None, image_format
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, DecompressionBombError
         message = str(e).splitlines()[0] if str(e) else ""
-        return f"{type(e).__name__}: {message}"[:200]
+        return f"{type(e).__name__}: {message}"[:200], None
+
+
+def check_image(path: str | os.PathLike) -> Optional[str]:
+    """None when the file decodes to a non-empty image, else the reason it cannot be used."""
+    return inspect_image(path)[0]
 
 
 @dataclass
@@ -103,6 +111,13 @@ class FileIndex:
     good: list[Path]
     bad: list[tuple[Path, str]] = field(default_factory=list)
     checked: int = 0   # files decoded in this call (the rest came from the cache)
+    formats: list[str] = field(default_factory=list)  # PIL's format of each good file
+
+    def without(self, dropped: list[tuple[Path, str]]) -> "FileIndex":
+        """The same index with more files set aside (for a loader that cannot read them), with reasons."""
+        gone = {p for p, _ in dropped}
+        keep = [(p, f) for p, f in zip(self.good, self.formats) if p not in gone]
+        return FileIndex(self.root, [p for p, _ in keep], self.bad + dropped, self.checked, [f for _, f in keep])
 
     def write_skipped(self, path: Path) -> None:
         """List the skipped files, one 'path<TAB>reason' per line."""
@@ -167,14 +182,14 @@ def index_images(root: str | os.PathLike, workers: Optional[int] = None,
     if todo:
         todo_paths = [t[1] for t in todo]
         if workers <= 1 or total < 64:
-            results = map(check_image, todo_paths)
+            results = map(inspect_image, todo_paths)
             executor = None
         else:
             executor = ProcessPoolExecutor(workers)
-            results = executor.map(check_image, todo_paths, chunksize=max(1, min(256, total // (8 * workers))))
+            results = executor.map(inspect_image, todo_paths, chunksize=max(1, min(256, total // (8 * workers))))
         try:
-            for done, ((key, _, size, mtime), reason) in enumerate(zip(todo, results), 1):
-                verdicts[key] = [size, mtime, reason]
+            for done, ((key, _, size, mtime), (reason, image_format)) in enumerate(zip(todo, results), 1):
+                verdicts[key] = [size, mtime, reason, image_format]
                 if progress and (done % 256 == 0 or done == total):
                     progress(done, total)
         finally:
@@ -187,4 +202,5 @@ def index_images(root: str | os.PathLike, workers: Optional[int] = None,
     if not good:
         raise FastganError(f"--root {root}: none of its {len(paths):,} image files can be decoded "
                            f"(first: {bad[0][0].name}: {bad[0][1]})")
-    return FileIndex(root=root, good=good, bad=bad, checked=total)
+    formats = [verdicts[k][3] for k in keys if verdicts[k][2] is None]
+    return FileIndex(root=root, good=good, bad=bad, checked=total, formats=formats)

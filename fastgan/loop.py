@@ -9,6 +9,7 @@ are read once per log interval (the only host sync in the loop besides samples a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -120,10 +121,48 @@ def index_data(cfg: Config) -> FileIndex:
         task = bar.add_task("checking images", total=None)
         index = index_images(root, cfg.workers, progress=lambda done, total: bar.update(task, completed=done,
                                                                                           total=total))
-    if len(index.good) < cfg.batch_size and not cfg.dry_run:
+    return index
+
+
+def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """(loader, DALI decoder): --loader auto is DALI on CUDA when it is installed, torch otherwise."""
+    from .pipeline_dali import INSTALL_HINT, dali_available
+    loader = cfg.loader
+    if loader == "auto":
+        loader = "dali" if device.type == "cuda" and dali_available() else "torch"
+    if loader == "torch":
+        return loader, ""
+    if not dali_available():
+        raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+    decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
+    if decoder == "mixed" and device.type != "cuda":
+        raise FastganError("--dali-decoder mixed decodes on the GPU and needs --device cuda")
+    return loader, decoder
+
+
+def build_loader(cfg: Config, paths, device: torch.device, precision: Precision, loader: str, decoder: str):
+    """The loader the run asked for; the loop only sees the shared contract (len, set_epoch, iter)."""
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    if loader == "torch":
+        return TorchLoader(paths, cfg.image_size, cfg.nc, cfg.batch_size, device,
+                           channels_last=cfg.channels_last, workers=workers, seed=cfg.seed), \
+            f"loader torch ({workers} workers)"
+    from .pipeline_dali import DaliLoader
+    # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
+    # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
+    half = device.type == "cuda" and precision.name in ("fp16", "bf16")
+    threads = cfg.dali_threads or default_workers()
+    dali = DaliLoader(paths, cfg.image_size, cfg.nc, cfg.batch_size, device, channels_last=cfg.channels_last,
+                      seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
+                      dtype=torch.float16 if half else torch.float32)
+    detail = f", hw_decoder_load {cfg.hw_decoder_load}" if decoder == "mixed" else ""
+    return dali, f"loader dali (decoder {decoder}, {threads} threads{detail})"
+
+
+def check_enough_images(index: FileIndex, cfg: Config) -> None:
+    if len(index.good) < cfg.batch_size:
         raise FastganError(f"batch size {cfg.batch_size} is larger than the {len(index.good):,} usable images "
                            f"under {index.root}; lower --batch-size")
-    return index
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,13 +222,17 @@ def train(cfg: Config) -> Optional[Path]:
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    loader_name, decoder = resolve_loader(cfg, device)
     resume_path = find_resume_checkpoint(cfg)
     resumed = load_resume(resume_path, cfg) if resume_path else None
 
     index = index_data(cfg)
+    if loader_name == "dali":
+        from .pipeline_dali import readable_by_dali
+        index = readable_by_dali(index)
     if cfg.dry_run:
-        return dry_run(cfg, index, device, precision)
+        return dry_run(cfg, index, device, precision, loader_name, decoder)
+    check_enough_images(index, cfg)
 
     out = cfg.out
     if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
@@ -202,7 +245,8 @@ def train(cfg: Config) -> Optional[Path]:
     if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
         console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
                       "autocast is emulated and usually slower than fp32 here")
-    console.print(f"fastgan: device {device}, precision {precision.name}, loader torch ({workers} workers), "
+    loader, loader_line = build_loader(cfg, index.good, device, precision, loader_name, decoder)
+    console.print(f"fastgan: device {device}, precision {precision.name}, {loader_line}, "
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}"
                   f" -> {run}")
 
@@ -224,8 +268,6 @@ def train(cfg: Config) -> Optional[Path]:
 
     # The step runs the (possibly compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
-    loader = TorchLoader(index.good, cfg.image_size, cfg.nc, cfg.batch_size, device,
-                         channels_last=cfg.channels_last, workers=workers, seed=cfg.seed)
     if not (run / "samples" / "real.png").exists():
         save_real_grid(index, cfg, run / "samples" / "real.png")
 
@@ -342,19 +384,20 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
     checkpoint.save(run / "netG.pth", state)
 
 
-def dry_run(cfg: Config, index: FileIndex, device: torch.device, precision: Precision) -> None:
-    """Print the resolved config and run two steps on a tiny batch; write nothing."""
-    console.print(json.dumps({**cfg.to_dict(), "resolved": {
-        "device": str(device), "precision": precision.name, "images": len(index.good),
-        "skipped": len(index.bad), "root": str(index.root)}}, indent=2))
+def dry_run(cfg: Config, index: FileIndex, device: torch.device, precision: Precision, loader_name: str,
+            decoder: str) -> None:
+    """Print the resolved config and run two steps on a tiny batch from the chosen loader; write nothing."""
     batch = min(cfg.batch_size, 4, len(index.good))
+    tiny = dataclasses.replace(cfg, batch_size=batch, workers=0)
+    loader, loader_line = build_loader(tiny, index.good[:batch], device, precision, loader_name, decoder)
+    console.print(json.dumps({**cfg.to_dict(), "resolved": {
+        "device": str(device), "precision": precision.name, "loader": loader_line, "images": len(index.good),
+        "skipped": len(index.bad), "root": str(index.root)}}, indent=2))
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
     stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
-    dataset = ImageFiles(index.good[:batch], cfg.image_size, cfg.nc)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    real = torch.stack([dataset[i] for i in range(batch)]).to(device, memory_format=memory_format)
+    real = next(iter(loader))
     for _ in range(2):
         noise = torch.randn(batch, cfg.nz, 1, 1, device=device)
         stats = train_step(stepG, stepD, optimizerG, optimizerD, real, noise, precision.autocast,

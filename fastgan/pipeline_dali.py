@@ -1,0 +1,136 @@
+"""The DALI loader: JPEGs decoded on the GPU (nvJPEG, and the hardware JPEG decoder where the GPU has one),
+resized, cropped and normalised there, and handed to torch through DLPack without a copy. With
+decoder="cpu" the same pipeline runs on the CPU (device_id=None), which is what CI tests and what a user
+without a GPU can choose.
+
+It follows the loader contract of pipeline_torch.TorchLoader: fixed-size batches of [-1, 1] images, NCHW
+(channels_last memory when asked), on the training device, the last incomplete batch dropped. Each epoch reads
+the files in the order `epoch_permutation(n, seed, epoch)`, the torch loader's order, so both loaders see the
+same images in the same order and a resumed run sees the same orders as an uninterrupted one. With sharding,
+shard k of N reads the k-th contiguous slice of that order: disjoint shards that together cover the epoch.
+
+DALI never sees a file that the file index could not decode (one corrupt file aborts a whole DALI pipeline),
+nor one in a format its decoder does not read (GIF, for instance): those are set aside and reported.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .errors import FastganError
+from .files import FileIndex, default_workers
+from .pipeline_torch import epoch_permutation
+
+INSTALL_HINT = ('pip install "fastgan[dali]" (DALI built for CUDA 12; with a CUDA 13 driver, '
+                'pip install nvidia-dali-cuda130 instead)')
+# PIL's names for the formats fn.decoders.image reads (JPEG, JPEG 2000, TIFF, PNG, BMP, PNM, WebP)
+DALI_FORMATS = frozenset({"JPEG", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP"})
+# CelebA's aligned crops: preallocation hints for the hardware JPEG decoder's buffers
+CELEBA_WIDTH, CELEBA_HEIGHT = 178, 218
+DECODERS = ("cpu", "mixed")  # "mixed": DALI's name for decoding on the GPU from host-side bytes
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def dali_version() -> Optional[str]:
+    if not dali_available():
+        return None
+    import nvidia.dali
+    return nvidia.dali.__version__
+
+
+def readable_by_dali(index: FileIndex) -> FileIndex:
+    """The index without the files whose format DALI's decoder does not read; they join the skipped list."""
+    return index.without([(path, f"{fmt} file: DALI's decoder does not read this format")
+                          for path, fmt in zip(index.good, index.formats) if fmt not in DALI_FORMATS])
+
+
+def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: int, decoder: str,
+                   threads: int, device_id: Optional[int], hw_decoder_load: float, shard_id: int,
+                   num_shards: int, dtype: torch.dtype):
+    """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
+                  prefetch_queue_depth=2)
+    def faces():
+        jpegs, _ = fn.readers.file(files=list(files), shard_id=shard_id, num_shards=num_shards, name="reader",
+                                   random_shuffle=False, pad_last_batch=False)
+        decode = dict(device=decoder, output_type=types.RGB if nc == 3 else types.GRAY)
+        if decoder == "mixed":
+            decode.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=CELEBA_WIDTH,
+                          preallocate_height_hint=CELEBA_HEIGHT)
+        images = fn.decoders.image(jpegs, **decode)
+        images = fn.resize(images, resize_shorter=image_size, antialias=True)
+        # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
+        return fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
+                                        std=[127.5] * nc, output_layout="HWC",
+                                        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT)
+
+    pipe = faces()
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """Batches of [-1, 1] images decoded by DALI, on `device`, reshuffled every epoch from `seed`."""
+
+    name = "dali"
+
+    def __init__(self, paths: Sequence, image_size: int, nc: int, batch_size: int, device: torch.device,
+                 channels_last: bool = False, seed: int = 0, decoder: str = "cpu", threads: Optional[int] = None,
+                 hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
+                 dtype: torch.dtype = torch.float32):
+        if not dali_available():
+            raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+        self.device = torch.device(device)
+        if decoder not in DECODERS:
+            raise FastganError(f"DALI decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder == "mixed" and self.device.type != "cuda":
+            raise FastganError("the DALI GPU decoder (mixed) needs a CUDA device; use the cpu decoder here")
+        if not 0 <= shard_id < num_shards:
+            raise FastganError(f"shard {shard_id} does not exist among {num_shards} shards")
+        self.steps = len(paths) // (batch_size * num_shards)
+        if self.steps < 1:
+            raise FastganError(f"{len(paths):,} images make no full batch of {batch_size} on each of "
+                               f"{num_shards} shard(s)")
+        self.paths = [str(p) for p in paths]
+        self.image_size, self.nc, self.batch_size = image_size, nc, batch_size
+        self.channels_last, self.seed, self.epoch = channels_last, seed, 0
+        self.decoder, self.hw_decoder_load = decoder, hw_decoder_load
+        self.threads = threads or default_workers()
+        self.shard_id, self.num_shards, self.dtype = shard_id, num_shards, dtype
+        # DALI's GPU work runs on the training GPU; a CPU-only pipeline has no device at all (DALI 2.x)
+        self.device_id = (self.device.index or 0) if decoder == "mixed" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch_files(self) -> list[str]:
+        """This epoch's order, cut to whole batches on every shard (each shard reads its contiguous slice)."""
+        order = epoch_permutation(len(self.paths), self.seed, self.epoch)
+        return [self.paths[i] for i in order[: self.steps * self.batch_size * self.num_shards].tolist()]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        # A pipeline per epoch: its file list is that epoch's order (building one costs well under a second)
+        pipe = build_pipeline(self.epoch_files(), self.image_size, self.nc, self.batch_size, self.decoder,
+                              self.threads, self.device_id, self.hw_decoder_load, self.shard_id,
+                              self.num_shards, self.dtype)
+        try:
+            for _ in range(self.steps):
+                (images,) = pipe.run()
+                # DLPack hands torch DALI's own buffer (NHWC); exec_dynamic gives each output its own buffer,
+                # so it stays valid while training uses it
+                batch = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)  # NCHW, channels_last memory
+                if not self.channels_last:
+                    batch = batch.contiguous()
+                yield batch.to(self.device, non_blocking=True)  # a no-op when DALI decoded on this device
+        finally:
+            del pipe  # free the decoder's buffers before the next epoch builds its own
