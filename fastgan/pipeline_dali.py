@@ -54,6 +54,7 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
                    num_shards: int, dtype: torch.dtype):
     """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC."""
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
                   prefetch_queue_depth=2)
@@ -65,7 +66,13 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
             decode.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=CELEBA_WIDTH,
                           preallocate_height_hint=CELEBA_HEIGHT)
         images = fn.decoders.image(jpegs, **decode)
-        images = fn.resize(images, resize_shorter=image_size, antialias=True)
+        # torchvision's Resize(S) truncates the longer side (int(S * long / short)) where DALI's resize_shorter
+        # rounds it; the sizes are computed here as torchvision does, so that both crop the same pixels
+        shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # H, W, C after EXIF orientation
+        height, width = shape[0], shape[1]
+        shorter = dmath.min(height, width)
+        images = fn.resize(images, resize_y=dmath.floor(height * image_size / shorter),
+                           resize_x=dmath.floor(width * image_size / shorter), antialias=True, subpixel_scale=False)
         # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
         return fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
                                         std=[127.5] * nc, output_layout="HWC",

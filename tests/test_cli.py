@@ -295,3 +295,24 @@ def test_ctrl_c_says_how_to_resume(image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fastgan.loop, "train_step", real_step)
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
+
+
+def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch, capsys):
+    import fastgan.pipeline_dali
+    monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)
+    assert main(["train", "--root", str(image_folder), "--loader", "dali"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastgan: error: --loader dali needs NVIDIA DALI, which is not installed: "
+                          'pip install "fastgan[dali]"') and len(err.splitlines()) == 1
+
+
+def test_auto_loader_choice(monkeypatch):
+    import fastgan.pipeline_dali
+    from fastgan import Config
+    from fastgan.loop import resolve_loader
+    cpu = torch.device("cpu")
+    for installed in (False, True):
+        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
+        assert resolve_loader(Config(), cpu) == ("torch", "")  # no DALI by default on the CPU
+    assert resolve_loader(Config(loader="dali"), cpu) == ("dali", "cpu")
+    assert resolve_loader(Config(loader="dali", dali_decoder="cpu"), cpu) == ("dali", "cpu")
