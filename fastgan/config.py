@@ -20,6 +20,8 @@ class Config:
     # data
     root: Optional[str] = None        # folder of images (root/*.jpg or root/sub/*.jpg); None: the demo faces
     demo_images: int = 4096           # size of the built-in demo set, used only when root is None
+    data: Optional[str] = None        # a prepared .fgd file (fastgan prepare): decoded once, held in memory
+    mirror: bool = False              # with data: flip a random half of each epoch's images horizontally
     workers: Optional[int] = None     # DataLoader worker processes; None: one per core
     loader: str = "auto"              # auto | dali | torch; auto: DALI on CUDA when it is installed, else torch
     dali_decoder: str = "auto"        # auto | cpu | mixed (GPU); auto: mixed on CUDA, cpu otherwise
@@ -75,6 +77,10 @@ class Config:
             raise FastganError(f"lr must be in (0, 1), got {self.lr!r}")
         if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
             raise FastganError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.data is not None and self.root is not None:
+            raise FastganError("give --root (image files) or --data (a prepared file), not both")
+        if self.mirror and self.data is None:
+            raise FastganError("--mirror works with --data (a prepared file) only")
         if self.loader not in LOADER_CHOICES:
             raise FastganError(f"loader must be one of {', '.join(LOADER_CHOICES)}, got {self.loader!r}")
         if self.dali_decoder not in DALI_DECODER_CHOICES:

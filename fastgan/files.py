@@ -105,6 +105,11 @@ def check_image(path: str | os.PathLike) -> Optional[str]:
     return inspect_image(path)[0]
 
 
+def write_skipped(bad: list[tuple[Path, str]], path: str | os.PathLike) -> None:
+    """List the skipped files, one 'path<TAB>reason' per line."""
+    Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in bad))
+
+
 @dataclass
 class FileIndex:
     root: Path
@@ -120,8 +125,7 @@ class FileIndex:
         return FileIndex(self.root, [p for p, _ in keep], self.bad + dropped, self.checked, [f for _, f in keep])
 
     def write_skipped(self, path: Path) -> None:
-        """List the skipped files, one 'path<TAB>reason' per line."""
-        Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in self.bad))
+        write_skipped(self.bad, path)
 
     def summary(self) -> str:
         total = len(self.good) + len(self.bad)

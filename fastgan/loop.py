@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from rich.progress import Progress
@@ -23,7 +23,7 @@ from rich.progress import Progress
 from . import checkpoint
 from .config import MODEL_FIELDS, Config
 from .errors import FastganError
-from .files import FileIndex, default_workers, index_images
+from .files import FileIndex, default_workers, index_images, write_skipped
 from .models import Discriminator, Generator, init_weights
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
 from .plot import plot_losses
@@ -127,6 +127,11 @@ def index_data(cfg: Config) -> FileIndex:
 def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
     """(loader, DALI decoder): --loader auto is DALI on CUDA when it is installed, torch otherwise."""
     from .pipeline_dali import INSTALL_HINT, dali_available
+    if cfg.data is not None:
+        if cfg.loader != "auto":
+            raise FastganError(f"--loader {cfg.loader} decodes image files; --data is decoded already: "
+                               "leave --loader out")
+        return "prepared", ""
     loader = cfg.loader
     if loader == "auto":
         loader = "dali" if device.type == "cuda" and dali_available() else "torch"
@@ -163,6 +168,38 @@ def check_enough_images(index: FileIndex, cfg: Config) -> None:
     if len(index.good) < cfg.batch_size:
         raise FastganError(f"batch size {cfg.batch_size} is larger than the {len(index.good):,} usable images "
                            f"under {index.root}; lower --batch-size")
+
+
+@dataclass
+class Data:
+    loader: object          # len(), set_epoch(), iteration: the contract every loader shares
+    description: str        # which loader, for the run's first lines
+    summary: str            # how many images, from where, how many set aside
+    bad: list               # (path, reason) of the files set aside
+    preview: Callable[[int], torch.Tensor]  # the first n images of the first epoch, for samples/real.png
+
+
+def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> Data:
+    """The run's images and the loader over them: image files (torch or DALI), or a prepared file."""
+    if loader_name == "prepared":
+        from .prepared import PreparedLoader, load_pixels
+        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc)
+        loader = PreparedLoader(pixels, cfg.batch_size, device, channels_last=cfg.channels_last, seed=cfg.seed,
+                                mirror=cfg.mirror)
+        return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
+                    f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
+                    loader.preview)
+    index = index_data(cfg)
+    if loader_name == "dali":
+        from .pipeline_dali import readable_by_dali
+        index = readable_by_dali(index)
+    check_enough_images(index, cfg)
+    loader, description = build_loader(cfg, index.good, device, precision, loader_name, decoder)
+
+    def preview(count: int) -> torch.Tensor:
+        dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
+        return torch.stack([dataset[int(j)] for j in epoch_permutation(len(dataset), cfg.seed, 0)[:count]])
+    return Data(loader, description, index.summary(), index.bad, preview)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,13 +263,9 @@ def train(cfg: Config) -> Optional[Path]:
     resume_path = find_resume_checkpoint(cfg)
     resumed = load_resume(resume_path, cfg) if resume_path else None
 
-    index = index_data(cfg)
-    if loader_name == "dali":
-        from .pipeline_dali import readable_by_dali
-        index = readable_by_dali(index)
     if cfg.dry_run:
-        return dry_run(cfg, index, device, precision, loader_name, decoder)
-    check_enough_images(index, cfg)
+        return dry_run(cfg, device, precision, loader_name, decoder)
+    data = open_data(cfg, device, precision, loader_name, decoder)
 
     out = cfg.out
     if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
@@ -240,13 +273,12 @@ def train(cfg: Config) -> Optional[Path]:
     run = prepare_run_folder(out, resuming=resumed is not None)
     if resumed:
         refuse_overwriting_later_epochs(run, resumed["epoch"])
-    console.print(f"fastgan: {index.summary()}"
-                  + (f" (listed in {run / 'skipped_files.txt'})" if index.bad else ""))
+    console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
     if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
         console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
                       "autocast is emulated and usually slower than fp32 here")
-    loader, loader_line = build_loader(cfg, index.good, device, precision, loader_name, decoder)
-    console.print(f"fastgan: device {device}, precision {precision.name}, {loader_line}, "
+    loader = data.loader
+    console.print(f"fastgan: device {device}, precision {precision.name}, {data.description}, "
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}"
                   f" -> {run}")
 
@@ -262,14 +294,14 @@ def train(cfg: Config) -> Optional[Path]:
         console.print(f"fastgan: resumed from {resume_path} at epoch {start_epoch + 1}, iteration {step}")
     config_file = run / "config.json"
     write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
-    if index.bad:
-        index.write_skipped(run / "skipped_files.txt")
+    if data.bad:
+        write_skipped(data.bad, run / "skipped_files.txt")
     fixed_noise = fixed_noise.to(device)
 
     # The step runs the (possibly compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
-    if not (run / "samples" / "real.png").exists():
-        save_real_grid(index, cfg, run / "samples" / "real.png")
+    if not (run / "samples" / "real.png").exists():  # the tutorial's "Training Images" figure
+        save_image_atomic(image_grid(data.preview(FIXED_NOISE_SIZE), nrow=8), run / "samples" / "real.png")
 
     steps_per_epoch = len(loader)
     history = torch.zeros(cfg.log_every, len(STAT_NAMES), device=device)  # per-step stats, read per interval
@@ -338,13 +370,6 @@ def train(cfg: Config) -> Optional[Path]:
     return run
 
 
-def save_real_grid(index: FileIndex, cfg: Config, path: Path) -> None:
-    """The tutorial's "Training Images" figure: the first 64 images of the first epoch."""
-    dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
-    order = epoch_permutation(len(dataset), cfg.seed, 0)[:FIXED_NOISE_SIZE]
-    save_image_atomic(image_grid(torch.stack([dataset[int(j)] for j in order]), nrow=8), path)
-
-
 def refuse_overwriting_later_epochs(run: Path, epochs_done: int) -> None:
     """Resuming from an older checkpoint of a run would overwrite its later epochs' files: refuse."""
     later = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt")
@@ -384,20 +409,18 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
     checkpoint.save(run / "netG.pth", state)
 
 
-def dry_run(cfg: Config, index: FileIndex, device: torch.device, precision: Precision, loader_name: str,
-            decoder: str) -> None:
+def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:
     """Print the resolved config and run two steps on a tiny batch from the chosen loader; write nothing."""
-    batch = min(cfg.batch_size, 4, len(index.good))
-    tiny = dataclasses.replace(cfg, batch_size=batch, workers=0)
-    loader, loader_line = build_loader(tiny, index.good[:batch], device, precision, loader_name, decoder)
+    batch = min(cfg.batch_size, 4)
+    data = open_data(dataclasses.replace(cfg, batch_size=batch, workers=0), device, precision, loader_name, decoder)
     console.print(json.dumps({**cfg.to_dict(), "resolved": {
-        "device": str(device), "precision": precision.name, "loader": loader_line, "images": len(index.good),
-        "skipped": len(index.bad), "root": str(index.root)}}, indent=2))
+        "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,
+        "skipped": len(data.bad)}}, indent=2))
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
     stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
-    real = next(iter(loader))
+    real = next(iter(data.loader))
     for _ in range(2):
         noise = torch.randn(batch, cfg.nz, 1, 1, device=device)
         stats = train_step(stepG, stepD, optimizerG, optimizerD, real, noise, precision.autocast,
