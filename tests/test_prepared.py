@@ -1,0 +1,110 @@
+"""fastgan prepare and train --data: the prepared file, its checks, and its loader."""
+import json
+
+import pytest
+import torch
+
+from fastgan.cli import main
+from fastgan.errors import FastganError
+from fastgan.files import index_images
+from fastgan.pipeline_torch import TorchLoader
+from fastgan.prepared import MAGIC, PreparedLoader, load_pixels, read_manifest
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def prepared(image_folder, tmp_path):
+    faces = image_folder / "faces"
+    (faces / "broken.jpg").write_bytes(b"not a jpeg")
+    path = tmp_path / "faces16.fgd"
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "16", "--out", str(path),
+                 "--workers", "1"]) == 0
+    return path
+
+
+def test_manifest_describes_the_file(prepared, image_folder):
+    manifest, offset = read_manifest(prepared)
+    assert (manifest["count"], manifest["image_size"], manifest["nc"], manifest["layout"]) == (24, 16, 3, "NHWC")
+    assert manifest["source_root"] == str(image_folder)
+    assert [p.rsplit("/", 1)[1] for p, _ in manifest["skipped"]] == ["broken.jpg"]
+    assert offset % 64 == 0 and prepared.stat().st_size == offset + 24 * 16 * 16 * 3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batches_equal_the_torch_loaders(prepared, image_folder, channels_last):
+    pixels, _ = load_pixels(prepared, 16, 3)
+    good = index_images(image_folder).good
+    for epoch in (0, 1):
+        ours = PreparedLoader(pixels, 8, CPU, channels_last=channels_last, seed=4)
+        theirs = TorchLoader(good, 16, 3, 8, CPU, channels_last=channels_last, seed=4)
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        batches = list(zip(ours, theirs))
+        assert len(batches) == 3
+        for a, b in batches:
+            assert a.shape == b.shape == (8, 3, 16, 16) and a.dtype == torch.float32
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            assert a.is_contiguous(memory_format=memory_format)
+            # the same pixels; x / 127.5 - 1 and (x / 255 - 0.5) / 0.5 round differently by ~1e-7
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_mirror_flips_about_half_and_nothing_else(prepared):
+    pixels, _ = load_pixels(prepared, 16, 3)
+    plain = torch.cat(list(PreparedLoader(pixels, 8, CPU, seed=4)))
+    mirrored = torch.cat(list(PreparedLoader(pixels, 8, CPU, seed=4, mirror=True)))
+    flipped = [not torch.equal(m, p) for m, p in zip(mirrored, plain)]
+    assert 4 <= sum(flipped) <= 20
+    for m, p, f in zip(mirrored, plain, flipped):
+        assert torch.equal(m, p.flip(2) if f else p)
+
+
+def test_damaged_files_are_refused(prepared, tmp_path):
+    data = prepared.read_bytes()
+    truncated = tmp_path / "truncated.fgd"
+    truncated.write_bytes(data[:-100])
+    with pytest.raises(FastganError, match="is truncated"):
+        load_pixels(truncated, 16, 3)
+    tampered = tmp_path / "tampered.fgd"
+    tampered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(FastganError, match="fails its checksum"):
+        load_pixels(tampered, 16, 3)
+    other = tmp_path / "other.fgd"
+    other.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(FastganError, match="not a fastgan prepared data file"):
+        load_pixels(other, 16, 3)
+    with pytest.raises(FastganError, match="holds 16x16 images with 3 channel"):
+        load_pixels(prepared, 32, 3)
+    assert data.startswith(MAGIC)
+
+
+def test_train_from_a_prepared_file(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(prepared), "--out", str(run), "--epochs", "2", "--ngf", "4", "--ndf", "4",
+                 "--nz", "8", "--batch-size", "8", "--quiet", "--mirror"]) == 0
+    err = capsys.readouterr().err
+    assert "24 prepared images in" in err and "loader prepared (cpu memory, mirrored)" in err
+    assert json.loads((run / "config.json").read_text())["image_size"] == 16  # taken from the file
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
+    assert (run / "samples" / "real.png").exists()
+
+
+def test_prepare_and_data_errors(prepared, image_folder, tmp_path, capsys):
+    cases = [
+        (["prepare", "--root", str(image_folder), "--out", str(prepared)], "already exists"),
+        (["prepare", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "x.fgd")], "does not exist"),
+        (["prepare", "--root", str(image_folder), "--image-size", "24", "--out", str(tmp_path / "x.fgd")],
+         "power of two"),
+        (["train", "--data", str(tmp_path / "missing.fgd")], "does not exist"),
+        (["train", "--data", str(prepared), "--root", str(image_folder)], "not both"),
+        (["train", "--root", str(image_folder), "--mirror"], "--mirror works with --data"),
+        (["train", "--data", str(prepared), "--loader", "dali"], "--data is decoded already"),
+        (["train", "--data", str(prepared), "--batch-size", "25"], "larger than the 24 prepared images"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "x.fgd").exists()
+
