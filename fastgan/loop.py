@@ -86,10 +86,12 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discrimi
     return netG.to(device, memory_format=memory_format), netD.to(device, memory_format=memory_format)
 
 
-def build_optimizers(cfg: Config, netG, netD) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    betas = (cfg.beta1, 0.999)
-    return (torch.optim.Adam(netG.parameters(), lr=cfg.lr, betas=betas),
-            torch.optim.Adam(netD.parameters(), lr=cfg.lr, betas=betas))
+def build_optimizers(cfg: Config, netG, netD, capturable: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam(lr, (beta1, 0.999)) for each network, fused: one kernel for all of a network's weights instead of
+    several per tensor (tested against the tutorial's default Adam). capturable keeps its step count on the
+    device, which a CUDA graph needs."""
+    options = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True, capturable=capturable)
+    return torch.optim.Adam(netG.parameters(), **options), torch.optim.Adam(netD.parameters(), **options)
 
 
 def make_fixed_noise(cfg: Config) -> torch.Tensor:
