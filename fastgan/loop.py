@@ -10,6 +10,7 @@ are read once per log interval (the only host sync in the loop besides samples a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from contextlib import nullcontext
@@ -53,13 +54,14 @@ class Precision:
     scaler: torch.amp.GradScaler  # disabled unless fp16
 
 
-def resolve_precision(amp: str, device: torch.device) -> Precision:
+def resolve_precision(amp: str, device: torch.device, cuda_graphs: bool = False) -> Precision:
     """--amp: off -> fp32; auto -> fp16 + GradScaler on CUDA, bf16 on the CPU (where fp16 autocast is poor)."""
     name = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(amp) or ("fp16" if device.type == "cuda" else "bf16")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FastganError("--amp bf16 asked for, but this GPU does not support bfloat16; use --amp fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    # CUDA graphs need autocast's cast cache off: cached casts would outlive the captured region
+    autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graphs) if dtype else nullcontext()
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
     return Precision(name, autocast, scaler)
@@ -260,7 +262,13 @@ def train(cfg: Config) -> Optional[Path]:
     """Train as cfg says; return the run folder (None for a dry run, which writes nothing)."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.amp, device)
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
+    precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
+    if cfg.cuda_graphs and precision.scaler.is_enabled():
+        raise FastganError("--cuda-graphs cannot capture fp16's GradScaler (it checks for inf on the host); "
+                           "use --amp bf16 with --cuda-graphs, or drop --cuda-graphs")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: autotune each convolution once
     loader_name, decoder = resolve_loader(cfg, device)
     resume_path = find_resume_checkpoint(cfg)
     resumed = load_resume(resume_path, cfg) if resume_path else None
@@ -281,12 +289,12 @@ def train(cfg: Config) -> Optional[Path]:
                       "autocast is emulated and usually slower than fp32 here")
     loader = data.loader
     console.print(f"fastgan: device {device}, precision {precision.name}, {data.description}, "
-                  f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}"
-                  f" -> {run}")
+                  f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
+                  f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'} -> {run}")
 
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
-    optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
+    optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
     scaler = precision.scaler
     start_epoch, step, loss_history, fixed_noise = 0, 0, torch.zeros(0, 2), make_fixed_noise(cfg)
     if resumed:
@@ -300,8 +308,14 @@ def train(cfg: Config) -> Optional[Path]:
         write_skipped(data.bad, run / "skipped_files.txt")
     fixed_noise = fixed_noise.to(device)
 
-    # The step runs the (possibly compiled) modules; samples and checkpoints use the plain ones
+    # The step runs the (possibly compiled) modules, possibly captured in a CUDA graph; samples and checkpoints
+    # use the plain modules
     stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
+    step_fn = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
+                                scaler=scaler)
+    if cfg.cuda_graphs:
+        from .graphs import GraphedStep
+        step_fn = GraphedStep(step_fn, (netG, netD), (optimizerG, optimizerD), scaler)
     if not (run / "samples" / "real.png").exists():  # the tutorial's "Training Images" figure
         save_image_atomic(image_grid(data.preview(FIXED_NOISE_SIZE), nrow=8), run / "samples" / "real.png")
 
@@ -339,8 +353,7 @@ def train(cfg: Config) -> Optional[Path]:
                 progress.epoch(epoch, cfg.epochs)
                 for i, real in enumerate(loader):
                     noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device)
-                    history[in_interval] = train_step(stepG, stepD, optimizerG, optimizerD, real, noise,
-                                                      precision.autocast, scaler)
+                    history[in_interval] = step_fn(real, noise)
                     in_interval += 1
                     step += 1
                     images_seen += cfg.batch_size

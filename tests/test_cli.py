@@ -281,11 +281,11 @@ def test_ctrl_c_says_how_to_resume(image_folder, tmp_path, monkeypatch, capsys):
     import fastgan.loop
     real_step, calls = fastgan.loop.train_step, []
 
-    def step_then_interrupt(*args):
+    def step_then_interrupt(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:  # the second iteration of epoch 2
             raise KeyboardInterrupt
-        return real_step(*args)
+        return real_step(*args, **kwargs)
     monkeypatch.setattr(fastgan.loop, "train_step", step_then_interrupt)
     run = tmp_path / "run"
     assert train("--root", image_folder, "--out", run, "--epochs", 3) == 130
