@@ -28,15 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastgan.demo import demo_faces  # noqa: E402
 from fastgan.files import default_workers, find_images  # noqa: E402
 from fastgan.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
-from fastgan.pipeline_torch import TorchLoader, image_transform  # noqa: E402
+from fastgan.pipeline_torch import TorchLoader  # noqa: E402
+from fastgan.tutorial import tutorial_loader  # noqa: E402
 
 
-def tutorial_loader(root: Path, image_size: int, batch_size: int, workers: int):
-    """The tutorial's loader, as it writes it: ImageFolder + DataLoader(shuffle=True), labels and all."""
-    import torchvision.datasets as dset
-    dataset = dset.ImageFolder(root=str(root), transform=image_transform(image_size, 3))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=workers > 0)
+def images_only(loader):
     return (images for images, _ in loader), len(loader)
 
 
@@ -67,6 +63,33 @@ def commit() -> str:
         return "unknown"
 
 
+def loader_rows(paths, folder: Path, size: int, batch: int, device: torch.device, threads, hw_loads):
+    """(name, make) per loader, make() -> (iterator of batches, number of batches); or (name, "skipped: why")."""
+    cores = default_workers()
+    cuda = device.type == "cuda"
+    rows: list[tuple[str, object]] = [
+        ("torchvision ImageFolder, tutorial settings (2 workers)",
+         lambda: images_only(tutorial_loader(folder.parent, size, batch, 2))),
+        (f"torchvision ImageFolder, {cores} workers (one per core)",
+         lambda: images_only(tutorial_loader(folder.parent, size, batch, cores))),
+        (f"fastgan torch loader, {cores} workers",
+         lambda: (lambda l: (iter(l), len(l)))(TorchLoader(paths, size, 3, batch, device, False, cores))),
+    ]
+    for n in threads:
+        rows.append((f"DALI, CPU decode, {n} threads", (lambda n=n: (lambda l: (iter(l), len(l)))(
+            DaliLoader(paths, size, 3, batch, device, True, decoder="cpu", threads=n)))
+            if dali_available() else "skipped: DALI not installed"))
+    for n in threads:
+        for load in hw_loads:
+            rows.append((f"DALI, GPU decode, {n} threads, hw_decoder_load {load}", (
+                lambda n=n, load=load: (lambda l: (iter(l), len(l)))(DaliLoader(
+                    paths, size, 3, batch, device, True, decoder="mixed", threads=n, hw_decoder_load=load,
+                    dtype=torch.float16)))
+                if dali_available() and cuda else
+                "skipped: " + ("no CUDA GPU" if not cuda else "DALI not installed")))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="image folder (default: the demo faces)")
@@ -94,26 +117,7 @@ def main() -> int:
         os.symlink(p, folder / p.name)
 
     size, batch = args.image_size, args.batch_size
-    rows: list[tuple[str, object]] = [
-        ("torchvision ImageFolder, tutorial settings (2 workers)",
-         lambda: tutorial_loader(folder.parent, size, batch, 2)),
-        (f"torchvision ImageFolder, {cores} workers (one per core)",
-         lambda: tutorial_loader(folder.parent, size, batch, cores)),
-        (f"fastgan torch loader, {cores} workers",
-         lambda: (lambda l: (iter(l), len(l)))(TorchLoader(paths, size, 3, batch, device, False, cores))),
-    ]
-    for n in threads:
-        rows.append((f"DALI, CPU decode, {n} threads", (lambda n=n: (lambda l: (iter(l), len(l)))(
-            DaliLoader(paths, size, 3, batch, device, True, decoder="cpu", threads=n)))
-            if dali_available() else "skipped: DALI not installed"))
-    for n in threads:
-        for load in args.hw_decoder_load:
-            rows.append((f"DALI, GPU decode, {n} threads, hw_decoder_load {load}", (
-                lambda n=n, load=load: (lambda l: (iter(l), len(l)))(DaliLoader(
-                    paths, size, 3, batch, device, True, decoder="mixed", threads=n, hw_decoder_load=load,
-                    dtype=torch.float16)))
-                if dali_available() and cuda else
-                "skipped: " + ("no CUDA GPU" if not cuda else "DALI not installed")))
+    rows = loader_rows(paths, folder, size, batch, device, threads, args.hw_decoder_load)
 
     console = Console()
     info = {"device": torch.cuda.get_device_name() if cuda else f"CPU, {cores} cores", "torch": torch.__version__,

@@ -11,68 +11,9 @@ from torch import nn
 from fastgan.config import Config
 from fastgan.loop import build_models, build_optimizers, resolve_precision
 from fastgan.step import train_step
+from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_step
 
 DEVICE = torch.device("cpu")
-
-
-# ---- the tutorial's networks and step, written as the tutorial writes them (Sigmoid + BCELoss) -------------
-
-class TutorialGenerator(nn.Module):
-    def __init__(self, nz, ngf, nc):
-        super().__init__()
-        self.main = nn.Sequential(
-            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
-            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
-            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
-
-    def forward(self, input):
-        return self.main(input)
-
-
-class TutorialDiscriminator(nn.Module):
-    def __init__(self, ndf, nc):
-        super().__init__()
-        self.main = nn.Sequential(
-            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
-
-    def forward(self, input):
-        return self.main(input)
-
-
-def tutorial_step(netG, netD, optimizerG, optimizerD, real_cpu, noise):
-    criterion = nn.BCELoss()
-    real_label, fake_label = 1., 0.
-    # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
-    netD.zero_grad()
-    b_size = real_cpu.size(0)
-    label = torch.full((b_size,), real_label, dtype=torch.float)
-    output = netD(real_cpu).view(-1)
-    errD_real = criterion(output, label)
-    errD_real.backward()
-    D_x = output.mean().item()
-    fake = netG(noise)
-    label.fill_(fake_label)
-    output = netD(fake.detach()).view(-1)
-    errD_fake = criterion(output, label)
-    errD_fake.backward()
-    D_G_z1 = output.mean().item()
-    errD = errD_real + errD_fake
-    optimizerD.step()
-    # (2) Update G network: maximize log(D(G(z)))
-    netG.zero_grad()
-    label.fill_(real_label)
-    output = netD(fake).view(-1)
-    errG = criterion(output, label)
-    errG.backward()
-    D_G_z2 = output.mean().item()
-    optimizerG.step()
-    return torch.tensor([errD.item(), errG.item(), D_x, D_G_z1, D_G_z2])
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
