@@ -78,7 +78,7 @@ def add_train_parser(sub) -> None:
     speed.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile both networks")
     speed.add_argument("--cuda-graphs", action="store_true", default=None,
-                       help="capture the whole D+G step in one CUDA graph and replay it (CUDA; fp32 or bf16)")
+                       help="capture the whole D+G step in one CUDA graph and replay it (CUDA only)")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
     run.add_argument("--resume", metavar="PATH|auto",

@@ -44,7 +44,7 @@ class Config:
     amp: str = "off"                  # off | auto | fp16 | bf16
     channels_last: bool = False
     compile: bool = False             # torch.compile both networks
-    cuda_graphs: bool = False         # capture the whole D+G step in one CUDA graph (CUDA; not with fp16)
+    cuda_graphs: bool = False         # capture the whole D+G step in one CUDA graph (CUDA only)
     # reporting
     out: Optional[str] = None         # run folder; None: runs/<timestamp>
     log_every: int = 50               # iterations between statistics reads (each one is a host sync)

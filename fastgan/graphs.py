@@ -8,8 +8,10 @@ the warm-up iterations that capture needs run on the first batch and are then un
 buffers and optimizer state restored in place, so the graph's addresses stay valid), so the run trains on
 exactly the batches it would have without graphs.
 
-fp16's GradScaler cannot be captured: it reads its inf/NaN check on the host to decide whether to step. A
-run asking for both is refused (use --amp bf16, which needs no scaler).
+fp16's GradScaler works inside the graph: with fused Adam, GradScaler.step hands the optimizer its found_inf
+and grad_scale tensors instead of reading the inf/NaN check on the host, so unscaling, skipping a step whose
+gradients overflowed, and updating the scale are all device kernels, captured and replayed like the rest.
+The scale and its growth tracker are part of what the warm-up restores.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ class GraphedStep:
     """Call it as step(real, noise) -> statistics tensor, like the eager step it wraps."""
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], modules, optimizers, scaler):
-        if scaler.is_enabled():
-            raise FastganError("--cuda-graphs cannot capture fp16's GradScaler (it checks for inf on the host); "
-                               "use --amp bf16 with --cuda-graphs, or drop --cuda-graphs")
-        self.step, self.modules, self.optimizers = step, modules, optimizers
+        if scaler.is_enabled() and not all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers):
+            raise FastganError("--cuda-graphs with fp16 needs fused Adam, whose step takes the GradScaler's "
+                               "inf check on the device")
+        self.step, self.modules, self.optimizers, self.scaler = step, modules, optimizers, scaler
         self.graph = None
 
     def _state_tensors(self) -> list[torch.Tensor]:
@@ -39,6 +41,7 @@ class GraphedStep:
 
     def _capture(self, real: torch.Tensor, noise: torch.Tensor) -> None:
         before = {id(t): t.detach().clone() for t in self._state_tensors()}
+        scaler_before = self.scaler.state_dict()  # plain numbers; {} when the scaler is off
         self.real, self.noise = real.clone(memory_format=torch.preserve_format), noise.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -54,6 +57,9 @@ class GraphedStep:
             for t in self._state_tensors():
                 saved = before.get(id(t))
                 t.copy_(saved) if saved is not None else t.zero_()  # Adam state born in the warm-up: fresh is 0
+            if scaler_before:  # the scale tensors were created by the warm-up's first scale(): set, not replace
+                self.scaler._scale.fill_(scaler_before["scale"])
+                self.scaler._growth_tracker.fill_(scaler_before["_growth_tracker"])
 
     def __call__(self, real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.graph is None:

@@ -265,9 +265,6 @@ def train(cfg: Config) -> Optional[Path]:
     if cfg.cuda_graphs and device.type != "cuda":
         raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
-    if cfg.cuda_graphs and precision.scaler.is_enabled():
-        raise FastganError("--cuda-graphs cannot capture fp16's GradScaler (it checks for inf on the host); "
-                           "use --amp bf16 with --cuda-graphs, or drop --cuda-graphs")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: autotune each convolution once
     loader_name, decoder = resolve_loader(cfg, device)
     resume_path = find_resume_checkpoint(cfg)
