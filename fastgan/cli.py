@@ -191,7 +191,10 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=64, help="power of two, 16..256")
     p.add_argument("--nc", type=int, choices=(1, 3), default=3, help="image channels")
     p.add_argument("--out", required=True, help="the file to write (.fgd); an existing file is refused")
-    p.add_argument("--workers", type=positive_int, default=None, help="decoding processes [one per core]")
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding processes or threads [one per core]")
+    p.add_argument("--decoder", choices=("auto", "pil", "dali-cpu", "dali-gpu"), default="auto",
+                   help="auto: DALI on the GPU when CUDA and DALI are there, PIL on all cores otherwise. PIL gives "
+                        "the torch loader's exact pixels; DALI's resize differs by a few levels")
     p.set_defaults(func=run_prepare)
 
 
@@ -201,16 +204,30 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .loop import index_data
     from .prepared import prepare
     from .report import console
+    import torch
+
+    from .pipeline_dali import INSTALL_HINT, dali_available, readable_by_dali
     cfg = Config(root=args.root, image_size=args.image_size, nc=args.nc, workers=args.workers).validate()
+    choice = args.decoder
+    if choice == "auto":
+        choice = "dali-gpu" if torch.cuda.is_available() and dali_available() else "pil"
+    if choice.startswith("dali") and not dali_available():
+        raise FastganError(f"--decoder {choice} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+    if choice == "dali-gpu" and not torch.cuda.is_available():
+        raise FastganError("--decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil")
+    decoder = {"pil": "pil", "dali-cpu": "cpu", "dali-gpu": "mixed"}[choice]
     index = index_data(cfg)
+    if decoder != "pil":
+        index = readable_by_dali(index)
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"decoding {len(index.good):,} images", total=len(index.good))
+        task = bar.add_task(f"decoding {len(index.good):,} images ({choice})", total=len(index.good))
         try:
-            out = prepare(index, args.out, cfg.image_size, cfg.nc, args.workers, lambda k: bar.advance(task, k))
+            out = prepare(index, args.out, cfg.image_size, cfg.nc, args.workers, lambda k: bar.advance(task, k),
+                          decoder)
         except OSError as e:
             raise FastganError(f"cannot write {args.out}: {e.strerror or e}") from None
-    console.print(f"fastgan: {index.summary()}; wrote {len(index.good):,} {cfg.image_size}x{cfg.image_size} "
-                  f"images to {out} ({out.stat().st_size / 1e6:,.1f} MB)")
+    console.print(f"fastgan: {index.summary()}; decoded with {choice}, wrote {len(index.good):,} "
+                  f"{cfg.image_size}x{cfg.image_size} images to {out} ({out.stat().st_size / 1e6:,.1f} MB)")
     return 0
 
 

@@ -52,7 +52,9 @@ def readable_by_dali(index: FileIndex) -> FileIndex:
 def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: int, decoder: str,
                    threads: int, device_id: Optional[int], hw_decoder_load: float, shard_id: int,
                    num_shards: int, dtype: torch.dtype):
-    """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC."""
+    """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC.
+
+    dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
@@ -73,6 +75,8 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
         shorter = dmath.min(height, width)
         images = fn.resize(images, resize_y=dmath.floor(height * image_size / shorter),
                            resize_x=dmath.floor(width * image_size / shorter), antialias=True, subpixel_scale=False)
+        if dtype == torch.uint8:
+            return fn.crop(images, crop=(image_size, image_size))
         # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
         return fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
                                         std=[127.5] * nc, output_layout="HWC",
@@ -81,6 +85,22 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
     pipe = faces()
     pipe.build()
     return pipe
+
+
+def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads: Optional[int] = None,
+               batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI."""
+    device_id = torch.cuda.current_device() if decoder == "mixed" else None
+    pipe = build_pipeline([str(p) for p in paths], image_size, nc, batch_size, decoder,
+                          threads or default_workers(), device_id, 0.65, 0, 1, torch.uint8)
+    remaining = len(paths)
+    while remaining > 0:  # the reader fills the last batch from the start again: those extras are dropped
+        (images,) = pipe.run()
+        if decoder == "mixed":
+            images = images.as_cpu()
+        batch = torch.from_dlpack(images.as_tensor())[:remaining]
+        remaining -= len(batch)
+        yield batch
 
 
 class DaliLoader:

@@ -40,19 +40,12 @@ def _pixels(job: tuple[str, int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, nc)
 
 
-def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
-            progress: Optional[Callable[[int], None]] = None) -> Path:
-    """Decode every good file of `index` once and write them to `out` (which must not exist yet)."""
-    out = Path(out).expanduser()
-    if out.exists():
-        raise FastganError(f"{out} already exists; choose another --out (fastgan overwrites nothing)")
-    count = len(index.good)
-    jobs = [(str(p), image_size, nc) for p in index.good]
-    workers = default_workers() if workers is None else workers
-    pixels = np.empty((count, image_size, image_size, nc), dtype=np.uint8)
-    executor = ProcessPoolExecutor(workers) if workers > 1 and count >= 64 else None
+def decode_with_pil(paths, pixels: np.ndarray, image_size: int, nc: int, workers: int, progress) -> None:
+    """Fill `pixels` with the images, decoded by PIL in `workers` processes: the torch loader's exact pixels."""
+    jobs = [(str(p), image_size, nc) for p in paths]
+    executor = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
     try:
-        results = (executor.map(_pixels, jobs, chunksize=max(1, min(256, count // (8 * workers))))
+        results = (executor.map(_pixels, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers))))
                    if executor else map(_pixels, jobs))
         for i, image in enumerate(results):
             pixels[i] = image
@@ -61,9 +54,35 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
     finally:
         if executor:
             executor.shutdown(cancel_futures=True)
+
+
+def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
+            progress: Optional[Callable[[int], None]] = None, decoder: str = "pil") -> Path:
+    """Decode every good file of `index` once and write them to `out` (which must not exist yet).
+
+    decoder: "pil" (all cores; the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder,
+    whose resize filter differs from PIL's by a few levels (see pipeline_dali); give DALI an index already
+    passed through readable_by_dali."""
+    out = Path(out).expanduser()
+    if out.exists():
+        raise FastganError(f"{out} already exists; choose another --out (fastgan overwrites nothing)")
+    count = len(index.good)
+    workers = default_workers() if workers is None else workers
+    pixels = np.empty((count, image_size, image_size, nc), dtype=np.uint8)
+    if decoder == "pil":
+        decode_with_pil(index.good, pixels, image_size, nc, workers, progress)
+    else:
+        from .pipeline_dali import decode_all
+        done = 0
+        for batch in decode_all(index.good, image_size, nc, decoder, threads=workers):
+            pixels[done:done + len(batch)] = batch.numpy()
+            done += len(batch)
+            if progress:
+                progress(len(batch))
     manifest = {
         "format": "fastgan-data", "version": FORMAT_VERSION, "source_root": str(index.root), "count": count,
         "image_size": image_size, "nc": nc, "layout": "NHWC", "dtype": "uint8",
+        "decoder": {"pil": "PIL", "cpu": "DALI (CPU)", "mixed": "DALI (GPU)"}[decoder],
         "skipped": [[str(p), reason] for p, reason in index.bad],
         "sha256": hashlib.sha256(pixels.data).hexdigest(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
