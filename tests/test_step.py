@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from fastgan.config import Config
 from fastgan.loop import build_models, build_optimizers, resolve_precision
