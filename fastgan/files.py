@@ -124,9 +124,6 @@ class FileIndex:
         keep = [(p, f) for p, f in zip(self.good, self.formats) if p not in gone]
         return FileIndex(self.root, [p for p, _ in keep], self.bad + dropped, self.checked, [f for _, f in keep])
 
-    def write_skipped(self, path: Path) -> None:
-        write_skipped(self.bad, path)
-
     def summary(self) -> str:
         total = len(self.good) + len(self.bad)
         line = f"{len(self.good):,} images under {self.root}"

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import write_images
 from fastgan import files
 from fastgan.errors import FastganError
-from fastgan.files import FileIndex, check_image, find_images, index_images, load_image
+from fastgan.files import FileIndex, check_image, find_images, index_images, load_image, write_skipped
 
 
 def names(paths, root):
@@ -280,7 +280,7 @@ def test_write_skipped(tmp_path):
     make_bad_files(root)
     index = index_images(root, workers=1)
     out = tmp_path / "skipped_files.txt"
-    index.write_skipped(out)
+    write_skipped(index.bad, out)
     lines = out.read_text().splitlines()
     assert len(lines) == 4
     rows = [line.split("\t") for line in lines]
@@ -291,7 +291,7 @@ def test_write_skipped(tmp_path):
 
 def test_write_skipped_nothing_bad(image_folder, tmp_path):
     out = tmp_path / "skipped.txt"
-    index_images(image_folder, workers=1).write_skipped(out)
+    write_skipped(index_images(image_folder, workers=1).bad, out)
     assert out.read_text() == ""
 
 
