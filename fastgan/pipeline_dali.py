@@ -6,8 +6,11 @@ without a GPU can choose.
 It follows the loader contract of pipeline_torch.TorchLoader: fixed-size batches of [-1, 1] images, NCHW
 (channels_last memory when asked), on the training device, the last incomplete batch dropped. Each epoch reads
 the files in the order `epoch_permutation(n, seed, epoch)`, the torch loader's order, so both loaders see the
-same images in the same order and a resumed run sees the same orders as an uninterrupted one. With sharding,
-shard k of N reads the k-th contiguous slice of that order: disjoint shards that together cover the epoch.
+same images in the same order and a resumed run sees the same orders as an uninterrupted one. Under torchrun,
+rank r of N reads its shard of each epoch (pipeline_torch.rank_order: the r-th slice of every global batch).
+The shard is computed here and handed to the reader as its file list rather than through the reader's
+shard_id/num_shards, which cut the list into contiguous blocks: interleaved slices keep each global batch
+the one a single process would train on, and let a resumed epoch start at any batch.
 
 DALI never sees a file that the file index could not decode (one corrupt file aborts a whole DALI pipeline),
 nor one in a format its decoder does not read (GIF, for instance): those are set aside and reported.
@@ -21,7 +24,7 @@ import torch
 
 from .errors import FastganError
 from .files import FileIndex, default_workers
-from .pipeline_torch import epoch_permutation
+from .pipeline_torch import no_full_batch, rank_order
 
 INSTALL_HINT = ('pip install "fastgan[dali]" (DALI built for CUDA 12; with a CUDA 13 driver, '
                 'pip install nvidia-dali-cuda130 instead)')
@@ -50,8 +53,7 @@ def readable_by_dali(index: FileIndex) -> FileIndex:
 
 
 def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: int, decoder: str,
-                   threads: int, device_id: Optional[int], hw_decoder_load: float, shard_id: int,
-                   num_shards: int, dtype: torch.dtype):
+                   threads: int, device_id: Optional[int], hw_decoder_load: float, dtype: torch.dtype):
     """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC.
 
     dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`."""
@@ -61,8 +63,7 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
                   prefetch_queue_depth=2)
     def faces():
-        jpegs, _ = fn.readers.file(files=list(files), shard_id=shard_id, num_shards=num_shards, name="reader",
-                                   random_shuffle=False, pad_last_batch=False)
+        jpegs, _ = fn.readers.file(files=list(files), name="reader", random_shuffle=False, pad_last_batch=False)
         decode = dict(device=decoder, output_type=types.RGB if nc == 3 else types.GRAY)
         if decoder == "mixed":
             decode.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=CELEBA_WIDTH,
@@ -92,7 +93,7 @@ def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads:
     """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI."""
     device_id = torch.cuda.current_device() if decoder == "mixed" else None
     pipe = build_pipeline([str(p) for p in paths], image_size, nc, batch_size, decoder,
-                          threads or default_workers(), device_id, 0.65, 0, 1, torch.uint8)
+                          threads or default_workers(), device_id, 0.65, torch.uint8)
     remaining = len(paths)
     while remaining > 0:  # the reader fills the last batch from the start again: those extras are dropped
         (images,) = pipe.run()
@@ -110,7 +111,7 @@ class DaliLoader:
 
     def __init__(self, paths: Sequence, image_size: int, nc: int, batch_size: int, device: torch.device,
                  channels_last: bool = False, seed: int = 0, decoder: str = "cpu", threads: Optional[int] = None,
-                 hw_decoder_load: float = 0.65, shard_id: int = 0, num_shards: int = 1,
+                 hw_decoder_load: float = 0.65, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32):
         if not dali_available():
             raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
@@ -119,43 +120,42 @@ class DaliLoader:
             raise FastganError(f"DALI decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if decoder == "mixed" and self.device.type != "cuda":
             raise FastganError("the DALI GPU decoder (mixed) needs a CUDA device; use the cpu decoder here")
-        if not 0 <= shard_id < num_shards:
-            raise FastganError(f"shard {shard_id} does not exist among {num_shards} shards")
-        self.steps = len(paths) // (batch_size * num_shards)
+        if not 0 <= rank < world_size:
+            raise FastganError(f"rank {rank} does not exist among {world_size} processes")
+        self.steps = len(paths) // (batch_size * world_size)
         if self.steps < 1:
-            raise FastganError(f"{len(paths):,} images make no full batch of {batch_size} on each of "
-                               f"{num_shards} shard(s)")
+            raise no_full_batch(len(paths), "images", batch_size, world_size)
         self.paths = [str(p) for p in paths]
         self.image_size, self.nc, self.batch_size = image_size, nc, batch_size
-        self.channels_last, self.seed, self.epoch = channels_last, seed, 0
+        self.channels_last, self.seed, self.epoch, self.start = channels_last, seed, 0, 0
         self.decoder, self.hw_decoder_load = decoder, hw_decoder_load
         self.threads = threads or default_workers()
-        self.shard_id, self.num_shards, self.dtype = shard_id, num_shards, dtype
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
         # DALI's GPU work runs on the training GPU; a CPU-only pipeline has no device at all (DALI 2.x)
         if decoder == "mixed":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch_files(self) -> list[str]:
-        """This epoch's order, cut to whole batches on every shard (each shard reads its contiguous slice)."""
-        order = epoch_permutation(len(self.paths), self.seed, self.epoch)
-        return [self.paths[i] for i in order[: self.steps * self.batch_size * self.num_shards].tolist()]
+        """The files this rank reads in the epoch set by set_epoch, from its start batch on, in order."""
+        order = rank_order(len(self.paths), self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
+        return [self.paths[i] for i in order[self.start * self.batch_size:].tolist()]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A pipeline per epoch: its file list is that epoch's order (a CPU build measured 19 ms after the
         # first, which loads DALI's libraries; the GPU decoder's is still to be measured)
         pipe = build_pipeline(self.epoch_files(), self.image_size, self.nc, self.batch_size, self.decoder,
-                              self.threads, self.device_id, self.hw_decoder_load, self.shard_id,
-                              self.num_shards, self.dtype)
+                              self.threads, self.device_id, self.hw_decoder_load, self.dtype)
         try:
-            for _ in range(self.steps):
+            for _ in range(self.start, self.steps):
                 (images,) = pipe.run()
                 # DLPack hands torch DALI's own buffer (NHWC); exec_dynamic gives each output its own buffer,
                 # so it stays valid while training uses it

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from .errors import FastganError
 from .files import load_image
 
 
@@ -48,30 +49,58 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-class EpochShuffle(Sampler[int]):
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+def rank_order(n: int, seed: int, epoch: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The image indices one rank reads in an epoch, in step order: every loader's order.
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    Step i's global batch is epoch_permutation(n, seed, epoch)[i*B:(i+1)*B] with B = batch_size * world_size,
+    and rank r reads the r-th `batch_size` slice of it. So the ranks' shards are disjoint, reshuffled each
+    epoch from the shared seed, and together they train on exactly the batches one process with batch size B
+    would. The images left over after the last whole global batch are dropped, as drop_last does."""
+    steps = n // (batch_size * world_size)
+    order = epoch_permutation(n, seed, epoch)[: steps * batch_size * world_size]
+    return order.view(steps, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def no_full_batch(count: int, what: str, batch_size: int, world_size: int) -> FastganError:
+    """The one error of every loader whose images make no whole batch (batch_size: per rank)."""
+    total = batch_size * world_size
+    return FastganError(f"batch size {total} is larger than the {count:,} {what}; lower --batch-size")
+
+
+class EpochShuffle(Sampler[int]):
+    """A distributed sampler: this rank's `rank_order` for the epoch, from batch `start` on (a resumed epoch)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.batch_size, self.rank, self.world_size = n, seed, batch_size, rank, world_size
+        self.steps = n // (batch_size * world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.n
+        return (self.steps - self.start) * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
+        order = rank_order(self.n, self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
+        return iter(order[self.start * self.batch_size:].tolist())
 
 
 class TorchLoader:
-    """Batches of [-1, 1] images on `device`, decoded by `workers` processes (0: in this process)."""
+    """Batches of [-1, 1] images on `device`, decoded by `workers` processes (0: in this process).
+
+    With world_size > 1 (torchrun), `batch_size` is this rank's share and the rank reads its shard
+    (see rank_order)."""
 
     name = "torch"
 
     def __init__(self, paths: Sequence, image_size: int, nc: int, batch_size: int, device: torch.device,
-                 channels_last: bool = False, workers: int = 0, seed: int = 0):
+                 channels_last: bool = False, workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.sampler = EpochShuffle(len(paths), seed)
+        self.sampler = EpochShuffle(len(paths), seed, batch_size, rank, world_size)
+        if self.sampler.steps < 1:
+            raise no_full_batch(len(paths), "images", batch_size, world_size)
         pinned = self.device.type == "cuda"
         self.loader = DataLoader(
             ImageFiles(paths, image_size, nc), batch_size=batch_size, sampler=self.sampler, drop_last=True,
@@ -79,11 +108,13 @@ class TorchLoader:
             prefetch_factor=4 if workers > 0 else None)
         self.non_blocking = pinned  # pinned host memory makes the copy asynchronous
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
+        self.sampler.set_epoch(epoch, start)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches in a whole epoch, wherever set_epoch starts it."""
+        return self.sampler.steps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.loader:

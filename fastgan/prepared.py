@@ -23,7 +23,7 @@ import torch
 
 from .errors import FastganError
 from .files import FileIndex, default_workers, load_image
-from .pipeline_torch import epoch_permutation, image_transform
+from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 
 MAGIC = b"FASTGAN-DATA\n"
 FORMAT_VERSION = 1
@@ -154,30 +154,34 @@ class PreparedLoader:
     name = "prepared"
 
     def __init__(self, pixels: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False,
-                 seed: int = 0, mirror: bool = False):
+                 seed: int = 0, mirror: bool = False, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
-        # NHWC uint8 on the device: the whole of CelebA at 64x64 is 2.5 GB
+        # NHWC uint8 on the device: the whole of CelebA at 64x64 is 2.5 GB (every rank holds all of it, since
+        # each epoch reshuffles the whole set across the ranks)
         self.pixels = pixels.to(self.device)
         self.batch_size, self.channels_last, self.seed, self.mirror = batch_size, channels_last, seed, mirror
-        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.steps = len(pixels) // batch_size
+        self.steps = len(pixels) // (batch_size * world_size)
         if self.steps < 1:
-            raise FastganError(f"batch size {batch_size} is larger than the {len(pixels):,} prepared images")
+            raise no_full_batch(len(pixels), "prepared images", batch_size, world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        order = epoch_permutation(len(self.pixels), self.seed, self.epoch).to(self.device)
+        order = rank_order(len(self.pixels), self.seed, self.epoch, self.batch_size, self.rank,
+                           self.world_size).to(self.device)
         if self.mirror:
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 1])
                                                           .generate_state(1)[0]))
             flips = (torch.rand(len(self.pixels), generator=generator) < 0.5).to(self.device)
-        for i in range(self.steps):
+        for i in range(self.start, self.steps):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             batch = self.pixels[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC: channels_last memory
             # x / 127.5 - 1 is ToTensor's x / 255 followed by Normalize(0.5, 0.5)

@@ -83,17 +83,26 @@ def test_every_image_once_per_epoch_new_order_each_epoch(tmp_path):
     assert [i for batch in other_seed for i in indices(batch)] != epoch0
 
 
-def test_two_shards_split_each_epoch(tmp_path):
-    paths = index_images_of(tmp_path, 50)  # 50 = 3 batches of 8 on each of 2 shards + 2 dropped
+def test_two_ranks_split_each_epoch(tmp_path):
+    paths = index_images_of(tmp_path, 50)  # 50 = 3 global batches of 2 x 8 + 2 dropped
     for epoch in (0, 1):
         seen = []
-        for shard in (0, 1):
-            loader = DaliLoader(paths, 16, 3, 8, CPU, seed=7, shard_id=shard, num_shards=2)
+        for rank in (0, 1):
+            loader = DaliLoader(paths, 16, 3, 8, CPU, seed=7, rank=rank, world_size=2)
             loader.set_epoch(epoch)
             assert len(loader) == 3
-            seen.append([i for batch in loader for i in indices(batch)])
-        assert not set(seen[0]) & set(seen[1])  # disjoint
-        assert seen[0] + seen[1] == epoch_permutation(50, 7, epoch)[:48].tolist()  # together: the epoch
+            seen.append([indices(batch) for batch in loader])
+        assert not set(sum(seen[0], [])) & set(sum(seen[1], []))  # disjoint
+        # side by side, the ranks' batches are the global batches of one process with batch 16
+        assert sum([a + b for a, b in zip(*seen)], []) == epoch_permutation(50, 7, epoch)[:48].tolist()
+
+
+def test_a_resumed_epoch_starts_at_its_batch(tmp_path):
+    loader = DaliLoader(index_images_of(tmp_path, 40), 16, 3, 8, CPU, seed=7)
+    loader.set_epoch(1)
+    whole = [indices(batch) for batch in loader]
+    loader.set_epoch(1, start=3)
+    assert [indices(batch) for batch in loader] == whole[3:]
 
 
 def test_incomplete_last_batch_is_dropped(tmp_path):
@@ -156,7 +165,7 @@ def test_gpu_decode_is_close_to_cpu_decode(faces, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_batches_reach_torch_without_a_copy(faces):
     pipe = build_pipeline([str(p) for p in faces], 64, 3, 16, "mixed", 2, torch.cuda.current_device(), 0.65,
-                          0, 1, torch.float16)
+                          torch.float16)
     (images,) = pipe.run()
     dali_tensor = images.as_tensor()
     batch = torch.from_dlpack(dali_tensor)

@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import write_images
-from fastgan.pipeline_torch import EpochShuffle, ImageFiles, TorchLoader, epoch_permutation
+from fastgan.errors import FastganError
+from fastgan.pipeline_torch import EpochShuffle, ImageFiles, TorchLoader, epoch_permutation, rank_order
 
 CPU = torch.device("cpu")
 
@@ -108,8 +109,8 @@ def test_last_incomplete_batch_dropped(tmp_path):
         assert [len(b) for b in batches] == [4, 4]
         seen = sum(batches, [])
         assert len(set(seen)) == 8 and set(seen) <= set(range(10))  # at most once each
-    assert len(TorchLoader(paths[:3], image_size=8, nc=3, batch_size=4, device=CPU)) == 0
-    assert list(TorchLoader(paths[:3], image_size=8, nc=3, batch_size=4, device=CPU)) == []
+    with pytest.raises(FastganError, match="batch size 4 is larger than the 3 images"):
+        TorchLoader(paths[:3], image_size=8, nc=3, batch_size=4, device=CPU)
 
 
 def test_every_image_once_per_epoch(numbered):
@@ -182,6 +183,38 @@ def test_epoch_shuffle_sampler():
     sampler.set_epoch(3)
     assert list(sampler) == epoch_permutation(20, 4, 3).tolist()
     assert list(sampler) == list(sampler)
+
+
+def test_rank_shards_are_disjoint_and_make_up_the_single_process_batches():
+    n, per_rank, world = 50, 4, 3  # 4 global batches of 12; 2 images dropped
+    for epoch in (0, 1, 2):
+        single = rank_order(n, 7, epoch, per_rank * world)
+        shards = [rank_order(n, 7, epoch, per_rank, r, world) for r in range(world)]
+        assert all(len(s) == 16 for s in shards)
+        assert not set(shards[0].tolist()) & set(shards[1].tolist()) and not set(shards[1].tolist()) & set(shards[2].tolist())
+        for step in range(4):  # global batch i = the ranks' batch i, side by side
+            joined = torch.cat([s[step * per_rank:(step + 1) * per_rank] for s in shards])
+            assert torch.equal(joined, single[step * 12:(step + 1) * 12])
+    assert not torch.equal(rank_order(n, 7, 0, 4, 1, 3), rank_order(n, 7, 1, 4, 1, 3))  # reshuffled per epoch
+
+
+def test_a_resumed_epoch_starts_at_its_batch(numbered):
+    loader = TorchLoader(numbered, image_size=8, nc=3, batch_size=4, device=CPU, seed=5)
+    whole = epoch_ids(loader, 1)
+    loader.set_epoch(1, start=2)
+    assert len(loader) == 3  # an epoch's length, wherever it starts
+    assert [ids(batch) for batch in loader] == whole[2:]
+
+
+def test_torch_loader_reads_its_rank_shard(numbered):
+    shards = []
+    for rank in (0, 1):
+        loader = TorchLoader(numbered, image_size=8, nc=3, batch_size=3, device=CPU, seed=5, rank=rank,
+                             world_size=2)
+        assert len(loader) == 2
+        shards.append(epoch_ids(loader, 1))
+    single = TorchLoader(numbered, image_size=8, nc=3, batch_size=6, device=CPU, seed=5)
+    assert [a + b for a, b in zip(*shards)] == epoch_ids(single, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -50,6 +50,20 @@ def test_batches_equal_the_torch_loaders(prepared, image_folder, channels_last):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_ranks_and_resumed_epochs_read_what_the_torch_loader_reads(prepared, image_folder):
+    pixels, _ = load_pixels(prepared, 16, 3)
+    good = index_images(image_folder).good
+    for rank in (0, 1):
+        ours = PreparedLoader(pixels, 4, CPU, seed=4, rank=rank, world_size=2)
+        theirs = TorchLoader(good, 16, 3, 4, CPU, seed=4, rank=rank, world_size=2)
+        ours.set_epoch(1, start=1)
+        theirs.set_epoch(1, start=1)
+        batches = list(zip(ours, theirs))
+        assert len(batches) == 2 and len(ours) == 3
+        for a, b in batches:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_mirror_flips_about_half_and_nothing_else(prepared):
     pixels, _ = load_pixels(prepared, 16, 3)
     plain = torch.cat(list(PreparedLoader(pixels, 8, CPU, seed=4)))
