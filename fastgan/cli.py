@@ -14,6 +14,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with bad input reported as one line (and exit 2), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -38,7 +55,9 @@ def add_train_parser(sub) -> None:
         "train", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a DCGAN on a folder of images (or the demo faces)", description=description,
         epilog="examples:\n  fastgan train\n  fastgan train --root ~/celeba --amp --compile\n"
-               "  fastgan train --out runs/a --resume auto --epochs 10")
+               "  fastgan train --out runs/a --resume auto --epochs 10\n"
+               "  torchrun --nproc_per_node 8 -m fastgan train --root ~/celeba --amp --compile\n\n"
+               "Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second Ctrl-C quits at once.")
     # None means "not given": the preset (tutorial or demo) or the resumed run decides
     data = p.add_argument_group("data")
     data.add_argument("--root", help="image folder: root/*.jpg or the tutorial's root/subfolder/*.jpg "
@@ -79,10 +98,17 @@ def add_train_parser(sub) -> None:
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile both networks")
     speed.add_argument("--cuda-graphs", action="store_true", default=None,
                        help="capture the whole D+G step in one CUDA graph and replay it (CUDA only)")
+    many = p.add_argument_group("torchrun (many GPUs or machines: torchrun --nproc_per_node N -m fastgan train ...)")
+    many.add_argument("--sync-bn", action="store_true", default=None,
+                      help="SyncBatchNorm: BatchNorm statistics over the whole global batch instead of each "
+                           "process's share (CUDA only). --batch-size is the total over all processes")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
     run.add_argument("--resume", metavar="PATH|auto",
-                     help="continue from a checkpoint at its next epoch; auto: --out's latest")
+                     help="continue from a checkpoint exactly where it stopped; auto: --out's latest")
+    run.add_argument("--ckpt-every", type=non_negative_int, metavar="N",
+                     help="also write a checkpoint (checkpoints/last.pt) every N iterations; 0: at epoch ends "
+                          "only [0]")
     run.add_argument("--log-every", type=positive_int, help=f"iterations per statistics line [{defaults.log_every}]")
     run.add_argument("--sample-every", type=positive_int,
                      help=f"iterations per fixed-noise grid, besides each epoch end [{defaults.sample_every}]")
@@ -99,9 +125,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
              if getattr(args, f.name, None) is not None}
     if args.resume:
         from . import checkpoint
-        from .loop import find_resume_checkpoint
+        from .state import find_resume_checkpoint, load_checkpoint
         path = find_resume_checkpoint(Config(resume=args.resume, out=args.out))
-        payload = checkpoint.load(path)
+        payload = load_checkpoint(path)
         if not checkpoint.is_fastgan_checkpoint(payload):
             raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")
         # the run's own options, then the flags given; train() refuses flags that change the model's shape
@@ -233,10 +259,11 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="fastgan", description="Train DCGAN face generators fast: "
+    parser = Parser(prog="fastgan", description="Train DCGAN face generators fast: "
                                      "`fastgan train` (on the demo faces without --root), then `fastgan generate`.")
     parser.add_argument("--version", action="version", version=f"fastgan {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,synth,prepare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,synth,prepare}",
+                                parser_class=Parser)
     add_train_parser(sub)
     add_generate_parser(sub)
     add_synth_parser(sub)
@@ -246,14 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import environment, is_lost_peer
+    try:
+        where = environment()
+    except FastganError:
+        where = None  # train() reports the bad variables
+    # under torchrun every rank may speak: say which
+    label = f"(rank {where[0]} of {where[1]}) " if where else ""
     try:
         return args.func(args)
     except FastganError as e:
-        print(f"fastgan: error: {e}", file=sys.stderr)
-        return 2
+        from .loop import TrainingStopped
+        print(f"fastgan: {'' if isinstance(e, TrainingStopped) else 'error: '}{label}{e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("fastgan: interrupted", file=sys.stderr)
+        print(f"fastgan: {label}interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if where and is_lost_peer(e):  # another rank failed or was killed: its own message says why
+            print(f"fastgan: error: {label}lost contact with another rank, which failed or was stopped (see its "
+                  f"message; {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})",
+                  file=sys.stderr)
+            return 1
+        if where:
+            print(f"fastgan: error: {label}failed: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -45,11 +45,14 @@ class Config:
     channels_last: bool = False
     compile: bool = False             # torch.compile both networks
     cuda_graphs: bool = False         # capture the whole D+G step in one CUDA graph (CUDA only)
+    # torchrun
+    sync_bn: bool = False             # SyncBatchNorm: BatchNorm statistics over the global batch (CUDA only)
     # reporting
     out: Optional[str] = None         # run folder; None: runs/<timestamp>
     log_every: int = 50               # iterations between statistics reads (each one is a host sync)
     sample_every: int = 500           # iterations between fixed-noise grids (also one at each epoch end)
     quiet: bool = False               # log lines only, no progress bar
+    ckpt_every: int = 0               # iterations between mid-epoch checkpoints (last.pt); 0: epoch ends only
     resume: Optional[str] = None      # checkpoint path, or "auto" for the run folder's latest
     dry_run: bool = False             # a couple of steps on a tiny batch, nothing written
 
@@ -72,6 +75,8 @@ class Config:
                 raise FastganError(f"{name} must be a positive integer, got {value!r}")
         if self.nc not in (1, 3):
             raise FastganError(f"nc must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
+        if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:
+            raise FastganError(f"ckpt_every must be 0 (epoch ends only) or a positive integer, got {self.ckpt_every!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise FastganError(f"workers must be 0 or more, got {self.workers!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):

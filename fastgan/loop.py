@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,15 +22,17 @@ from typing import Callable, Optional
 import torch
 from rich.progress import Progress
 
-from . import checkpoint
-from .config import MODEL_FIELDS, Config
+from . import checkpoint, distributed, state
+from .config import Config
 from .errors import FastganError
 from .files import FileIndex, default_workers, index_images, write_skipped
 from .models import Discriminator, Generator, init_weights
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
 from .plot import plot_losses
+from .interrupt import StopRequests
 from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, prepare_run_folder,
                      save_animation, save_image_atomic, write_json)
+from .state import find_resume_checkpoint, load_resume, refuse_overwriting_later_epochs
 from .step import STAT_NAMES, train_step
 
 FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
@@ -149,21 +152,25 @@ def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
     return loader, decoder
 
 
-def build_loader(cfg: Config, paths, device: torch.device, precision: Precision, loader: str, decoder: str):
-    """The loader the run asked for; the loop only sees the shared contract (len, set_epoch, iter)."""
+def build_loader(cfg: Config, paths, device: torch.device, precision: Precision, loader: str, decoder: str,
+                 ranks: distributed.Ranks):
+    """The loader the run asked for, over this rank's shard; the loop only sees the shared contract (len,
+    set_epoch, iter)."""
     workers = default_workers() if cfg.workers is None else cfg.workers
+    batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
+    shard = dict(rank=ranks.rank, world_size=ranks.world_size)
     if loader == "torch":
-        return TorchLoader(paths, cfg.image_size, cfg.nc, cfg.batch_size, device,
-                           channels_last=cfg.channels_last, workers=workers, seed=cfg.seed), \
+        return TorchLoader(paths, cfg.image_size, cfg.nc, batch_size, device,
+                           channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
             f"loader torch ({workers} workers)"
     from .pipeline_dali import DaliLoader
     # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
     # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
     half = device.type == "cuda" and precision.name in ("fp16", "bf16")
     threads = cfg.dali_threads or default_workers()
-    dali = DaliLoader(paths, cfg.image_size, cfg.nc, cfg.batch_size, device, channels_last=cfg.channels_last,
+    dali = DaliLoader(paths, cfg.image_size, cfg.nc, batch_size, device, channels_last=cfg.channels_last,
                       seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
-                      dtype=torch.float16 if half else torch.float32)
+                      dtype=torch.float16 if half else torch.float32, **shard)
     detail = f", hw_decoder_load {cfg.hw_decoder_load}" if decoder == "mixed" else ""
     return dali, f"loader dali (decoder {decoder}, {threads} threads{detail})"
 
@@ -183,13 +190,15 @@ class Data:
     preview: Callable[[int], torch.Tensor]  # the first n images of the first epoch, for samples/real.png
 
 
-def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> Data:
-    """The run's images and the loader over them: image files (torch or DALI), or a prepared file."""
+def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str,
+              ranks: distributed.Ranks = distributed.Ranks()) -> Data:
+    """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file."""
     if loader_name == "prepared":
         from .prepared import PreparedLoader, load_pixels
         pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc)
-        loader = PreparedLoader(pixels, cfg.batch_size, device, channels_last=cfg.channels_last, seed=cfg.seed,
-                                mirror=cfg.mirror)
+        loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
+                                channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,
+                                rank=ranks.rank, world_size=ranks.world_size)
         return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
                     f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
                     loader.preview)
@@ -198,7 +207,7 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
         from .pipeline_dali import readable_by_dali
         index = readable_by_dali(index)
     check_enough_images(index, cfg)
-    loader, description = build_loader(cfg, index.good, device, precision, loader_name, decoder)
+    loader, description = build_loader(cfg, index.good, device, precision, loader_name, decoder, ranks)
 
     def preview(count: int) -> torch.Tensor:
         dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
@@ -207,61 +216,34 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
 
 
 # ---------------------------------------------------------------------------------------------------------
-# resume
-
-def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
-    if cfg.resume is None:
-        return None
-    if cfg.resume != "auto":
-        return Path(cfg.resume).expanduser()
-    if cfg.out is None:
-        raise FastganError("--resume auto needs --out, the run folder to continue")
-    last = Path(cfg.out).expanduser() / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise FastganError(f"--resume auto: no checkpoint to resume in {last.parent}")
-    return last
-
-
-def check_model_shape(cfg: Config, saved: dict, path: Path) -> None:
-    mismatched = [f"{k}={saved.get(k)} (asked {getattr(cfg, k)})" for k in MODEL_FIELDS
-                  if saved.get(k) != getattr(cfg, k)]
-    if mismatched:
-        raise FastganError(f"checkpoint {path} does not match the model: it was trained with "
-                           + ", ".join(mismatched))
-
-
-def load_resume(path: Path, cfg: Config) -> dict:
-    payload = checkpoint.load(path)
-    if not checkpoint.is_fastgan_checkpoint(payload):
-        raise FastganError(f"{path} is not a fastgan training checkpoint (a plain state dict can be used "
-                           "with `fastgan generate`, not resumed)")
-    check_model_shape(cfg, payload["config"], path)
-    if payload["epoch"] >= cfg.epochs:
-        raise FastganError(f"checkpoint {path} has already trained {payload['epoch']} epochs; pass "
-                           f"--epochs larger than {payload['epoch']} to train more")
-    return payload
-
-
-def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, device: torch.device) -> None:
-    """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
-    netG.load_state_dict(resumed["netG"])
-    netD.load_state_dict(resumed["netD"])
-    optimizerG.load_state_dict(resumed["optimizerG"])
-    optimizerD.load_state_dict(resumed["optimizerD"])
-    if scaler.is_enabled() and resumed["scaler"]:  # a run that changes precision starts a fresh scaler
-        scaler.load_state_dict(resumed["scaler"])
-    torch.set_rng_state(resumed["rng"]["torch"])
-    if device.type == "cuda" and resumed["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the run
 
+NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each skipped by the scaler) tolerated
+
+
+class TrainingStopped(FastganError):
+    """A stop asked for by SIGINT/SIGTERM, after its checkpoint was written: exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def train(cfg: Config) -> Optional[Path]:
-    """Train as cfg says; return the run folder (None for a dry run, which writes nothing)."""
+    """Train as cfg says; return the run folder (None for a dry run, which writes nothing, and on ranks other
+    than 0 under torchrun, which write nothing either)."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.start(cfg.device, cfg.batch_size, cfg.cuda_graphs, cfg.sync_bn)
+    quiet_before = console.quiet
+    console.quiet = quiet_before or not ranks.is_main  # under torchrun, rank 0 speaks for all
+    try:
+        return train_ranked(cfg, ranks, device or resolve_device(cfg.device))
+    finally:
+        console.quiet = quiet_before
+        distributed.stop()
+
+
+def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) -> Optional[Path]:
     if cfg.cuda_graphs and device.type != "cuda":
         raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
@@ -272,20 +254,22 @@ def train(cfg: Config) -> Optional[Path]:
 
     if cfg.dry_run:
         return dry_run(cfg, device, precision, loader_name, decoder)
-    data = open_data(cfg, device, precision, loader_name, decoder)
+    batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)  # this rank's share
+    with ranks.local_main_first("reading the data"):  # local rank 0 fills the file index's cache first
+        data = open_data(cfg, device, precision, loader_name, decoder, ranks)
+    position = state.position_of(resumed) if resumed else state.Position()
 
-    out = cfg.out
-    if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
-        out = str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
-    run = prepare_run_folder(out, resuming=resumed is not None)
-    if resumed:
-        refuse_overwriting_later_epochs(run, resumed["epoch"])
-    console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
+    run = None
+    with ranks.together("preparing the run folder"):
+        if ranks.is_main:
+            run = open_run_folder(cfg, resume_path, resumed, data)
     if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
         console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
                       "autocast is emulated and usually slower than fp32 here")
     loader = data.loader
-    console.print(f"fastgan: device {device}, precision {precision.name}, {data.description}, "
+    processes = (f"{ranks.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), batch "
+                 f"{batch_size} each{', SyncBatchNorm' if cfg.sync_bn else ''}, " if ranks.launched else "")
+    console.print(f"fastgan: device {device}, {processes}precision {precision.name}, {data.description}, "
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
                   f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'} -> {run}")
 
@@ -293,122 +277,186 @@ def train(cfg: Config) -> Optional[Path]:
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
     scaler = precision.scaler
-    start_epoch, step, loss_history, fixed_noise = 0, 0, torch.zeros(0, 2), make_fixed_noise(cfg)
+    noise_source = state.noise_generator(cfg.seed, device)
+    loss_history, fixed_noise = torch.zeros(0, 2), make_fixed_noise(cfg)
     if resumed:
-        restore(resumed, netG, netD, optimizerG, optimizerD, scaler, device)
-        start_epoch, step = resumed["epoch"], resumed["step"]
-        loss_history, fixed_noise = resumed["loss_history"], resumed["fixed_noise"]
-        console.print(f"fastgan: resumed from {resume_path} at epoch {start_epoch + 1}, iteration {step}")
-    config_file = run / "config.json"
-    write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
-    if data.bad:
-        write_skipped(data.bad, run / "skipped_files.txt")
+        state.restore(resumed, netG, netD, optimizerG, optimizerD, scaler, noise_source, device)
+        loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
+        console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
     fixed_noise = fixed_noise.to(device)
 
-    # The step runs the (possibly compiled) modules, possibly captured in a CUDA graph; samples and checkpoints
-    # use the plain modules
-    stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
+    # The step runs the (possibly DDP-wrapped, compiled) modules, possibly captured in a CUDA graph; samples and
+    # checkpoints use the plain modules
+    stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
+    if cfg.compile:
+        compiled_D = torch.compile(stepD)
+        stepG, stepD_for_G = torch.compile(stepG), (compiled_D if stepD_for_G is stepD else torch.compile(stepD_for_G))
+        stepD = compiled_D
     step_fn = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
-                                scaler=scaler)
+                                scaler=scaler, netD_for_G=stepD_for_G)
     if cfg.cuda_graphs:
         from .graphs import GraphedStep
         step_fn = GraphedStep(step_fn, (netG, netD), (optimizerG, optimizerD), scaler)
-    if not (run / "samples" / "real.png").exists():  # the tutorial's "Training Images" figure
+    if ranks.is_main and not (run / "samples" / "real.png").exists():  # the tutorial's "Training Images"
         save_image_atomic(image_grid(data.preview(FIXED_NOISE_SIZE), nrow=8), run / "samples" / "real.png")
 
     steps_per_epoch = len(loader)
     history = torch.zeros(cfg.log_every, len(STAT_NAMES), device=device)  # per-step stats, read per interval
     losses = [loss_history]
-    metrics = MetricsLog(run / "metrics.jsonl")
-    in_interval, interval_start = 0, time.perf_counter()
+    metrics = MetricsLog(run / "metrics.jsonl") if ranks.is_main else None
+    in_interval, interval_start, nonfinite_streak = 0, time.perf_counter(), 0
     run_start, images_seen = time.perf_counter(), 0
+    first_rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)  # this rank's noise rows
 
     def read_interval(epoch: int, i: int) -> None:
-        nonlocal in_interval, interval_start
+        """Statistics since the last read: the loss history, metrics, the log line and the non-finite check."""
+        nonlocal in_interval, interval_start, nonfinite_streak
         values = history[:in_interval].cpu()  # note: the host sync of this interval
         now = time.perf_counter()
+        first_step = step - in_interval + 1
         losses.append(values[:, :2].clone())
+        problem = None
+        for k, finite in enumerate(torch.isfinite(values[:, :2]).all(1).tolist()):
+            nonfinite_streak = 0 if finite else nonfinite_streak + 1
+            if not finite and (precision.name != "fp16" or nonfinite_streak >= NONFINITE_PATIENCE):
+                bad = dict(zip(("Loss_D", "Loss_G"), values[k, :2].tolist()))
+                problem = (f"the losses became non-finite at iteration {first_step + k} ("
+                           + ", ".join(f"{name} {v:.4f}" for name, v in bad.items()) + ")"
+                           + (f" for {nonfinite_streak} steps in a row, each skipped by the GradScaler"
+                              if precision.name == "fp16" else ""))
+                break
+        if ranks.vote(problem is not None):
+            advice = " Lower --lr." if precision.name == "fp16" else (
+                " Lower --lr, or try --amp fp16 (its GradScaler skips steps that overflow).")
+            raise FastganError(f"{problem or 'another rank saw non-finite losses'}; training stopped. "
+                               + last_good_checkpoint(run) + advice)
         stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
-        images_per_second = in_interval * cfg.batch_size / max(now - interval_start, 1e-9)
-        metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
-                       "images_per_second": round(images_per_second, 1), "time": round(now - run_start, 3)})
+        per_rank = in_interval * batch_size / max(now - interval_start, 1e-9)
+        images_per_second = per_rank * ranks.world_size  # rank 0's pace, for all ranks: they run in step
+        if metrics:
+            metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
+                           "images_per_second": round(images_per_second, 1),
+                           **({"images_per_second_per_rank": round(per_rank, 1)} if ranks.launched else {}),
+                           **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
+                           "time": round(now - run_start, 3)})
         progress.log(f"[{epoch + 1}/{cfg.epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
                      f"{images_per_second:,.0f} img/s", stats, images_per_second)
         in_interval, interval_start = 0, now
 
     def save_samples(tag: str) -> None:
-        grid = image_grid(sample(netG, fixed_noise), nrow=8)
-        save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
+        if ranks.is_main:
+            grid = image_grid(sample(netG, fixed_noise), nrow=8)
+            save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
 
+    def save_checkpoint(at: state.Position, epoch: int, i: int) -> Optional[Path]:
+        """Flush the statistics (the loss history must reach `at`), refuse non-finite weights, write (rank 0)."""
+        nonlocal loss_history, losses
+        if in_interval:
+            read_interval(epoch, i)
+        loss_history = torch.cat(losses)
+        losses = [loss_history]
+        if ranks.vote(not state.all_finite(netG, netD, optimizerG, optimizerD)):
+            raise FastganError(f"the weights are no longer finite at iteration {at.step}; not saving them. "
+                               + last_good_checkpoint(run) + " Lower --lr.")
+        if not ranks.is_main:
+            return None
+        return state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, scaler, noise_source,
+                                             fixed_noise, loss_history, device))
+
+    step = position.step
     if step == 0:
         save_samples(f"step{step:07d}")  # the untrained generator: the animation's first frame
     total_steps = cfg.epochs * steps_per_epoch
+    stop = False
     try:
-        with RunProgress(total_steps, start_epoch * steps_per_epoch, cfg.quiet) as progress:
-            for epoch in range(start_epoch, cfg.epochs):
-                loader.set_epoch(epoch)
+        with StopRequests(announce=ranks.is_main) as stops, \
+                RunProgress(total_steps, position.epoch * steps_per_epoch + position.iteration, cfg.quiet) as progress:
+            for epoch in range(position.epoch, cfg.epochs):
+                start = position.iteration if epoch == position.epoch else 0
+                loader.set_epoch(epoch, start)
                 progress.epoch(epoch, cfg.epochs)
-                for i, real in enumerate(loader):
-                    noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device)
-                    history[in_interval] = step_fn(real, noise)
+                for i, real in enumerate(loader, start):
+                    # every rank draws the whole batch's noise and takes its rows: the single process's noise
+                    noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_source)
+                    history[in_interval] = step_fn(real, noise[first_rows])
                     in_interval += 1
                     step += 1
-                    images_seen += cfg.batch_size
+                    images_seen += batch_size
                     progress.advance()
-                    if in_interval == cfg.log_every or i + 1 == steps_per_epoch:
+                    if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
                         read_interval(epoch, i)
                     if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
                         save_samples(f"step{step:07d}")
+                    stop = ranks.vote(stops.requested)  # all ranks stop after the same step
+                    if i + 1 < steps_per_epoch and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
+                        saved = save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
+                    if stop:
+                        break
+                if stop and i + 1 < steps_per_epoch:
+                    break
                 save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
                 progress.epoch_end()
-                loss_history = torch.cat(losses)
-                losses = [loss_history]
-                save_checkpoint(run, epoch, step, cfg, netG, netD, optimizerG, optimizerD, scaler, fixed_noise,
-                                loss_history, device)
+                saved = save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
+                if stop:
+                    break
     except KeyboardInterrupt:
-        last = run / "checkpoints" / "last.pt"
-        console.print(f"fastgan: interrupted at iteration {step}; " + (
-            f"continue from the last finished epoch with: fastgan train --out {run} --resume auto"
-            if last.exists() else "no epoch had finished, so there is no checkpoint to resume"))
+        last = run / "checkpoints" / "last.pt" if run else None
+        console.print(f"fastgan: interrupted at once at iteration {step}; " + (
+            f"the last checkpoint {last} is intact: continue with {resume_command(cfg, run, ranks)}"
+            if last and last.exists() else "no checkpoint had been written yet"))
         raise
     finally:
-        metrics.close()
+        if metrics:
+            metrics.close()
+    if stop:
+        where = state.position_of(torch.load(saved, weights_only=True)) if saved else None
+        raise TrainingStopped(
+            f"stopped by {signal.Signals(stops.signum).name} at iteration {step}"
+            + (f" ({where.describe(steps_per_epoch)}); checkpoint {saved}. Continue with: "
+               f"{resume_command(cfg, run, ranks)}" if saved else ""), stops.signum)
     elapsed = time.perf_counter() - run_start
 
-    finish(run, netG, loss_history)
-    console.print(f"fastgan: trained {cfg.epochs - start_epoch} epochs ({images_seen:,} images) in "
-                  f"{format_seconds(elapsed)}: {images_seen / max(elapsed, 1e-9):,.0f} images/s; "
-                  f"results in {run}")
+    if ranks.is_main:
+        finish(run, netG, loss_history)
+    console.print(f"fastgan: trained {images_seen * ranks.world_size:,} images in {format_seconds(elapsed)}: "
+                  f"{images_seen * ranks.world_size / max(elapsed, 1e-9):,.0f} images/s"
+                  + (f" ({images_seen / max(elapsed, 1e-9):,.0f} per rank)" if ranks.launched else "")
+                  + f"; results in {run}")
     return run
 
 
-def refuse_overwriting_later_epochs(run: Path, epochs_done: int) -> None:
-    """Resuming from an older checkpoint of a run would overwrite its later epochs' files: refuse."""
-    later = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt")
-                   if p.stem[5:].isdigit() and int(p.stem[5:]) > epochs_done)
-    if later:
-        raise FastganError(f"{run} already holds later checkpoints ({', '.join(later)}); resume into a "
-                           "new --out folder so that they are kept")
+def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[dict], data) -> Path:
+    """Rank 0's part of the set-up: the run folder, its config and skipped-file list, metrics trimmed to the
+    checkpoint being resumed."""
+    out = cfg.out
+    if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
+        out = str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
+    run = prepare_run_folder(out, resuming=resumed is not None)
+    if resumed:
+        refuse_overwriting_later_epochs(run, resumed["epoch"])
+        step = resumed["step"]
+        moved = state.trim_metrics(run / "metrics.jsonl", step)
+        if moved:
+            console.print(f"fastgan: {moved} metrics records after iteration {step} (trained again now) moved to "
+                          f"{run / f'metrics.after-{step}.jsonl'}")
+    console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
+    config_file = run / "config.json"
+    step = resumed["step"] if resumed else 0
+    write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
+    if data.bad:
+        write_skipped(data.bad, run / "skipped_files.txt")
+    return run
 
 
-def save_checkpoint(run: Path, epoch: int, step: int, cfg: Config, netG, netD, optimizerG, optimizerD,
-                    scaler, fixed_noise, loss_history, device) -> None:
-    payload = {
-        "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
-        "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
-        "optimizerG": optimizerG.state_dict(), "optimizerD": optimizerD.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch + 1,  # epochs completed
-        "step": step,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-        "fixed_noise": fixed_noise.cpu(),
-        "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
-        "config": cfg.to_dict(),
-    }
-    epoch_file = run / "checkpoints" / f"epoch{epoch + 1:03d}.pt"
-    checkpoint.save(epoch_file, payload)
-    checkpoint.link_or_copy(epoch_file, run / "checkpoints" / "last.pt")
+def last_good_checkpoint(run: Optional[Path]) -> str:
+    last = run / "checkpoints" / "last.pt" if run else None
+    return (f"The last good checkpoint is {last}." if last and last.exists()
+            else "No checkpoint had been written yet.")
+
+
+def resume_command(cfg: Config, run: Path, ranks: distributed.Ranks) -> str:
+    launcher = "the same torchrun command with" if ranks.launched else "fastgan train"
+    return f"{launcher} --out {run} --resume auto"
 
 
 def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
@@ -417,8 +465,8 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
     plot_losses(steps, loss_history[:, 1], loss_history[:, 0], run / "loss.png")
     save_animation(sorted((run / "samples").glob("fake_step*.png")), run / "progress.gif")
     # pytorch/examples format: a plain state dict of the unwrapped generator, on the CPU
-    state = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
-    checkpoint.save(run / "netG.pth", state)
+    weights = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
+    checkpoint.save(run / "netG.pth", weights)
 
 
 def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:

@@ -277,26 +277,6 @@ def test_train_on_cuda(image_folder, tmp_path, capsys, flags):
         assert ckpt["scaler"] == {}
 
 
-def test_ctrl_c_says_how_to_resume(image_folder, tmp_path, monkeypatch, capsys):
-    import fastgan.loop
-    real_step, calls = fastgan.loop.train_step, []
-
-    def step_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # the second iteration of epoch 2
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(fastgan.loop, "train_step", step_then_interrupt)
-    run = tmp_path / "run"
-    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 130
-    err = capsys.readouterr().err
-    assert f"interrupted at iteration 4; continue from the last finished epoch with: fastgan train --out {run} " \
-           "--resume auto" in err
-    monkeypatch.setattr(fastgan.loop, "train_step", real_step)
-    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
-
-
 def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch, capsys):
     import fastgan.pipeline_dali
     monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)

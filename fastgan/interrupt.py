@@ -1,0 +1,51 @@
+"""Ctrl-C and SIGTERM during training: stop cleanly, lose nothing.
+
+The first SIGINT or SIGTERM asks the loop to stop after the step in progress; the loop then writes a
+checkpoint and exits with a message saying how to resume. A second SIGINT stops at once (KeyboardInterrupt):
+the last checkpoint stays intact, since checkpoints are only ever replaced by a rename. Under torchrun, the
+launcher forwards one signal to each worker and kills them after its --shutdown-timeout (30 s by default),
+which a checkpoint write fits in.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Optional
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    """A context manager that catches SIGINT/SIGTERM while it is entered; `signum` is the first one caught."""
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce  # print the notice (rank 0 only, under torchrun)
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.announce:
+                # os.write: no locks, safe inside a signal handler
+                os.write(2, f"\nfastgan: {signal.Signals(signum).name} received: stopping after this step and "
+                            "saving a checkpoint (Ctrl-C again to quit at once)\n".encode())
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        # a SIGTERM after the first request changes nothing: the run is stopping already
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to it alone
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

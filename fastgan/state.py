@@ -1,0 +1,218 @@
+"""A run's state and its checkpoints: what they hold, how a run finds, checks and restores one.
+
+A checkpoint holds everything a resumed run needs to continue exactly where it stopped: both networks, both
+optimizers, the GradScaler, the epoch and the batch inside it, the step, the training noise's generator and
+torch's RNG states, the fixed noise and the loss history. The data order needs no state of its own: each
+epoch's order is a pure function of (seed, epoch) (pipeline_torch.rank_order), so a resumed epoch skips the
+batches already trained on. In eager fp32 on the CPU a run stopped anywhere and resumed ends with bit-for-bit
+the weights of the same run uninterrupted (tests/test_resume.py).
+
+Files in run/checkpoints/: epochNNN.pt at each epoch's end (kept), last.pt the latest checkpoint (a hard link
+to the newest epoch file, or its own file when written mid-epoch by --ckpt-every or on a stop). Every file is
+written to a temporary name and renamed, so a write cut short (disk full, kill -9) leaves the previous one whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import MODEL_FIELDS, Config
+from .errors import FastganError
+
+
+@dataclass
+class Position:
+    """Where a run stands: `epoch` epochs done, `iteration` batches of the next one done, `step` in all."""
+    epoch: int = 0
+    iteration: int = 0
+    step: int = 0
+
+    def describe(self, steps_per_epoch: int) -> str:
+        if self.iteration:
+            return f"epoch {self.epoch + 1}, batch {self.iteration} of {steps_per_epoch} (iteration {self.step})"
+        return f"the end of epoch {self.epoch} (iteration {self.step})"
+
+
+def noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The training noise's own generator, on the training device: its state is part of every checkpoint, and
+    nothing else (loader workers, compile, libraries) can shift it. Seeded apart from the fixed noise's."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+    return generator
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finding and checking a checkpoint to resume
+
+def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        return Path(cfg.resume).expanduser()
+    if cfg.out is None:
+        raise FastganError("--resume auto needs --out, the run folder to continue")
+    last = Path(cfg.out).expanduser() / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise FastganError(f"--resume auto: no checkpoint to resume in {last.parent}")
+    return last
+
+
+def load_checkpoint(path: Path):
+    """checkpoint.load, and when the file is broken, the error also names the newest readable one before it."""
+    try:
+        return checkpoint.load(path)
+    except FastganError as e:
+        if "corrupt or truncated" not in str(e):
+            raise
+        earlier = readable_earlier_checkpoint(path)
+        hint = (f"; the newest readable checkpoint beside it is {earlier}: resume with --resume {earlier}"
+                if earlier else "; there is no readable checkpoint beside it")
+        raise FastganError(f"{e}{hint}") from None
+
+
+def readable_earlier_checkpoint(broken: Path) -> Optional[Path]:
+    """The newest other checkpoint in the same folder that loads (epoch files and last.pt), if any."""
+    candidates = [p for p in broken.parent.glob("*.pt") if p.name != broken.name and not p.name.startswith(".")]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            if checkpoint.is_fastgan_checkpoint(checkpoint.load(path)):
+                return path
+        except (FastganError, OSError):
+            continue
+    return None
+
+
+def check_model_shape(cfg: Config, saved: dict, path: Path) -> None:
+    mismatched = [f"{k}={saved.get(k)} (asked {getattr(cfg, k)})" for k in MODEL_FIELDS
+                  if saved.get(k) != getattr(cfg, k)]
+    if mismatched:
+        raise FastganError(f"checkpoint {path} does not match the model: it was trained with "
+                           + ", ".join(mismatched))
+
+
+def load_resume(path: Path, cfg: Config) -> dict:
+    payload = load_checkpoint(path)
+    if not checkpoint.is_fastgan_checkpoint(payload):
+        raise FastganError(f"{path} is not a fastgan training checkpoint (a plain state dict can be used "
+                           "with `fastgan generate`, not resumed)")
+    check_model_shape(cfg, payload["config"], path)
+    if payload["config"].get("seed") != cfg.seed:
+        raise FastganError(f"checkpoint {path} was trained with --seed {payload['config'].get('seed')}, which "
+                           f"decides its data order; resume it without --seed {cfg.seed}")
+    saved_batch = payload["config"].get("batch_size")
+    if payload.get("iteration", 0) and saved_batch != cfg.batch_size:
+        raise FastganError(f"checkpoint {path} stopped inside an epoch at batch size {saved_batch}; resume it "
+                           f"with that batch size, or change --batch-size from an epoch's checkpoint (epochNNN.pt)")
+    if payload["epoch"] >= cfg.epochs:
+        raise FastganError(f"checkpoint {path} has already trained {payload['epoch']} epochs; pass "
+                           f"--epochs larger than {payload['epoch']} to train more")
+    return payload
+
+
+def position_of(payload: dict) -> Position:
+    return Position(payload["epoch"], payload.get("iteration", 0), payload["step"])
+
+
+def refuse_overwriting_later_epochs(run: Path, epochs_done: int) -> None:
+    """Resuming from an older checkpoint of a run would overwrite its later epochs' files: refuse."""
+    later = sorted(p.name for p in (run / "checkpoints").glob("epoch*.pt")
+                   if p.stem[5:].isdigit() and int(p.stem[5:]) > epochs_done)
+    if later:
+        raise FastganError(f"{run} already holds later checkpoints ({', '.join(later)}); resume into a "
+                           "new --out folder so that they are kept")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saving and restoring
+
+def all_finite(*modules_and_optimizers) -> bool:
+    """Whether every weight and optimizer state tensor is finite (one pass; at checkpoints only).
+
+    BatchNorm's running statistics are left out: training (in train mode) never reads them, and a batch that
+    overflowed in fp16, whose step the GradScaler skipped, has already left non-finite values in D's."""
+    tensors = []
+    for thing in modules_and_optimizers:
+        if isinstance(thing, torch.nn.Module):
+            tensors += [t for t in thing.parameters()]
+        else:
+            tensors += [v for s in thing.state.values() for v in s.values()
+                        if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)  # note: a host sync per tensor, at saves only
+
+
+def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
+            fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device) -> dict:
+    return {
+        "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
+        "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
+        "optimizerG": optimizerG.state_dict(), "optimizerD": optimizerD.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": position.epoch,          # epochs completed
+        "iteration": position.iteration,  # batches of the next epoch completed (0 at an epoch's end)
+        "step": position.step,
+        "rng": {"noise": noise.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+        "fixed_noise": fixed_noise.cpu(),
+        "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
+        "config": cfg.to_dict(),
+    }
+
+
+def save(run: Path, state: dict) -> Path:
+    """Write the checkpoint: epochNNN.pt and last.pt linked to it at an epoch's end, last.pt alone mid-epoch."""
+    folder = run / "checkpoints"
+    if state["iteration"] == 0:
+        epoch_file = folder / f"epoch{state['epoch']:03d}.pt"
+        checkpoint.save(epoch_file, state)
+        checkpoint.link_or_copy(epoch_file, folder / "last.pt")
+        return epoch_file
+    checkpoint.save(folder / "last.pt", state)  # replaces the name only: an epoch file it linked stays whole
+    return folder / "last.pt"
+
+
+def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
+            device: torch.device) -> None:
+    """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
+    netG.load_state_dict(resumed["netG"])
+    netD.load_state_dict(resumed["netD"])
+    optimizerG.load_state_dict(resumed["optimizerG"])
+    optimizerD.load_state_dict(resumed["optimizerD"])
+    if scaler.is_enabled() and resumed["scaler"]:  # a run that changes precision starts a fresh scaler
+        scaler.load_state_dict(resumed["scaler"])
+    rng = resumed["rng"]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "noise" in rng and rng["noise"].numel() == noise.get_state().numel():
+        noise.set_state(rng["noise"])
+    else:  # a version 1 checkpoint, or one from another device type: a fresh stream, seeded by the step
+        noise.manual_seed(int(np.random.SeedSequence([resumed["config"]["seed"], 2, resumed["step"]])
+                              .generate_state(1)[0]))
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Move metrics.jsonl's records after `step` (written after the checkpoint being resumed, and about to be
+    trained again) into metrics.after-<step>.jsonl beside it, so each step has one record; return how many."""
+    if not path.exists():
+        return 0
+    keep, later = [], []
+    for line in path.read_text().splitlines():
+        try:
+            (later if json.loads(line).get("step", 0) > step else keep).append(line)
+        except ValueError:
+            keep.append(line)  # not ours to judge: left in place
+    if later:
+        aside = path.with_name(f"metrics.after-{step}.jsonl")
+        with open(aside, "a") as f:
+            f.write("\n".join(later) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(later)

@@ -1,0 +1,259 @@
+"""Nothing lost: stops by signal, crashes, non-finite losses and broken checkpoints, and exact resume.
+
+A run stopped anywhere and resumed must end, in eager fp32 on the CPU, with bit for bit the weights, optimizer
+state and loss history of the same run uninterrupted.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fastgan.loop
+from fastgan.cli import main
+
+TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
+        "--quiet", "--log-every", "2", "--sample-every", "2"]
+STEPS_PER_EPOCH = 3  # 24 images, batch 8
+
+
+def train(*args):
+    return main(["train", *TINY, *map(str, args)])
+
+
+def on_call(monkeypatch, calls: dict):
+    """Replace the loop's step with one that runs `calls[n](args)` before its n-th call (1-based)."""
+    real_step, count = fastgan.loop.train_step, [0]
+
+    def step(*args, **kwargs):
+        count[0] += 1
+        if count[0] in calls:
+            calls[count[0]](args)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(fastgan.loop, "train_step", step)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_training(a, b):
+    """Two run folders hold bit-for-bit the same final state and the same statistics."""
+    ca, cb = load(a / "checkpoints" / "last.pt"), load(b / "checkpoints" / "last.pt")
+    assert (ca["epoch"], ca["iteration"], ca["step"]) == (cb["epoch"], cb["iteration"], cb["step"])
+    for net in ("netG", "netD"):
+        for k, v in ca[net].items():
+            assert torch.equal(v, cb[net][k]), (net, k)
+    for opt in ("optimizerG", "optimizerD"):
+        for i, s in ca[opt]["state"].items():
+            for k, v in s.items():
+                assert torch.equal(v, cb[opt]["state"][i][k]), (opt, i, k)
+    assert torch.equal(ca["loss_history"], cb["loss_history"]) and len(ca["loss_history"]) == ca["step"]
+    assert torch.equal(ca["rng"]["noise"], cb["rng"]["noise"])
+    netG_a, netG_b = load(a / "netG.pth"), load(b / "netG.pth")
+    assert all(torch.equal(v, netG_b[k]) for k, v in netG_a.items())
+
+    def records(run):
+        drop = ("time", "images_per_second")
+        return [{k: v for k, v in json.loads(line).items() if k not in drop}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records(a) == records(b)
+
+
+@pytest.fixture
+def uninterrupted(image_folder, tmp_path):
+    run = tmp_path / "straight"
+    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 0
+    return run
+
+
+def test_sigint_mid_epoch_checkpoints_there_and_resume_is_bit_exact(image_folder, tmp_path, uninterrupted,
+                                                                   monkeypatch, capfd):
+    run = tmp_path / "stopped"
+    # the signal arrives during the 5th step (epoch 2, batch 2): that step finishes, then the run stops
+    on_call(monkeypatch, {5: lambda args: os.kill(os.getpid(), signal.SIGINT)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 128 + signal.SIGINT
+    err = capfd.readouterr().err
+    assert "SIGINT received: stopping after this step" in err
+    assert (f"stopped by SIGINT at iteration 5 (epoch 2, batch 2 of 3 (iteration 5)); checkpoint "
+            f"{run / 'checkpoints' / 'last.pt'}. Continue with: fastgan train --out {run} --resume auto") in err
+    saved = load(run / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["iteration"], saved["step"]) == (1, 2, 5)
+    assert load(run / "checkpoints" / "epoch001.pt")["step"] == 3  # the epoch file is still its own
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert "resumed from" in capfd.readouterr().err
+    assert_same_training(uninterrupted, run)
+
+
+def test_a_crash_loses_only_the_steps_after_the_last_ckpt_every(image_folder, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "crashed"
+
+    def crash(args):
+        raise RuntimeError("simulated crash (kill -9, power cut)")
+    on_call(monkeypatch, {8: crash})  # during iteration 8 (epoch 3, batch 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train("--root", image_folder, "--out", run, "--epochs", 3, "--ckpt-every", 2)
+    # mid-epoch checkpoints at iterations 2 and 4 (epoch ends 3 and 6 save anyway): the latest is epoch002.pt
+    saved = load(run / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["iteration"], saved["step"]) == (2, 0, 6)
+    records = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records == [2, 3, 4, 5, 6]
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    straight = tmp_path / "straight"  # a checkpoint ends a log interval: compare with the same --ckpt-every
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--ckpt-every", 2) == 0
+    assert_same_training(straight, run)
+
+
+def test_resume_from_a_mid_epoch_ckpt_every_checkpoint_is_bit_exact(image_folder, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "crashed"
+
+    def crash(args):
+        raise RuntimeError("simulated crash")
+    on_call(monkeypatch, {6: crash})  # during iteration 6; --ckpt-every 4 saved iteration 4 (epoch 2, batch 1)
+    with pytest.raises(RuntimeError):
+        train("--root", image_folder, "--out", run, "--epochs", 3, "--ckpt-every", 4, "--log-every", 1)
+    saved = load(run / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["iteration"], saved["step"]) == (1, 1, 4)
+    # iteration 5 was logged after that checkpoint: its record moves aside, to be written again
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert "1 metrics records after iteration 4" in capfd.readouterr().err
+    assert [json.loads(line)["step"] for line in (run / "metrics.after-4.jsonl").read_text().splitlines()] == [5]
+    straight = tmp_path / "straight-log1"
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--log-every", 1) == 0
+    assert_same_training(straight, run)
+
+
+def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(image_folder, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "run"
+
+    def twice(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    on_call(monkeypatch, {5: twice})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 130
+    err = capfd.readouterr().err
+    last = run / "checkpoints" / "last.pt"
+    assert f"interrupted at once at iteration 4; the last checkpoint {last} is intact" in err
+    assert load(last)["step"] == 3 and not list((run / "checkpoints").glob(".*"))  # no temporary left
+
+
+def test_sigint_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path):
+    """As a terminal's Ctrl-C does it: the signal reaches the DataLoader workers too."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "fastgan", "train", *TINY[:10], "--workers", "1", "--quiet",
+               "--log-every", "1", "--sample-every", "1000", "--root", str(image_folder), "--out", str(run),
+               "--epochs", "1000"]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (child.poll() is None and time.monotonic() < deadline
+           and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4)):
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "stopped by SIGINT at iteration" in err and "Traceback" not in err, err
+    saved = load(run / "checkpoints" / "last.pt")
+    assert saved["step"] >= 4 and len(saved["loss_history"]) == saved["step"]
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", str(saved["epoch"] + 1)]) == 0
+
+
+def test_sigterm_stops_like_the_first_ctrl_c(image_folder, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "run"
+    on_call(monkeypatch, {2: lambda args: os.kill(os.getpid(), signal.SIGTERM)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at iteration 2" in capfd.readouterr().err
+    assert load(run / "checkpoints" / "last.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are put back
+
+
+# ---- non-finite losses ------------------------------------------------------------------------------------
+
+def poison_weights(args):
+    netG = args[0]
+    with torch.no_grad():
+        next(netG.parameters()).fill_(float("nan"))
+
+
+def test_nan_in_fp32_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
+                                                                                  monkeypatch, capfd):
+    run = tmp_path / "run"
+    on_call(monkeypatch, {5: poison_weights})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3, "--log-every", 1) == 2
+    err = capfd.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastgan: error: the losses became non-finite at iteration 5 (Loss_D nan, Loss_G nan)")
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'last.pt'}." in err
+    saved = load(run / "checkpoints" / "last.pt")
+    assert saved["step"] == 3 and all(torch.isfinite(v).all() for v in saved["netG"].values() if v.is_floating_point())
+
+
+def test_nan_weights_are_never_saved(image_folder, tmp_path, monkeypatch, capfd):
+    """Losses are read per log interval; a checkpoint checks the weights themselves before writing."""
+    run = tmp_path / "run"
+
+    def poison_after_step(args):  # G's last update makes NaN weights whose losses nobody computed yet
+        optimizerG = args[2]
+        real_step = optimizerG.step
+
+        def step_then_poison(*a, **k):
+            out = real_step(*a, **k)
+            with torch.no_grad():
+                optimizerG.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+        optimizerG.step = step_then_poison
+    on_call(monkeypatch, {3: poison_after_step})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3, "--log-every", 10) == 2
+    err = capfd.readouterr().err
+    assert "no longer finite at iteration 3; not saving them. No checkpoint had been written yet." in err
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def nan_batch(args):
+    args[4].fill_(float("nan"))  # real
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_fp16_skips_non_finite_steps_and_stops_when_they_persist(image_folder, tmp_path, monkeypatch, capfd,
+                                                                persistent):
+    monkeypatch.setattr(fastgan.loop, "NONFINITE_PATIENCE", 3)
+    run = tmp_path / "run"
+    on_call(monkeypatch, {n: nan_batch for n in ([2] if not persistent else range(2, 100))})
+    code = train("--root", image_folder, "--out", run, "--epochs", 3, "--amp", "fp16", "--log-every", 1)
+    err = capfd.readouterr().err
+    if not persistent:  # the GradScaler skipped that step: the run goes on with finite weights
+        assert code == 0, err
+        netG = load(run / "netG.pth")
+        assert all(torch.isfinite(v).all() for v in netG.values() if v.is_floating_point())
+        assert not torch.isfinite(load(run / "checkpoints" / "last.pt")["loss_history"][1]).all()
+    else:
+        assert code == 2
+        assert ("the losses became non-finite at iteration 4 (Loss_D nan, Loss_G 0.7023) for 3 steps in a row, "
+                "each skipped by the GradScaler; training stopped. The last good checkpoint is "
+                f"{run / 'checkpoints' / 'last.pt'}. Lower --lr.") in err
+
+
+# ---- broken checkpoints -------------------------------------------------------------------------------------
+
+def test_a_truncated_checkpoint_names_the_readable_one_to_use(image_folder, tmp_path, capfd):
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 2, "--ckpt-every", 2) == 0
+    capfd.readouterr()
+    # epoch 2 ended at iteration 6: last.pt is a link to epoch002.pt; break a copy the way a full disk would
+    last = run / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.unlink()
+    last.write_bytes(data[: len(data) // 2])
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "3"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"checkpoint {last} is corrupt or truncated" in err
+    assert f"the newest readable checkpoint beside it is {run / 'checkpoints' / 'epoch002.pt'}" in err
+    assert main(["train", "--resume", str(run / "checkpoints" / "epoch002.pt"), "--epochs", "3",
+                 "--out", str(tmp_path / "again")]) == 0
