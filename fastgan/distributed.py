@@ -18,6 +18,7 @@ with several machines the run folder must be on a shared file system to resume.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -155,8 +156,8 @@ def stop() -> None:
 def wrap(netG: torch.nn.Module, netD: torch.nn.Module, ranks: Ranks, device: torch.device, sync_bn: bool):
     """(G for the step, D for the step, D for G's update) under DDP; the plain modules without torchrun.
 
-    broadcast_buffers=False: each rank keeps its own BatchNorm running statistics instead of taking rank 0's
-    at every forward pass; that broadcast also writes in place into buffers that autograd saved for backward,
+    broadcast_buffers=False (forward_sync_buffers in newer torch): each rank keeps its own BatchNorm running
+    statistics instead of taking rank 0's at every forward pass; that broadcast also writes in place into buffers that autograd saved for backward,
     the known failure of GAN steps that run D twice before one backward. G's update runs through the plain D
     (the same parameters, without DDP's hooks): D's weights get no gradient there, and DDP would wait for one.
     """
@@ -166,7 +167,10 @@ def wrap(netG: torch.nn.Module, netD: torch.nn.Module, ranks: Ranks, device: tor
         netG = torch.nn.SyncBatchNorm.convert_sync_batchnorm(netG)
         netD = torch.nn.SyncBatchNorm.convert_sync_batchnorm(netD)
     ids = [device.index] if device.type == "cuda" else None
-    ddp = dict(device_ids=ids, broadcast_buffers=False)
+    # torch 2.14 renames broadcast_buffers to forward_sync_buffers (the sync at construction is harmless here:
+    # every rank starts from the same weights and buffers)
+    newer = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    ddp = dict(device_ids=ids, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
     return (torch.nn.parallel.DistributedDataParallel(netG, **ddp),
             torch.nn.parallel.DistributedDataParallel(netD, **ddp), netD)
 

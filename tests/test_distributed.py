@@ -1,0 +1,152 @@
+"""torchrun on the CPU: two gloo processes train as one, with disjoint shards, identical weights, resume, a
+clean stop on Ctrl-C, and a failing rank that ends the job instead of hanging it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgan.cli import main
+
+PROBE = Path(__file__).with_name("ddp_probe.py")
+TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
+        "--quiet", "--log-every", "1", "--sample-every", "2", "--device", "cpu"]
+
+
+def torchrun(*args, env=None, probe_dir=None, **popen):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(PROBE), "train", *TINY, *map(str, args)]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if probe_dir:
+        environ["PROBE_DIR"] = str(probe_dir)
+    return subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def finish(child, timeout=240):
+    out, err = child.communicate(timeout=timeout)
+    return child.returncode, out + err
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Two ranks, global batch 8 (4 each), 24 images: 3 steps per epoch, 2 epochs."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    from conftest import write_images
+    write_images(tmp / "data" / "faces", 24)
+    (tmp / "probe").mkdir()
+    code, output = finish(torchrun("--root", tmp / "data", "--out", tmp / "run", "--epochs", 2,
+                                   env={"XDG_CACHE_HOME": str(tmp / "cache")}, probe_dir=tmp / "probe"))
+    assert code == 0, output
+    return tmp, output
+
+
+def test_two_ranks_read_disjoint_shards_that_make_up_the_single_process_batches(ddp_run, monkeypatch):
+    tmp, output = ddp_run
+    assert "2 processes (gloo), batch 4 each" in output
+    ranks = [torch.load(tmp / "probe" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [len(r["batches"]) for r in ranks] == [6, 6] and ranks[0]["batches"][0].shape == (4, 3, 16, 16)
+    for step in range(6):
+        a, b = ranks[0]["batches"][step], ranks[1]["batches"][step]
+        assert not any(torch.equal(x, y) for x in a for y in b)  # disjoint
+    # side by side, the ranks' batches are those of one process with the whole batch of 8
+    import fastgan.loop
+    seen, real_step = [], fastgan.loop.train_step
+    monkeypatch.setattr(fastgan.loop, "train_step", lambda *a, **k: (seen.append(a[4].clone()), real_step(*a, **k))[1])
+    assert main(["train", *TINY, "--root", str(tmp / "data"), "--out", str(tmp / "single"), "--epochs", "2"]) == 0
+    for step in range(6):
+        torch.testing.assert_close(torch.cat([ranks[0]["batches"][step], ranks[1]["batches"][step]]), seen[step],
+                                   rtol=0, atol=0)
+
+
+def test_both_ranks_end_with_the_same_weights_and_rank_0_saves_them(ddp_run):
+    tmp, _ = ddp_run
+    ranks = [torch.load(tmp / "probe" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)
+    for net in ("netG", "netD"):
+        for name, value in ranks[0][net].items():
+            if "running" in name or "num_batches" in name:
+                continue  # BatchNorm statistics: each rank keeps its own (no --sync-bn)
+            assert torch.equal(value, ranks[1][net][name]), (net, name)
+            assert torch.equal(value, saved[net][name]), (net, name)
+    # BatchNorm running statistics do differ: each rank normalised its own half of the batch
+    assert not torch.equal(ranks[0]["netD"]["main.3.running_mean"], ranks[1]["netD"]["main.3.running_mean"])
+    assert torch.equal(ranks[0]["netD"]["main.3.running_mean"], saved["netD"]["main.3.running_mean"])
+
+
+def test_only_rank_0_writes_and_speaks(ddp_run):
+    tmp, output = ddp_run
+    metrics = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # one record per step, not one per rank
+    assert all(m["images_per_second"] == pytest.approx(2 * m["images_per_second_per_rank"], rel=0.01)
+               for m in metrics)
+    assert output.count("fastgan: trained 48 images") == 1
+    assert sorted(p.name for p in (tmp / "run" / "checkpoints").iterdir()) == ["epoch001.pt", "epoch002.pt",
+                                                                              "last.pt"]
+
+
+def test_resume_under_torchrun(ddp_run):
+    tmp, _ = ddp_run
+    code, output = finish(torchrun("--out", tmp / "run", "--resume", "auto", "--epochs", 3,
+                                   env={"XDG_CACHE_HOME": str(tmp / "cache")}))
+    assert code == 0, output
+    assert "resumed from" in output and "2 processes (gloo)" in output
+    assert torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(ddp_run):
+    tmp, _ = ddp_run
+    run = tmp / "stopped"
+    child = torchrun("--root", tmp / "data", "--out", run, "--epochs", 1000,
+                     env={"XDG_CACHE_HOME": str(tmp / "cache")}, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (child.poll() is None and time.monotonic() < deadline
+           and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5)):
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGINT)  # the terminal's Ctrl-C: torchrun forwards it to each rank
+    code, output = finish(child)
+    assert code != 0
+    assert "stopped by SIGINT at iteration" in output, output
+    assert "Continue with: the same torchrun command with --out" in output
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert len(saved["loss_history"]) == saved["step"] >= 5
+    code, output = finish(torchrun("--out", run, "--resume", "auto", "--epochs", saved["epoch"] + 1,
+                                   env={"XDG_CACHE_HOME": str(tmp / "cache")}))
+    assert code == 0, output
+
+
+def test_a_failing_rank_ends_the_job_with_a_clear_message(ddp_run):
+    tmp, _ = ddp_run
+    started = time.monotonic()
+    code, output = finish(torchrun("--root", tmp / "data", "--out", tmp / "failing", "--epochs", 2,
+                                   env={"XDG_CACHE_HOME": str(tmp / "cache"), "PROBE_FAIL": "1:2"}), timeout=180)
+    assert code != 0
+    assert "fastgan: error: (rank 1 of 2) failed: RuntimeError: probe: simulated failure on rank 1" in output
+    assert time.monotonic() - started < 120  # ended, not hung
+
+
+def test_batch_size_must_split_evenly_across_ranks(monkeypatch, capsys, image_folder):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", *TINY, "--root", str(image_folder), "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastgan: error: (rank 0 of 3) --batch-size 8 is the total over 3 processes and must divide "
+                   "evenly among them: use 6 or 9")
+
+
+def test_sync_bn_and_cuda_graphs_say_what_they_need(monkeypatch, capsys, image_folder):
+    assert main(["train", *TINY, "--root", str(image_folder), "--sync-bn"]) == 2
+    assert "--sync-bn synchronises BatchNorm across torchrun's processes" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", *TINY, "--root", str(image_folder), "--sync-bn"]) == 2
+    assert "--sync-bn needs CUDA" in capsys.readouterr().err
+    assert main(["train", *TINY, "--root", str(image_folder), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs is not supported under torchrun" in capsys.readouterr().err
