@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line argparse error (2), already printed
+        return e.code
     from .distributed import environment, is_lost_peer
     try:
         where = environment()

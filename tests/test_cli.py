@@ -179,7 +179,36 @@ def error_cases(tmp_path, image_folder, trained_run):
     torch.save(torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)["netD"], disc)
     root = str(image_folder)
     last = str(trained_run / "checkpoints" / "last.pt")
+    mid_epoch = tmp_path / "mid_epoch.pt"  # as --ckpt-every writes them: 1 batch into epoch 3
+    torch.save({**torch.load(last, weights_only=True), "iteration": 1, "step": 7}, mid_epoch)
+    tiny_root = [*TINY, "--root", root]
     return [
+        # flags: each validated at the edge (argparse's own errors are one line too)
+        (["train", *tiny_root, "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+        (["train", *tiny_root, "--batch-size", "-8"], "argument --batch-size: expected a positive integer, got -8"),
+        (["train", *tiny_root, "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
+        (["train", *tiny_root, "--ngf", "x"], "argument --ngf: expected a positive integer, got 'x'"),
+        (["train", *tiny_root, "--ckpt-every", "-1"], "argument --ckpt-every: expected 0 or a positive integer"),
+        (["train", *tiny_root, "--loader", "opencv"], "argument --loader: invalid choice: 'opencv'"),
+        (["train", *tiny_root, "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+        (["train", *tiny_root, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["train", *tiny_root, "--nc", "2"], "argument --nc: invalid choice: 2"),
+        (["train", *tiny_root, "--image-size", "sixty-four"], "argument --image-size: invalid int value"),
+        (["train", *tiny_root, "--workers", "-1"], "workers must be 0 or more, got -1"),
+        (["train", *tiny_root, "--beta1", "1"], "beta1 must be in [0, 1), got 1.0"),
+        (["train", *tiny_root, "--lr", "0"], "lr must be in (0, 1), got 0.0"),
+        (["train", *tiny_root, "--hw-decoder-load", "1.5"], "hw_decoder_load must be in [0, 1], got 1.5"),
+        (["train", *tiny_root, "--mirror"], "--mirror works with --data"),
+        (["train", *tiny_root, "--data", str(tmp_path / "missing.fgd")], "does not exist"),
+        (["train", *tiny_root, "--sync-bn"], "--sync-bn synchronises BatchNorm across torchrun's processes"),
+        (["train", *tiny_root, "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+        (["train", *tiny_root, "--image-size", "20"], "power of two from 16 to 256"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["train", "--resume", last, "--ngf", "8"], "does not match the model: it was trained with ngf=4 (asked 8)"),
+        (["train", "--resume", last, "--seed", "1", "--epochs", "3"], "which decides its data order"),
+        (["train", "--resume", str(mid_epoch), "--batch-size", "4", "--epochs", "3",
+          "--out", str(tmp_path / "elsewhere")], "stopped inside an epoch at batch size 8"),
+        # data and files
         (["train", "--root", str(tmp_path / "missing")], "does not exist"),
         (["train", "--root", str(tmp_path / "a_file")], "is not a folder"),
         (["train", "--root", str(tmp_path / "empty")], "holds no image files"),
@@ -212,7 +241,8 @@ def test_every_user_error_is_one_line_and_exit_2(tmp_path, image_folder, trained
         code = main(argv)
         err = capsys.readouterr().err.strip()
         assert code == 2, (argv, err)
-        assert err.startswith("fastgan: error: ") and message in err, (argv, err)
+        assert err.startswith(("fastgan: error: ", "fastgan train: error: ", "fastgan: error: argument")), (argv, err)
+        assert message in err, (argv, err)
         assert len(err.splitlines()) == 1, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # a refused --out is left as it was
 
@@ -225,10 +255,12 @@ def test_a_real_process_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_argparse_errors_exit_2():
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--batch-size", "0"])
-    assert e.value.code == 2
+def test_argparse_errors_exit_2_and_help_exits_0(capsys):
+    assert main(["train", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == ("fastgan train: error: argument --batch-size: expected a positive integer, "
+                                       "got 0 (see fastgan train --help)\n")
+    assert main(["train", "--help"]) == 0
+    assert "--ckpt-every" in capsys.readouterr().out
 
 
 def test_train_with_amp_and_channels_last(image_folder, tmp_path, capsys):

@@ -97,6 +97,9 @@ def test_resume_under_torchrun(ddp_run):
     assert code == 0, output
     assert "resumed from" in output and "2 processes (gloo)" in output
     assert torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 9
+    # the global batches do not depend on the number of processes: one process can carry on
+    assert main(["train", "--out", str(tmp / "run"), "--resume", "auto", "--epochs", "4"]) == 0
+    assert torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
 
 
 def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(ddp_run):
