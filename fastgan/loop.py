@@ -289,9 +289,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     # checkpoints use the plain modules
     stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
     if cfg.compile:
-        compiled_D = torch.compile(stepD)
-        stepG, stepD_for_G = torch.compile(stepG), (compiled_D if stepD_for_G is stepD else torch.compile(stepD_for_G))
-        stepD = compiled_D
+        compile_once = functools.cache(torch.compile)  # without torchrun, D for G's update is D: one compile
+        stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
     step_fn = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
                                 scaler=scaler, netD_for_G=stepD_for_G)
     if cfg.cuda_graphs:
@@ -348,9 +347,9 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
             grid = image_grid(sample(netG, fixed_noise), nrow=8)
             save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
 
-    def save_checkpoint(at: state.Position, epoch: int, i: int) -> Optional[Path]:
+    def save_checkpoint(at: state.Position, epoch: int, i: int) -> None:
         """Flush the statistics (the loss history must reach `at`), refuse non-finite weights, write (rank 0)."""
-        nonlocal loss_history, losses
+        nonlocal loss_history, losses, saved
         if in_interval:
             read_interval(epoch, i)
         loss_history = torch.cat(losses)
@@ -358,16 +357,15 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         if ranks.vote(not state.all_finite(netG, netD, optimizerG, optimizerD)):
             raise FastganError(f"the weights are no longer finite at iteration {at.step}; not saving them. "
                                + last_good_checkpoint(run) + " Lower --lr.")
-        if not ranks.is_main:
-            return None
-        return state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, scaler, noise_source,
-                                             fixed_noise, loss_history, device))
+        path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, scaler, noise_source,
+                                             fixed_noise, loss_history, device)) if ranks.is_main else None
+        saved = (path, at)
 
     step = position.step
     if step == 0:
         save_samples(f"step{step:07d}")  # the untrained generator: the animation's first frame
     total_steps = cfg.epochs * steps_per_epoch
-    stop = False
+    stop, saved = False, None  # saved: (path, position) of this run's latest checkpoint (path None off rank 0)
     try:
         with StopRequests(announce=ranks.is_main) as stops, \
                 RunProgress(total_steps, position.epoch * steps_per_epoch + position.iteration, cfg.quiet) as progress:
@@ -388,15 +386,16 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                     if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
                         save_samples(f"step{step:07d}")
                     stop = ranks.vote(stops.requested)  # all ranks stop after the same step
-                    if i + 1 < steps_per_epoch and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
-                        saved = save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
+                    mid_epoch = i + 1 < steps_per_epoch  # (the epoch's end has its own checkpoint below)
+                    if mid_epoch and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
+                        save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
                     if stop:
                         break
-                if stop and i + 1 < steps_per_epoch:
+                if stop and mid_epoch:
                     break
                 save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
                 progress.epoch_end()
-                saved = save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
+                save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
                 if stop:
                     break
     except KeyboardInterrupt:
@@ -409,11 +408,12 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         if metrics:
             metrics.close()
     if stop:
-        where = state.position_of(torch.load(saved, weights_only=True)) if saved else None
-        raise TrainingStopped(
-            f"stopped by {signal.Signals(stops.signum).name} at iteration {step}"
-            + (f" ({where.describe(steps_per_epoch)}); checkpoint {saved}. Continue with: "
-               f"{resume_command(cfg, run, ranks)}" if saved else ""), stops.signum)
+        path, at = saved
+        # a rank can be outvoted into stopping before its own copy of the signal arrives
+        why = signal.Signals(stops.signum).name if stops.signum else "another rank's stop request"
+        raise TrainingStopped(f"stopped by {why} at iteration {step} ({at.describe(steps_per_epoch)})"
+                              + (f"; checkpoint {path}. Continue with: {resume_command(cfg, run, ranks)}"
+                                 if path else ""), stops.signum or signal.SIGTERM)
     elapsed = time.perf_counter() - run_start
 
     if ranks.is_main:

@@ -20,3 +20,14 @@ def test_throughput_runs_and_writes_every_table(tmp_path):
     assert all(r["images_per_second"] > 0 for r in figures["end_to_end"])
     skipped = [r for r in figures["steps"] if r["images_per_second"] is None]
     assert all(r["note"].startswith("skipped: ") for r in skipped)
+
+
+def test_distributed_bench_runs_both_ways(tmp_path):
+    out = tmp_path / "ddp.json"
+    result = subprocess.run([sys.executable, str(BENCH / "distributed.py"), "--epochs", "2", "--json", str(out), "--",
+                             "--demo-images", "64", "--image-size", "16", "--ngf", "4", "--ndf", "4",
+                             "--batch-size", "8", "--log-every", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["nproc"] == 2 and figures["batch_size"] == 8
+    assert figures["single_images_per_second"] > 0 and figures["ddp_images_per_second_per_rank"] > 0
