@@ -158,8 +158,9 @@ def wrap(netG: torch.nn.Module, netD: torch.nn.Module, ranks: Ranks, device: tor
 
     broadcast_buffers=False (forward_sync_buffers in newer torch): each rank keeps its own BatchNorm running
     statistics instead of taking rank 0's at every forward pass; that broadcast also writes in place into buffers that autograd saved for backward,
-    the known failure of GAN steps that run D twice before one backward. G's update runs through the plain D
-    (the same parameters, without DDP's hooks): D's weights get no gradient there, and DDP would wait for one.
+    the known failure of GAN steps that run D twice before one backward on CUDA (tests/test_distributed.py runs
+    that pattern). G's update runs through the plain D (the same parameters, without DDP's hooks): D's weights
+    get no gradient there, so DDP has nothing to reduce and is kept out of that pass.
     """
     if not ranks.launched:
         return netG, netD, netD

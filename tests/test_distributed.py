@@ -1,5 +1,6 @@
 """torchrun on the CPU: two gloo processes train as one, with disjoint shards, identical weights, resume, a
 clean stop on Ctrl-C, and a failing rank that ends the job instead of hanging it."""
+import contextlib
 import json
 import os
 import signal
@@ -153,3 +154,73 @@ def test_sync_bn_and_cuda_graphs_say_what_they_need(monkeypatch, capsys, image_f
     assert "--sync-bn needs CUDA" in capsys.readouterr().err
     assert main(["train", *TINY, "--root", str(image_folder), "--cuda-graphs"]) == 2
     assert "--cuda-graphs is not supported under torchrun" in capsys.readouterr().err
+
+
+# ---- the DDP step itself, in spawned processes ---------------------------------------------------------------
+
+def ddp_worker(rank: int, backend: str, port: int, results) -> None:
+    """One rank: fastgan's DDP wrapping through D twice before one backward, and through whole steps."""
+    import torch.distributed as dist
+
+    from fastgan import distributed
+    from fastgan.config import Config
+    from fastgan.loop import build_optimizers
+    from fastgan.models import Discriminator, Generator, init_weights
+    from fastgan.step import train_step
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        netG = Generator(8, 4, 3, 16).apply(init_weights).to(device)
+        netD = Discriminator(4, 3, 16).apply(init_weights).to(device)
+        optimizerG, optimizerD = build_optimizers(Config(), netG, netD)
+        ranks = distributed.Ranks(rank, 2, rank, launched=True)
+        stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, sync_bn=False)
+        generator = torch.Generator().manual_seed(rank)  # each rank its own data
+        real, fake = (torch.randn(4, 3, 16, 16, generator=generator).to(device) for _ in range(2))
+        # the trap: two forward passes through the DDP-wrapped BatchNorms, then one backward
+        (stepD(real).mean() + stepD(fake).mean()).backward()
+        netD.zero_grad(set_to_none=True)
+        for _ in range(2):
+            noise = torch.randn(4, 8, 1, 1, generator=generator).to(device)
+            train_step(stepG, stepD, optimizerG, optimizerD, real, noise, contextlib.nullcontext(),
+                       torch.amp.GradScaler(device.type, enabled=False), netD_for_G=stepD_for_G)
+        results[rank] = {k: v.cpu() for k, v in {**{f"G.{k}": v for k, v in netG.state_dict().items()},
+                                                 **{f"D.{k}": v for k, v in netD.state_dict().items()}}.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(backend: str) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.spawn(ddp_worker, args=(backend, port, results), nprocs=2)
+    return [results[0], results[1]]
+
+
+def check_two_ranks(ranks: list[dict]) -> None:
+    for name, value in ranks[0].items():
+        if "running" in name or "num_batches" in name:
+            continue
+        assert torch.equal(value, ranks[1][name]), name  # DDP kept the weights identical
+    # each rank kept its own BatchNorm statistics: no buffer broadcast, the source of the trap
+    assert not torch.equal(ranks[0]["D.main.3.running_mean"], ranks[1]["D.main.3.running_mean"])
+
+
+def test_ddp_step_survives_two_forwards_before_one_backward_on_gloo():
+    check_two_ranks(run_two_ranks("gloo"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_ddp_step_survives_two_forwards_before_one_backward_on_nccl():
+    check_two_ranks(run_two_ranks("nccl"))
