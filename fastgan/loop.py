@@ -267,7 +267,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
                       "autocast is emulated and usually slower than fp32 here")
     loader = data.loader
-    processes = (f"{ranks.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), batch "
+    processes = (f"{ranks.world_size} process{'es' if ranks.world_size > 1 else ''} "
+                 f"({'NCCL' if device.type == 'cuda' else 'gloo'}), batch "
                  f"{batch_size} each{', SyncBatchNorm' if cfg.sync_bn else ''}, " if ranks.launched else "")
     console.print(f"fastgan: device {device}, {processes}precision {precision.name}, {data.description}, "
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "

@@ -19,9 +19,10 @@ TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-
         "--quiet", "--log-every", "1", "--sample-every", "2", "--device", "cpu"]
 
 
-def torchrun(*args, env=None, probe_dir=None, **popen):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(PROBE), "train", *TINY, *map(str, args)]
+def torchrun(*args, env=None, probe_dir=None, nproc=2, device="cpu", **popen):
+    flags = [f if f != "cpu" else device for f in TINY]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(PROBE), "train", *flags, *map(str, args)]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if probe_dir:
         environ["PROBE_DIR"] = str(probe_dir)
@@ -224,3 +225,41 @@ def test_ddp_step_survives_two_forwards_before_one_backward_on_gloo():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_ddp_step_survives_two_forwards_before_one_backward_on_nccl():
     check_two_ranks(run_two_ranks("nccl"))
+
+
+# ---- on GPUs (skipped without them) -----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", [[], ["--sync-bn", "--amp", "--channels-last"]])
+def test_torchrun_with_one_gpu_uses_nccl(tmp_path, flags):
+    from conftest import write_images
+    write_images(tmp_path / "data" / "faces", 24)
+    code, output = finish(torchrun("--root", tmp_path / "data", "--out", tmp_path / "run", "--epochs", 2,
+                                   "--loader", "torch", *flags, nproc=1, device="cuda",
+                                   env={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+    assert code == 0, output
+    assert "1 process (NCCL), batch 8 each" in output
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == 6 and "main.1.weight" in saved["netD"]  # keys as pytorch/examples', SyncBN or not
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_with_sync_bn_train_like_one_process_with_the_whole_batch(tmp_path, monkeypatch):
+    """Same batches, same noise, BatchNorm over the global batch: DDP differs from one process only by the
+    order of floating-point sums (the gradient all-reduce, SyncBatchNorm's statistics)."""
+    from conftest import write_images
+    write_images(tmp_path / "data" / "faces", 24)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    common = ["--root", tmp_path / "data", "--epochs", 2, "--loader", "torch"]
+    code, output = finish(torchrun(*common, "--out", tmp_path / "ddp", "--sync-bn", nproc=2, device="cuda", env=env))
+    assert code == 0, output
+    monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+    flags = [f if f != "cpu" else "cuda" for f in TINY]
+    assert main(["train", *flags, *map(str, common), "--out", str(tmp_path / "one")]) == 0
+    ddp = torch.load(tmp_path / "ddp" / "netG.pth", weights_only=True)
+    one = torch.load(tmp_path / "one" / "netG.pth", weights_only=True)
+    for name, value in one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp[name], value, rtol=1e-3, atol=1e-4)
