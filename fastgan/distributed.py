@@ -47,10 +47,6 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def label(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
-
     def vote(self, flag: bool) -> bool:
         """True when any rank passes True. A collective: every rank must call it at the same point."""
         if not self.launched:
@@ -71,13 +67,13 @@ class Ranks:
                 self.vote(True)
             raise
         if self.vote(False):
-            raise FastganError(f"{self.label}: stopped because another rank failed {what} (its error is above)")
+            raise FastganError(f"stopped because another rank failed {what} (its error is above)")
 
     @contextmanager
     def local_main_first(self, what: str):
         """The block runs on each machine's local rank 0 first (filling caches), then on the other ranks."""
         if self.launched and self.local_rank != 0 and self.vote(False):
-            raise FastganError(f"{self.label}: stopped because another rank failed {what} (its error is above)")
+            raise FastganError(f"stopped because another rank failed {what} (its error is above)")
         try:
             yield
         except BaseException:
@@ -85,7 +81,7 @@ class Ranks:
                 self.vote(True)
             raise
         if self.launched and self.local_rank == 0 and self.vote(False):
-            raise FastganError(f"{self.label}: stopped because another rank failed {what} (its error is above)")
+            raise FastganError(f"stopped because another rank failed {what} (its error is above)")
 
 
 def environment() -> Optional[tuple[int, int, int]]:

@@ -188,6 +188,7 @@ class Data:
     summary: str            # how many images, from where, how many set aside
     bad: list               # (path, reason) of the files set aside
     preview: Callable[[int], torch.Tensor]  # the first n images of the first epoch, for samples/real.png
+    count: int              # images trained on: each epoch's order is a permutation of this many
 
 
 def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str,
@@ -201,7 +202,7 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
                                 rank=ranks.rank, world_size=ranks.world_size)
         return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
                     f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
-                    loader.preview)
+                    loader.preview, len(pixels))
     index = index_data(cfg)
     if loader_name == "dali":
         from .pipeline_dali import readable_by_dali
@@ -212,7 +213,7 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
     def preview(count: int) -> torch.Tensor:
         dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
         return torch.stack([dataset[int(j)] for j in epoch_permutation(len(dataset), cfg.seed, 0)[:count]])
-    return Data(loader, description, index.summary(), index.bad, preview)
+    return Data(loader, description, index.summary(), index.bad, preview, len(index.good))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,6 +285,9 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         state.restore(resumed, netG, netD, optimizerG, optimizerD, scaler, noise_source, device)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
+        if position.iteration and resumed.get("images", data.count) != data.count:
+            console.print(f"fastgan: note: the data now holds {data.count:,} images, {resumed['images']:,} when the "
+                          "checkpoint was written, so the rest of this epoch follows a different order")
     fixed_noise = fixed_noise.to(device)
 
     # The step runs the (possibly DDP-wrapped, compiled) modules, possibly captured in a CUDA graph; samples and
@@ -359,7 +363,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
             raise FastganError(f"the weights are no longer finite at iteration {at.step}; not saving them. "
                                + last_good_checkpoint(run) + " Lower --lr.")
         path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, scaler, noise_source,
-                                             fixed_noise, loss_history, device)) if ranks.is_main else None
+                                             fixed_noise, loss_history, device, data.count)) if ranks.is_main else None
         saved = (path, at)
 
     step = position.step

@@ -148,7 +148,7 @@ def all_finite(*modules_and_optimizers) -> bool:
 
 
 def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
-            fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device) -> dict:
+            fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int) -> dict:
     return {
         "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
         "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
@@ -157,6 +157,7 @@ def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD,
         "epoch": position.epoch,          # epochs completed
         "iteration": position.iteration,  # batches of the next epoch completed (0 at an epoch's end)
         "step": position.step,
+        "images": images,  # the data's size: each epoch's order is a permutation of this many
         "rng": {"noise": noise.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
         "fixed_noise": fixed_noise.cpu(),

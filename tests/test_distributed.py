@@ -136,6 +136,18 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(ddp_run):
     assert time.monotonic() - started < 120  # ended, not hung
 
 
+def test_bad_input_under_torchrun_stops_every_rank_with_one_message_each(ddp_run):
+    tmp, _ = ddp_run
+    started = time.monotonic()
+    code, output = finish(torchrun("--root", tmp / "missing", "--out", tmp / "never", env={
+        "XDG_CACHE_HOME": str(tmp / "cache")}), timeout=180)
+    assert code != 0 and time.monotonic() - started < 120
+    assert f"fastgan: error: (rank 0 of 2) --root {tmp / 'missing'} does not exist" in output
+    assert ("fastgan: error: (rank 1 of 2) stopped because another rank failed reading the data "
+            "(its error is above)") in output
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # (torchrun prints its own)
+
+
 def test_batch_size_must_split_evenly_across_ranks(monkeypatch, capsys, image_folder):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")

@@ -257,3 +257,15 @@ def test_a_truncated_checkpoint_names_the_readable_one_to_use(image_folder, tmp_
     assert f"the newest readable checkpoint beside it is {run / 'checkpoints' / 'epoch002.pt'}" in err
     assert main(["train", "--resume", str(run / "checkpoints" / "epoch002.pt"), "--epochs", "3",
                  "--out", str(tmp_path / "again")]) == 0
+
+
+def test_resuming_inside_an_epoch_on_changed_data_says_so(image_folder, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "run"
+    on_call(monkeypatch, {2: lambda args: os.kill(os.getpid(), signal.SIGINT)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 130
+    monkeypatch.undo()
+    (image_folder / "faces" / "0000.jpg").unlink()
+    capfd.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert ("note: the data now holds 23 images, 24 when the checkpoint was written, so the rest of this epoch "
+            "follows a different order") in capfd.readouterr().err
