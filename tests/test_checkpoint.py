@@ -76,3 +76,33 @@ def test_a_netG_saved_on_the_gpu_loads_on_the_cpu(tmp_path):
     loaded = load_generator(path, torch.device("cpu"))
     assert next(loaded.parameters()).device.type == "cpu"
     torch.testing.assert_close(loaded.state_dict()["main.0.weight"], netG.state_dict()["main.0.weight"].cpu())
+
+
+def test_kill_9_during_a_write_leaves_the_previous_checkpoint_readable(tmp_path):
+    """A process killed half-way through writing a checkpoint: its torch.save writes half the bytes, says so,
+    and waits to be killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"step": 1, "weights": torch.zeros(16)})
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import io, sys, time, torch\n"
+        "from fastgan import checkpoint\n"
+        "real_save = torch.save\n"
+        "def half_then_hang(obj, f):\n"
+        "    buffer = io.BytesIO(); real_save(obj, buffer); data = buffer.getvalue()\n"
+        "    f.write(data[: len(data) // 2]); f.flush(); print('half', flush=True); time.sleep(600)\n"
+        "torch.save = half_then_hang\n"
+        "checkpoint.save(sys.argv[1], {'step': 2, 'weights': torch.ones(2**20)})\n"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "half"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    payload = checkpoint.load(path)
+    assert payload["step"] == 1 and torch.equal(payload["weights"], torch.zeros(16))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.tmp")  # the killed write's temporary
