@@ -132,6 +132,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")
         # the run's own options, then the flags given; train() refuses flags that change the model's shape
         base = {**Config.from_dict(payload["config"]).to_dict(), "out": None, "dry_run": False, "quiet": False}
+        from .distributed import environment
+        if environment() is None:  # a --sync-bn run under torchrun may go on in one process
+            base["sync_bn"] = False
         return Config(**{**base, **given})
     if args.data is not None:  # the tutorial's defaults, with the file's image size and channels
         from .prepared import read_manifest

@@ -440,10 +440,11 @@ def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[
     if resumed:
         refuse_overwriting_later_epochs(run, resumed["epoch"])
         step = resumed["step"]
-        moved = state.trim_metrics(run / "metrics.jsonl", step)
-        if moved:
-            console.print(f"fastgan: {moved} metrics records after iteration {step} (trained again now) moved to "
-                          f"{run / f'metrics.after-{step}.jsonl'}")
+        records, grids = state.set_aside_later_results(run, step)
+        if records or grids:
+            console.print(f"fastgan: what was written after iteration {step} is trained again now, so it moves "
+                          f"aside: {records} metrics records to {run / f'metrics.after-{step}.jsonl'}, "
+                          f"{grids} sample grids to {run / 'samples' / f'after-{step}'}")
     console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
     config_file = run / "config.json"
     step = resumed["step"] if resumed else 0

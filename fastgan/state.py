@@ -198,6 +198,23 @@ def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise: to
                               .generate_state(1)[0]))
 
 
+def set_aside_later_results(run: Path, step: int) -> tuple[int, int]:
+    """Before resuming from iteration `step`: what the first attempt wrote after its checkpoint is trained
+    again now, so it moves aside instead of being overwritten or duplicated. metrics.jsonl's later records go
+    to metrics.after-<step>.jsonl, later sample grids to samples/after-<step>/. Returns (records, grids)."""
+    return trim_metrics(run / "metrics.jsonl", step), move_later_samples(run / "samples", step)
+
+
+def move_later_samples(folder: Path, step: int) -> int:
+    later = [p for p in folder.glob("fake_step*.png") if p.stem[9:16].isdigit() and int(p.stem[9:16]) > step]
+    if later:
+        aside = folder / f"after-{step}"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            os.replace(p, aside / p.name)
+    return len(later)
+
+
 def trim_metrics(path: Path, step: int) -> int:
     """Move metrics.jsonl's records after `step` (written after the checkpoint being resumed, and about to be
     trained again) into metrics.after-<step>.jsonl beside it, so each step has one record; return how many."""

@@ -62,6 +62,9 @@ def assert_same_training(a, b):
         return [{k: v for k, v in json.loads(line).items() if k not in drop}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records(a) == records(b)
+    grids = sorted(p.name for p in (a / "samples").glob("*.png"))
+    assert grids == sorted(p.name for p in (b / "samples").glob("*.png"))
+    assert all((a / "samples" / g).read_bytes() == (b / "samples" / g).read_bytes() for g in grids)
 
 
 @pytest.fixture
@@ -117,16 +120,20 @@ def test_resume_from_a_mid_epoch_ckpt_every_checkpoint_is_bit_exact(image_folder
         raise RuntimeError("simulated crash")
     on_call(monkeypatch, {6: crash})  # during iteration 6; --ckpt-every 4 saved iteration 4 (epoch 2, batch 1)
     with pytest.raises(RuntimeError):
-        train("--root", image_folder, "--out", run, "--epochs", 3, "--ckpt-every", 4, "--log-every", 1)
+        train("--root", image_folder, "--out", run, "--epochs", 3, "--ckpt-every", 4, "--log-every", 1,
+              "--sample-every", 1)
     saved = load(run / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["iteration"], saved["step"]) == (1, 1, 4)
-    # iteration 5 was logged after that checkpoint: its record moves aside, to be written again
+    # iteration 5 was logged and sampled after that checkpoint: its record and grid move aside, to be made again
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    assert "1 metrics records after iteration 4" in capfd.readouterr().err
+    assert ("what was written after iteration 4 is trained again now, so it moves aside: 1 metrics records to "
+            f"{run / 'metrics.after-4.jsonl'}, 1 sample grids to {run / 'samples' / 'after-4'}") in capfd.readouterr().err
     assert [json.loads(line)["step"] for line in (run / "metrics.after-4.jsonl").read_text().splitlines()] == [5]
+    assert (run / "samples" / "after-4" / "fake_step0000005.png").exists()
+    assert (run / "samples" / "fake_step0000005.png").exists()  # made again by the resumed run
     straight = tmp_path / "straight-log1"
-    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--log-every", 1) == 0
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--log-every", 1, "--sample-every", 1) == 0
     assert_same_training(straight, run)
 
 
