@@ -412,7 +412,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     finally:
         if metrics:
             metrics.close()
-    if stop:
+    if stop and saved[1].epoch < cfg.epochs:  # (a stop asked for during the very last step changes nothing)
         path, at = saved
         # a rank can be outvoted into stopping before its own copy of the signal arrives
         why = signal.Signals(stops.signum).name if stops.signum else "another rank's stop request"

@@ -276,3 +276,10 @@ def test_resuming_inside_an_epoch_on_changed_data_says_so(image_folder, tmp_path
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
     assert ("note: the data now holds 23 images, 24 when the checkpoint was written, so the rest of this epoch "
             "follows a different order") in capfd.readouterr().err
+
+
+def test_a_stop_during_the_last_step_lets_the_run_finish(image_folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    on_call(monkeypatch, {6: lambda args: os.kill(os.getpid(), signal.SIGTERM)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 0
+    assert (run / "netG.pth").exists() and (run / "loss.png").exists()
