@@ -150,6 +150,8 @@ class DaliLoader:
         return [self.paths[i] for i in order[self.start * self.batch_size:].tolist()]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.start >= self.steps:  # a resumed epoch that had ended already (on data that has since shrunk)
+            return
         # A pipeline per epoch: its file list is that epoch's order (a CPU build measured 19 ms after the
         # first, which loads DALI's libraries; the GPU decoder's is still to be measured)
         pipe = build_pipeline(self.epoch_files(), self.image_size, self.nc, self.batch_size, self.decoder,

@@ -79,7 +79,7 @@ class EpochShuffle(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return (self.steps - self.start) * self.batch_size
+        return max(0, self.steps - self.start) * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         order = rank_order(self.n, self.seed, self.epoch, self.batch_size, self.rank, self.world_size)

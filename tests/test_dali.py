@@ -103,6 +103,8 @@ def test_a_resumed_epoch_starts_at_its_batch(tmp_path):
     whole = [indices(batch) for batch in loader]
     loader.set_epoch(1, start=3)
     assert [indices(batch) for batch in loader] == whole[3:]
+    loader.set_epoch(1, start=9)
+    assert list(loader) == []
 
 
 def test_incomplete_last_batch_is_dropped(tmp_path):

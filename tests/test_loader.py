@@ -204,6 +204,8 @@ def test_a_resumed_epoch_starts_at_its_batch(numbered):
     loader.set_epoch(1, start=2)
     assert len(loader) == 3  # an epoch's length, wherever it starts
     assert [ids(batch) for batch in loader] == whole[2:]
+    loader.set_epoch(1, start=5)  # past the end (the data shrank since the checkpoint): nothing left
+    assert list(loader) == []
 
 
 def test_torch_loader_reads_its_rank_shard(numbered):
