@@ -174,6 +174,6 @@ def wrap(netG: torch.nn.Module, netD: torch.nn.Module, ranks: Ranks, device: tor
 
 def is_lost_peer(error: BaseException) -> bool:
     """Whether an error means that another rank went away (it failed or was killed) mid-collective."""
-    text = f"{type(error).__name__}: {error}".lower()
+    text = str(error).lower()
     return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
-        s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "gloo", "nccl"))
+        s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))

@@ -133,6 +133,7 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(ddp_run):
                                    env={"XDG_CACHE_HOME": str(tmp / "cache"), "PROBE_FAIL": "1:2"}), timeout=180)
     assert code != 0
     assert "fastgan: error: (rank 1 of 2) failed: RuntimeError: probe: simulated failure on rank 1" in output
+    assert "fastgan: error: (rank 0 of 2) lost contact with another rank, which failed or was stopped" in output
     assert time.monotonic() - started < 120  # ended, not hung
 
 
