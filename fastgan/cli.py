@@ -83,7 +83,8 @@ def add_train_parser(sub) -> None:
     model.add_argument("--ndf", type=positive_int, help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, help=f"[{defaults.epochs}; demo {demo.epochs}]")
-    optim.add_argument("--batch-size", type=positive_int, help=f"[{defaults.batch_size}; demo {demo.batch_size}]")
+    optim.add_argument("--batch-size", type=positive_int, help="images per step; under torchrun the total over all "
+                                                                f"processes [{defaults.batch_size}; demo {demo.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate [{defaults.lr}]")
     optim.add_argument("--beta1", type=float, help=f"Adam beta1 [{defaults.beta1}]")
     optim.add_argument("--seed", type=int, help=f"[{defaults.seed}]")
