@@ -15,7 +15,7 @@ import torch
 from .errors import FastganError
 
 FORMAT = "fastgan-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the position inside the epoch, the noise generator, the data size (1 still resumes, at its epoch)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
 
