@@ -283,3 +283,13 @@ def test_a_stop_during_the_last_step_lets_the_run_finish(image_folder, tmp_path,
     on_call(monkeypatch, {6: lambda args: os.kill(os.getpid(), signal.SIGTERM)})
     assert train("--root", image_folder, "--out", run, "--epochs", 2) == 0
     assert (run / "netG.pth").exists() and (run / "loss.png").exists()
+
+
+def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 1) == 0
+    old = load(run / "checkpoints" / "last.pt")
+    del old["iteration"], old["images"], old["rng"]["noise"]
+    torch.save({**old, "version": 1}, tmp_path / "v1.pt")
+    assert main(["train", "--resume", str(tmp_path / "v1.pt"), "--epochs", "2", "--out", str(tmp_path / "on")]) == 0
+    assert load(tmp_path / "on" / "checkpoints" / "last.pt")["step"] == 6
