@@ -144,7 +144,8 @@ def all_finite(*modules_and_optimizers) -> bool:
         else:
             tensors += [v for s in thing.state.values() for v in s.values()
                         if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)  # note: a host sync per tensor, at saves only
+    # note: one host sync, at saves only
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
