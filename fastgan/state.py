@@ -159,8 +159,9 @@ def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD,
         "iteration": position.iteration,  # batches of the next epoch completed (0 at an epoch's end)
         "step": position.step,
         "images": images,  # the data's size: each epoch's order is a permutation of this many
+        # the training device's CUDA RNG state only: every visible GPU's would not restore on a machine with fewer
         "rng": {"noise": noise.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "fixed_noise": fixed_noise.cpu(),
         "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
         "config": cfg.to_dict(),
@@ -184,19 +185,48 @@ def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise: to
     """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
     netG.load_state_dict(resumed["netG"])
     netD.load_state_dict(resumed["netD"])
-    optimizerG.load_state_dict(resumed["optimizerG"])
-    optimizerD.load_state_dict(resumed["optimizerD"])
+    optimizerG.load_state_dict(with_run_options(resumed["optimizerG"], optimizerG))
+    optimizerD.load_state_dict(with_run_options(resumed["optimizerD"], optimizerD))
     if scaler.is_enabled() and resumed["scaler"]:  # a run that changes precision starts a fresh scaler
         scaler.load_state_dict(resumed["scaler"])
     rng = resumed["rng"]
     torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if device.type == "cuda":
+        cuda_state = training_device_rng(rng.get("cuda"), device)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
     if "noise" in rng and rng["noise"].numel() == noise.get_state().numel():
         noise.set_state(rng["noise"])
     else:  # a version 1 checkpoint, or one from another device type: a fresh stream, seeded by the step
         noise.manual_seed(int(np.random.SeedSequence([resumed["config"]["seed"], 2, resumed["step"]])
                               .generate_state(1)[0]))
+
+
+RUN_OPTIMIZER_OPTIONS = ("capturable", "fused")  # how this run steps, not what it learnt: never taken from a checkpoint
+
+
+def with_run_options(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A copy of a saved optimizer state whose param groups carry this run's capturable and fused.
+
+    load_state_dict restores the saved groups' options, so a checkpoint written without --cuda-graphs would
+    come back with capturable False and fail at capture. Given this run's options, torch's own load also puts
+    each `step` where they need it (on the parameter's device when capturable or fused)."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        return saved  # torch's load refuses it and says why
+    groups = [{**group, **{k: current[k] for k in RUN_OPTIMIZER_OPTIONS if k in current}}
+              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
+def training_device_rng(saved, device: torch.device) -> Optional[torch.Tensor]:
+    """The saved CUDA RNG state of the training device, or None when the checkpoint has none for it.
+
+    Checkpoints hold that one state; older ones hold a list, one state per GPU visible when they were written,
+    of which the entry at the training device's index is taken (none when that machine had fewer GPUs)."""
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def set_aside_later_results(run: Path, step: int) -> tuple[int, int]:

@@ -293,3 +293,150 @@ def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_pat
     torch.save({**old, "version": 1}, tmp_path / "v1.pt")
     assert main(["train", "--resume", str(tmp_path / "v1.pt"), "--epochs", "2", "--out", str(tmp_path / "on")]) == 0
     assert load(tmp_path / "on" / "checkpoints" / "last.pt")["step"] == 6
+
+
+# ---- what a checkpoint restores into this run's objects ------------------------------------------------------
+
+def run_objects(capturable: bool, lr: float = 2e-4, device=torch.device("cpu")):
+    """The objects train() saves and restores, built as the loop builds them (on the CPU: none needs a GPU)."""
+    from fastgan.config import Config
+    from fastgan.loop import build_models, build_optimizers, make_fixed_noise
+    from fastgan.state import noise_generator
+    cfg = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=4, lr=lr, device="cpu")
+    torch.manual_seed(cfg.seed)
+    netG, netD = build_models(cfg, torch.device("cpu"))
+    optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=capturable)
+    return dict(cfg=cfg, netG=netG, netD=netD, optimizerG=optimizerG, optimizerD=optimizerD,
+                scaler=torch.amp.GradScaler("cpu", enabled=False), noise=noise_generator(cfg.seed, torch.device("cpu")),
+                fixed_noise=make_fixed_noise(cfg), device=device)
+
+
+def take_a_step(run: dict) -> None:
+    from fastgan.step import train_step
+    from contextlib import nullcontext
+    train_step(run["netG"], run["netD"], run["optimizerG"], run["optimizerD"], torch.rand(4, 3, 16, 16) * 2 - 1,
+               torch.randn(4, 8, 1, 1), nullcontext(), run["scaler"])
+
+
+def save_payload(run: dict) -> dict:
+    from fastgan import state
+    return state.payload(run["cfg"], state.Position(0, 1, 1), run["netG"], run["netD"], run["optimizerG"],
+                         run["optimizerD"], run["scaler"], run["noise"], run["fixed_noise"], torch.zeros(1, 2),
+                         run["device"], images=24)
+
+
+def restore_into(run: dict, saved: dict) -> None:
+    from fastgan import state
+    state.restore(saved, run["netG"], run["netD"], run["optimizerG"], run["optimizerD"], run["scaler"],
+                  run["noise"], run["device"])
+
+
+@pytest.mark.parametrize("saved_capturable", [False, True])
+def test_restored_optimizers_step_as_this_run_asks_not_as_the_checkpoint_was_written(saved_capturable):
+    """--cuda-graphs needs capturable Adam: resuming a checkpoint written without it (or the reverse) must give
+    optimizers with this run's capturable and fused, and everything else (lr, betas, moments) from the file."""
+    before = run_objects(capturable=saved_capturable)
+    take_a_step(before)
+    saved = save_payload(before)
+    written = [dict(g) for g in saved["optimizerG"]["param_groups"]]
+    after = run_objects(capturable=not saved_capturable, lr=1e-3)  # a different lr: the checkpoint's must win
+    restore_into(after, saved)
+    for name in ("optimizerG", "optimizerD"):
+        group = after[name].param_groups[0]
+        assert group["capturable"] is (not saved_capturable) and group["fused"] is True
+        assert group["lr"] == 2e-4 and group["betas"] == (0.5, 0.999)
+        for p_after, p_before in zip(group["params"], before[name].param_groups[0]["params"]):
+            s_after, s_before = after[name].state[p_after], before[name].state[p_before]
+            assert s_after["step"].item() == 1 and s_after["step"].device == p_after.device
+            assert torch.equal(s_after["exp_avg"], s_before["exp_avg"])
+            assert torch.equal(s_after["exp_avg_sq"], s_before["exp_avg_sq"])
+    assert saved["optimizerG"]["param_groups"] == written  # the checkpoint itself is left as it was written
+
+
+class FakeCudaRng:
+    """torch.cuda's RNG state functions on a machine with `gpus` GPUs, each state a distinct tensor."""
+    def __init__(self, monkeypatch, gpus: int):
+        self.states = [torch.full((8,), i, dtype=torch.uint8) for i in range(gpus)]
+        self.set_calls = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(self.states))
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_all)
+
+    def index(self, device) -> int:
+        index = torch.device(device).index
+        if index is None or index >= len(self.states):
+            raise RuntimeError(f"no GPU {device} on this machine")  # as CUDA's invalid device ordinal
+        return index
+
+    def get(self, device="cuda"):
+        return self.states[self.index(device)].clone()
+
+    def set(self, new_state, device="cuda"):
+        self.states[self.index(device)] = new_state.clone()
+        self.set_calls.append(self.index(device))
+
+    def set_all(self, new_states):
+        for i, s in enumerate(new_states):
+            self.set(s, torch.device("cuda", i))
+
+
+def test_a_checkpoint_holds_the_training_gpus_rng_state_only(monkeypatch):
+    rng = FakeCudaRng(monkeypatch, gpus=4)
+    saved = save_payload(run_objects(capturable=False, device=torch.device("cuda", 2)))
+    assert isinstance(saved["rng"]["cuda"], torch.Tensor) and torch.equal(saved["rng"]["cuda"], rng.states[2])
+    assert save_payload(run_objects(capturable=False))["rng"]["cuda"] is None  # a CPU run has none
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_on_one(monkeypatch):
+    written = FakeCudaRng(monkeypatch, gpus=4)
+    old = save_payload(run_objects(capturable=False, device=torch.device("cuda", 0)))
+    old["rng"]["cuda"] = torch.cuda.get_rng_state_all()  # as checkpoints before this change held it: every GPU's
+    monkeypatch.undo()
+    rng = FakeCudaRng(monkeypatch, gpus=1)
+    restore_into(run_objects(capturable=False, device=torch.device("cuda", 0)), old)
+    assert rng.set_calls == [0] and torch.equal(rng.states[0], written.states[0])
+    # a new checkpoint holds one state and restores it on the training device
+    new = save_payload(run_objects(capturable=False, device=torch.device("cuda", 0)))
+    rng.states[0] = torch.zeros(8, dtype=torch.uint8)
+    restore_into(run_objects(capturable=False, device=torch.device("cuda", 0)), new)
+    assert torch.equal(rng.states[0], written.states[0])
+
+
+def test_an_old_checkpoint_without_the_training_gpus_state_leaves_the_cuda_rng_alone(monkeypatch):
+    FakeCudaRng(monkeypatch, gpus=1)
+    old = save_payload(run_objects(capturable=False, device=torch.device("cuda", 0)))
+    old["rng"]["cuda"] = torch.cuda.get_rng_state_all()  # written by one GPU, resumed on GPU 3 of another machine
+    rng = FakeCudaRng(monkeypatch, gpus=4)
+    restore_into(run_objects(capturable=False, device=torch.device("cuda", 3)), old)
+    assert rng.set_calls == []
+    old["rng"]["cuda"] = []  # a CPU run's checkpoint before this change
+    restore_into(run_objects(capturable=False, device=torch.device("cuda", 0)), old)
+    assert rng.set_calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_rng_state_survives_a_checkpoint_on_the_gpu():
+    from fastgan import checkpoint
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    saved = save_payload(run_objects(capturable=False, device=cuda))
+    assert saved["rng"]["cuda"].device.type == "cpu"  # a plain byte tensor, loadable with weights_only=True
+    expected = torch.randn(16, device=cuda)
+    torch.randn(16, device=cuda)  # the RNG moves on, as training does
+    restore_into(run_objects(capturable=False, device=cuda), saved)
+    assert torch.equal(torch.randn(16, device=cuda), expected)
+    # a checkpoint written on a machine with more GPUs than this one: its states beyond this machine are ignored
+    saved["rng"]["cuda"] = [saved["rng"]["cuda"]] * (torch.cuda.device_count() + 3)
+    restore_into(run_objects(capturable=False, device=cuda), saved)
+    assert torch.equal(torch.randn(16, device=cuda), expected)
+    assert checkpoint.is_fastgan_checkpoint(saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_resume_a_checkpoint_written_without_them(image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 1, "--device", "cuda") == 0
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2", "--cuda-graphs", "--quiet"]) == 0
+    assert load(run / "checkpoints" / "last.pt")["step"] == 2 * STEPS_PER_EPOCH
