@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +7,19 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before the skipif markers: their "needs a CUDA GPU" must not skip quietly
+def pytest_runtest_setup(item):
+    """Tests marked `gpu` skip without a CUDA GPU, unless FASTGAN_REQUIRE_GPU=1 (as bench/gpu_check.py sets),
+    where a missing GPU fails them: a check on a GPU machine must not pass by skipping. Skips for other
+    reasons (two GPUs, DALI) stay skips; FASTGAN_REQUIRE_DALI governs DALI."""
+    if item.get_closest_marker("gpu") is None or torch.cuda.is_available():
+        return
+    if os.environ.get("FASTGAN_REQUIRE_GPU") == "1":
+        pytest.fail("FASTGAN_REQUIRE_GPU=1 but torch sees no CUDA GPU (torch.cuda.is_available() is False)",
+                    pytrace=False)
+    pytest.skip("needs a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)
