@@ -98,8 +98,8 @@ def add_train_parser(sub) -> None:
                        help="capture the whole D+G step in one CUDA graph and replay it (CUDA only)")
     many = p.add_argument_group("torchrun (many GPUs or machines: torchrun --nproc_per_node N -m fastgan train ...)")
     many.add_argument("--sync-bn", action="store_true", default=None,
-                      help="SyncBatchNorm: BatchNorm statistics over the whole global batch instead of each "
-                           "process's share (CUDA only). --batch-size is the total over all processes")
+                      help="sync BatchNorm: BatchNorm statistics over the whole global batch instead of each "
+                           "process's share (CUDA and CPU). --batch-size is the total over all processes")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
     run.add_argument("--resume", metavar="PATH|auto",

@@ -46,7 +46,7 @@ class Config:
     compile: bool = False             # torch.compile both networks
     cuda_graphs: bool = False         # capture the whole D+G step in one CUDA graph (CUDA only)
     # torchrun
-    sync_bn: bool = False             # SyncBatchNorm: BatchNorm statistics over the global batch (CUDA only)
+    sync_bn: bool = False             # sync BatchNorm (fastgan.syncbn): statistics over the global batch
     # reporting
     out: Optional[str] = None         # run folder; None: runs/<timestamp>
     log_every: int = 50               # iterations between statistics reads (each one is a host sync)
