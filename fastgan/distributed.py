@@ -11,7 +11,8 @@ the gradients, so a step with N ranks uses the same number of images as a step o
 tutorial's learning rate keeps its meaning. The ranks' batches side by side are the single process's batches
 (pipeline_torch.rank_order) and each rank draws its slice of the single process's noise, so the only
 difference from one device is BatchNorm: each rank normalises with its own batch's statistics and keeps its own
-running statistics (checkpoints store rank 0's), unless --sync-bn makes BatchNorm use the whole global batch.
+running statistics (checkpoints store rank 0's), unless --sync-bn makes BatchNorm use the whole global batch
+(fastgan.syncbn: on CUDA and on the CPU, without a host sync).
 
 Rank 0 writes everything (samples, metrics, checkpoints); every rank reads the checkpoint it resumes from, so
 with several machines the run folder must be on a shared file system to resume.
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import syncbn
 from .errors import FastganError
 
 # Generous: rank 0 may index a large image folder (minutes for CelebA, once) while the others wait for it
@@ -135,8 +137,6 @@ def start(device_choice: str, batch_size: int, cuda_graphs: bool, sync_bn: bool)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if sync_bn and device.type != "cuda":
-        raise FastganError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
     # the votes (stop requests, failures) go over gloo on the host, so that they never wait for the GPU
@@ -160,9 +160,8 @@ def wrap(netG: torch.nn.Module, netD: torch.nn.Module, ranks: Ranks, device: tor
     """
     if not ranks.launched:
         return netG, netD, netD
-    if sync_bn:
-        netG = torch.nn.SyncBatchNorm.convert_sync_batchnorm(netG)
-        netD = torch.nn.SyncBatchNorm.convert_sync_batchnorm(netD)
+    if sync_bn:  # in place: the optimizers, samples and checkpoints keep using these same modules
+        netG, netD = syncbn.convert(netG), syncbn.convert(netD)
     ids = [device.index] if device.type == "cuda" else None
     # torch 2.14 renames broadcast_buffers to forward_sync_buffers (the sync at construction is harmless here:
     # every rank starts from the same weights and buffers)
@@ -177,3 +176,14 @@ def is_lost_peer(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
         s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
+def loader_threads() -> int:
+    """Loader threads or worker processes for one training process: its share of this machine's cores, less one
+    for the thread that launches the kernels (torchrun starts LOCAL_WORLD_SIZE processes per machine)."""
+    from .files import default_workers
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(1, default_workers() // local_processes - 1)

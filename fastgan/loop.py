@@ -10,11 +10,9 @@ are read once per log interval (the only host sync in the loop besides samples a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,15 +23,16 @@ from rich.progress import Progress
 from . import checkpoint, distributed, state
 from .config import Config
 from .errors import FastganError
-from .files import FileIndex, default_workers, index_images, write_skipped
-from .models import Discriminator, Generator, init_weights
+from .files import FileIndex, index_images, write_skipped
+from .interrupt import StopRequests
+from .interval import IntervalStats, last_good_checkpoint
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
 from .plot import plot_losses
-from .interrupt import StopRequests
 from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, prepare_run_folder,
                      save_animation, save_image_atomic, write_json)
 from .state import find_resume_checkpoint, load_resume, refuse_overwriting_later_epochs
-from .step import STAT_NAMES, train_step
+from .step import STAT_NAMES
+from .trainer import Precision, build_models, build_optimizers, build_trainer, resolve_precision  # noqa: F401
 
 FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
 
@@ -50,26 +49,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class Precision:
-    name: str           # fp32 | fp16 | bf16
-    autocast: object    # a context manager: nullcontext() for fp32
-    scaler: torch.amp.GradScaler  # disabled unless fp16
-
-
-def resolve_precision(amp: str, device: torch.device, cuda_graphs: bool = False) -> Precision:
-    """--amp: off -> fp32; auto -> fp16 + GradScaler on CUDA, bf16 on the CPU (where fp16 autocast is poor)."""
-    name = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(amp) or ("fp16" if device.type == "cuda" else "bf16")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise FastganError("--amp bf16 asked for, but this GPU does not support bfloat16; use --amp fp16")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
-    # CUDA graphs need autocast's cast cache off: cached casts would outlive the captured region
-    autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graphs) if dtype else nullcontext()
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-    return Precision(name, autocast, scaler)
-
-
 def cpu_has_native_bf16() -> Optional[bool]:
     """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent.
 
@@ -79,24 +58,6 @@ def cpu_has_native_bf16() -> Optional[bool]:
     except OSError:
         return None
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discriminator]:
-    """G and D with the DCGAN init, drawn on the CPU from torch's global RNG so they match on every device."""
-    netG = Generator(cfg.nz, cfg.ngf, cfg.nc, cfg.image_size)
-    netG.apply(init_weights)
-    netD = Discriminator(cfg.ndf, cfg.nc, cfg.image_size)
-    netD.apply(init_weights)
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    return netG.to(device, memory_format=memory_format), netD.to(device, memory_format=memory_format)
-
-
-def build_optimizers(cfg: Config, netG, netD, capturable: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam(lr, (beta1, 0.999)) for each network, fused: one kernel for all of a network's weights instead of
-    several per tensor (tested against the tutorial's default Adam). capturable keeps its step count on the
-    device, which a CUDA graph needs."""
-    options = dict(lr=cfg.lr, betas=(cfg.beta1, 0.999), fused=True, capturable=capturable)
-    return torch.optim.Adam(netG.parameters(), **options), torch.optim.Adam(netD.parameters(), **options)
 
 
 def make_fixed_noise(cfg: Config) -> torch.Tensor:
@@ -156,18 +117,19 @@ def build_loader(cfg: Config, paths, device: torch.device, precision: Precision,
                  ranks: distributed.Ranks):
     """The loader the run asked for, over this rank's shard; the loop only sees the shared contract (len,
     set_epoch, iter)."""
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    share = distributed.loader_threads()
+    workers = share if cfg.workers is None else cfg.workers
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
     shard = dict(rank=ranks.rank, world_size=ranks.world_size)
     if loader == "torch":
         return TorchLoader(paths, cfg.image_size, cfg.nc, batch_size, device,
                            channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
-            f"loader torch ({workers} workers)"
+            f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
     from .pipeline_dali import DaliLoader
     # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
     # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
     half = device.type == "cuda" and precision.name in ("fp16", "bf16")
-    threads = cfg.dali_threads or default_workers()
+    threads = cfg.dali_threads or share
     dali = DaliLoader(paths, cfg.image_size, cfg.nc, batch_size, device, channels_last=cfg.channels_last,
                       seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
                       dtype=torch.float16 if half else torch.float32, **shard)
@@ -197,9 +159,10 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
     if loader_name == "prepared":
         from .prepared import PreparedLoader, load_pixels
         pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc)
+        # batches in the dtype the networks compute in: autocast then has nothing to cast
         loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
                                 channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,
-                                rank=ranks.rank, world_size=ranks.world_size)
+                                rank=ranks.rank, world_size=ranks.world_size, dtype=precision.dtype)
         return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
                     f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
                     loader.preview, len(pixels))
@@ -218,9 +181,6 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
 
 # ---------------------------------------------------------------------------------------------------------
 # the run
-
-NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each skipped by the scaler) tolerated
-
 
 class TrainingStopped(FastganError):
     """A stop asked for by SIGINT/SIGTERM, after its checkpoint was written: exit status 128 + signal."""
@@ -275,96 +235,41 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                   f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
                   f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'} -> {run}")
 
-    torch.manual_seed(cfg.seed)
-    netG, netD = build_models(cfg, device)
-    optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
-    scaler = precision.scaler
-    noise_source = state.noise_generator(cfg.seed, device)
+    trainer = build_trainer(cfg, device, precision, ranks, loader)
+    netG, netD, optimizerG, optimizerD = trainer.netG, trainer.netD, trainer.optimizerG, trainer.optimizerD
     loss_history, fixed_noise = torch.zeros(0, 2), make_fixed_noise(cfg)
     if resumed:
-        state.restore(resumed, netG, netD, optimizerG, optimizerD, scaler, noise_source, device)
+        state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise, device)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
         if position.iteration and resumed.get("images", data.count) != data.count:
             console.print(f"fastgan: note: the data now holds {data.count:,} images, {resumed['images']:,} when the "
                           "checkpoint was written, so the rest of this epoch follows a different order")
     fixed_noise = fixed_noise.to(device)
-
-    # The step runs the (possibly DDP-wrapped, compiled) modules, possibly captured in a CUDA graph; samples and
-    # checkpoints use the plain modules
-    stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
-    if cfg.compile:
-        compile_once = functools.cache(torch.compile)  # without torchrun, D for G's update is D: one compile
-        stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
-    step_fn = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
-                                scaler=scaler, netD_for_G=stepD_for_G)
-    if cfg.cuda_graphs:
-        from .graphs import GraphedStep
-        step_fn = GraphedStep(step_fn, (netG, netD), (optimizerG, optimizerD), scaler)
     if ranks.is_main and not (run / "samples" / "real.png").exists():  # the tutorial's "Training Images"
         save_image_atomic(image_grid(data.preview(FIXED_NOISE_SIZE), nrow=8), run / "samples" / "real.png")
 
     steps_per_epoch = len(loader)
-    history = torch.zeros(cfg.log_every, len(STAT_NAMES), device=device)  # per-step stats, read per interval
-    losses = [loss_history]
-    metrics = MetricsLog(run / "metrics.jsonl") if ranks.is_main else None
-    in_interval, interval_start, nonfinite_streak = 0, time.perf_counter(), 0
-    run_start, images_seen = time.perf_counter(), 0
-    first_rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)  # this rank's noise rows
-
-    def read_interval(epoch: int, i: int) -> None:
-        """Statistics since the last read: the loss history, metrics, the log line and the non-finite check."""
-        nonlocal in_interval, interval_start, nonfinite_streak
-        values = history[:in_interval].cpu()  # note: the host sync of this interval
-        now = time.perf_counter()
-        first_step = step - in_interval + 1
-        losses.append(values[:, :2].clone())
-        problem = None
-        for k, finite in enumerate(torch.isfinite(values[:, :2]).all(1).tolist()):
-            nonfinite_streak = 0 if finite else nonfinite_streak + 1
-            if not finite and (precision.name != "fp16" or nonfinite_streak >= NONFINITE_PATIENCE):
-                bad = dict(zip(("Loss_D", "Loss_G"), values[k, :2].tolist()))
-                problem = (f"the losses became non-finite at iteration {first_step + k} ("
-                           + ", ".join(f"{name} {v:.4f}" for name, v in bad.items()) + ")"
-                           + (f" for {nonfinite_streak} steps in a row, each skipped by the GradScaler"
-                              if precision.name == "fp16" else ""))
-                break
-        if ranks.vote(problem is not None):
-            advice = " Lower --lr." if precision.name == "fp16" else (
-                " Lower --lr, or try --amp fp16 (its GradScaler skips steps that overflow).")
-            raise FastganError(f"{problem or 'another rank saw non-finite losses'}; training stopped. "
-                               + last_good_checkpoint(run) + advice)
-        stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
-        per_rank = in_interval * batch_size / max(now - interval_start, 1e-9)
-        images_per_second = per_rank * ranks.world_size  # rank 0's pace, for all ranks: they run in step
-        if metrics:
-            metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
-                           "images_per_second": round(images_per_second, 1),
-                           **({"images_per_second_per_rank": round(per_rank, 1)} if ranks.launched else {}),
-                           **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
-                           "time": round(now - run_start, 3)})
-        progress.log(f"[{epoch + 1}/{cfg.epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
-                     f"{images_per_second:,.0f} img/s", stats, images_per_second)
-        in_interval, interval_start = 0, now
+    stats = IntervalStats(cfg.log_every, device, precision.name, trainer.scaler, ranks, batch_size,
+                          MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history)
+    images_seen = 0
 
     def save_samples(tag: str) -> None:
         if ranks.is_main:
             grid = image_grid(sample(netG, fixed_noise), nrow=8)
             save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
 
-    def save_checkpoint(at: state.Position, epoch: int, i: int) -> None:
+    def save_checkpoint(at: state.Position, epoch: int, i: int) -> tuple[Optional[Path], state.Position]:
         """Flush the statistics (the loss history must reach `at`), refuse non-finite weights, write (rank 0)."""
-        nonlocal loss_history, losses, saved
-        if in_interval:
-            read_interval(epoch, i)
-        loss_history = torch.cat(losses)
-        losses = [loss_history]
+        if stats.pending:
+            stats.read(epoch, i, at.step, progress, cfg.epochs, steps_per_epoch)
         if ranks.vote(not state.all_finite(netG, netD, optimizerG, optimizerD)):
             raise FastganError(f"the weights are no longer finite at iteration {at.step}; not saving them. "
                                + last_good_checkpoint(run) + " Lower --lr.")
-        path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, scaler, noise_source,
-                                             fixed_noise, loss_history, device, data.count)) if ranks.is_main else None
-        saved = (path, at)
+        path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
+                                             trainer.noise, fixed_noise, stats.loss_history(), device, data.count)
+                          ) if ranks.is_main else None
+        return path, at
 
     step = position.step
     if step == 0:
@@ -378,29 +283,30 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                 start = position.iteration if epoch == position.epoch else 0
                 loader.set_epoch(epoch, start)
                 progress.epoch(epoch, cfg.epochs)
-                for i, real in enumerate(loader, start):
-                    # every rank draws the whole batch's noise and takes its rows: the single process's noise
-                    noise = torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_source)
-                    history[in_interval] = step_fn(real, noise[first_rows])
-                    in_interval += 1
+                for i, batch in enumerate(loader, start):
+                    stats.add(trainer(batch))
                     step += 1
                     images_seen += batch_size
                     progress.advance()
-                    if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                        read_interval(epoch, i)
+                    interval_end = (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch
+                    if interval_end:
+                        stats.read(epoch, i, step, progress, cfg.epochs, steps_per_epoch)
                     if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
                         save_samples(f"step{step:07d}")
-                    stop = ranks.vote(stops.requested)  # all ranks stop after the same step
+                    # all ranks stop after the same step; under torchrun they agree at interval ends only (a host
+                    # all-reduce), so a stop lands within --log-every steps
+                    if interval_end or not ranks.launched:
+                        stop = ranks.vote(stops.requested)
                     mid_epoch = i + 1 < steps_per_epoch  # (the epoch's end has its own checkpoint below)
                     if mid_epoch and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
-                        save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
+                        saved = save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
                     if stop:
                         break
                 if stop and mid_epoch:
                     break
                 save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
                 progress.epoch_end()
-                save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
+                saved = save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
                 if stop:
                     break
     except KeyboardInterrupt:
@@ -410,8 +316,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
             if last and last.exists() else "no checkpoint had been written yet"))
         raise
     finally:
-        if metrics:
-            metrics.close()
+        if stats.metrics:
+            stats.metrics.close()
     if stop and saved[1].epoch < cfg.epochs:  # (a stop asked for during the very last step changes nothing)
         path, at = saved
         # a rank can be outvoted into stopping before its own copy of the signal arrives
@@ -419,10 +325,10 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         raise TrainingStopped(f"stopped by {why} at iteration {step} ({at.describe(steps_per_epoch)})"
                               + (f"; checkpoint {path}. Continue with: {resume_command(cfg, run, ranks)}"
                                  if path else ""), stops.signum or signal.SIGTERM)
-    elapsed = time.perf_counter() - run_start
+    elapsed = time.perf_counter() - stats.run_start
 
     if ranks.is_main:
-        finish(run, netG, loss_history)
+        finish(run, netG, stats.loss_history())
     console.print(f"fastgan: trained {images_seen * ranks.world_size:,} images in {format_seconds(elapsed)}: "
                   f"{images_seen * ranks.world_size / max(elapsed, 1e-9):,.0f} images/s"
                   + (f" ({images_seen / max(elapsed, 1e-9):,.0f} per rank)" if ranks.launched else "")
@@ -454,12 +360,6 @@ def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[
     return run
 
 
-def last_good_checkpoint(run: Optional[Path]) -> str:
-    last = run / "checkpoints" / "last.pt" if run else None
-    return (f"The last good checkpoint is {last}." if last and last.exists()
-            else "No checkpoint had been written yet.")
-
-
 def resume_command(cfg: Config, run: Path, ranks: distributed.Ranks) -> str:
     launcher = "the same torchrun command with" if ranks.launched else "fastgan train"
     return f"{launcher} --out {run} --resume auto"
@@ -476,22 +376,19 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
 
 
 def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:
-    """Print the resolved config and run two steps on a tiny batch from the chosen loader; write nothing."""
-    batch = min(cfg.batch_size, 4)
-    data = open_data(dataclasses.replace(cfg, batch_size=batch, workers=0), device, precision, loader_name, decoder)
+    """Print the resolved config and run two steps on a tiny batch from the chosen loader, built as the run
+    would build them; write nothing."""
+    cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), workers=0)
+    data = open_data(cfg, device, precision, loader_name, decoder)
     console.print(json.dumps({**cfg.to_dict(), "resolved": {
         "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,
         "skipped": len(data.bad)}}, indent=2))
-    torch.manual_seed(cfg.seed)
-    netG, netD = build_models(cfg, device)
-    optimizerG, optimizerD = build_optimizers(cfg, netG, netD)
-    stepG, stepD = (torch.compile(netG), torch.compile(netD)) if cfg.compile else (netG, netD)
-    real = next(iter(data.loader))
-    for _ in range(2):
-        noise = torch.randn(batch, cfg.nz, 1, 1, device=device)
-        stats = train_step(stepG, stepD, optimizerG, optimizerD, real, noise, precision.autocast,
-                           precision.scaler)
-    console.print(f"dry run: 2 steps on {batch} images OK; {format_stats(dict(zip(STAT_NAMES, stats.tolist())))}")
+    trainer = build_trainer(cfg, device, precision, loader=data.loader)
+    for epoch in range(2):  # the first batch of two epochs: one batch is enough data for any loader
+        data.loader.set_epoch(epoch)
+        stats = trainer(next(iter(data.loader)))
+    console.print(f"dry run: 2 steps on {cfg.batch_size} images OK; "
+                  f"{format_stats(dict(zip(STAT_NAMES, stats.tolist())))}")
     return None
 
 

@@ -144,17 +144,32 @@ def load_pixels(path: str | os.PathLike, image_size: int, nc: int) -> tuple[torc
     return torch.from_numpy(pixels), manifest
 
 
-class PreparedLoader:
-    """Batches gathered from images held on `device`: one index gather and one conversion per batch.
+def to_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """A CPU tensor on `device`; through pinned memory on CUDA, so that the host does not wait for the GPU to catch
+    up (torch's pinned-memory cache keeps the staging buffer until its copy has run)."""
+    if tensor is None or device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
-    Each epoch follows `epoch_permutation(n, seed, epoch)`, the order of the other loaders, so the same seed
+
+class PreparedLoader:
+    """Batches gathered from images held on `device`: one index gather and one table look-up per batch.
+
+    Each epoch follows `rank_order(n, seed, epoch, ...)`, the order of the other loaders, so the same seed
     trains on the same batches whichever loader decoded them; `mirror` flips a random half of each epoch's
-    images horizontally (from the same seed)."""
+    images horizontally (from the same seed). Batches come in `dtype`, the model's input dtype (bfloat16 or
+    float16 under AMP): each pixel value's [-1, 1] value is looked up in a 256-entry table computed in float32
+    and rounded once, so a half batch is exactly the float32 batch that autocast would have cast.
+
+    Under --cuda-graphs the gather itself runs inside the graph: `in_graph()` gives the capturable function
+    that gathers the next batch at a position kept on the device, and iterating the loader then yields
+    placeholders (None), one per step; set_epoch writes the epoch's order into a device buffer."""
 
     name = "prepared"
 
     def __init__(self, pixels: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False,
-                 seed: int = 0, mirror: bool = False, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, mirror: bool = False, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         # NHWC uint8 on the device: the whole of CelebA at 64x64 is 2.5 GB (every rank holds all of it, since
         # each epoch reshuffles the whole set across the ranks)
@@ -166,31 +181,79 @@ class PreparedLoader:
         self.steps = len(pixels) // (batch_size * world_size)
         if self.steps < 1:
             raise no_full_batch(len(pixels), "prepared images", batch_size, world_size)
+        # x / 127.5 - 1 is ToTensor's x / 255 followed by Normalize(0.5, 0.5); computed in float32, rounded once
+        self.values = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(self.device, dtype)
+        self.graph_feed = None  # the device-side order, flips and position, once in_graph() was asked for
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
         self.epoch, self.start = epoch, start
+        if self.graph_feed is not None:
+            self.graph_feed.load(*self.epoch_plan(), start)
 
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = rank_order(len(self.pixels), self.seed, self.epoch, self.batch_size, self.rank,
-                           self.world_size).to(self.device)
+    def epoch_plan(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(this rank's image indices for the epoch in step order, per-image flips or None), on the CPU."""
+        order = rank_order(len(self.pixels), self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
+        flips = None
         if self.mirror:
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 1])
                                                           .generate_state(1)[0]))
-            flips = (torch.rand(len(self.pixels), generator=generator) < 0.5).to(self.device)
+            flips = torch.rand(len(self.pixels), generator=generator) < 0.5
+        return order, flips
+
+    def gather(self, idx: torch.Tensor, flips: Optional[torch.Tensor]) -> torch.Tensor:
+        """The batch of images `idx` (device indices), NCHW in the model's dtype: device work only, no host sync."""
+        batch = self.values[self.pixels[idx].int()].permute(0, 3, 1, 2)  # NCHW view of NHWC: channels_last
+        if flips is not None:
+            batch = torch.where(flips[idx].view(-1, 1, 1, 1), batch.flip(3), batch)
+        return batch.contiguous(memory_format=self.memory_format)  # a no-op when already in that format
+
+    def __iter__(self) -> Iterator[Optional[torch.Tensor]]:
+        if self.graph_feed is not None:  # the graph gathers each batch itself
+            for _ in range(self.start, self.steps):
+                yield None
+            return
+        order, flips = (to_device(t, self.device) for t in self.epoch_plan())
         for i in range(self.start, self.steps):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            batch = self.pixels[idx].permute(0, 3, 1, 2)  # NCHW view of NHWC: channels_last memory
-            # x / 127.5 - 1 is ToTensor's x / 255 followed by Normalize(0.5, 0.5)
-            batch = batch.float().div_(127.5).sub_(1)
-            if self.mirror:
-                batch = torch.where(flips[idx].view(-1, 1, 1, 1), batch.flip(3), batch)
-            yield batch.contiguous(memory_format=self.memory_format)  # a no-op when already in that format
+            yield self.gather(order[i * self.batch_size:(i + 1) * self.batch_size], flips)
+
+    def in_graph(self) -> "GraphFeed":
+        """The capturable gather of the next batch, for a CUDA graph; from now on iterating yields None."""
+        if self.graph_feed is None:
+            self.graph_feed = GraphFeed(self)
+            self.graph_feed.load(*self.epoch_plan(), self.start)
+        return self.graph_feed
 
     def preview(self, count: int) -> torch.Tensor:
-        """The first `count` images of the first epoch, as batches carry them (for samples/real.png)."""
+        """The first `count` images of the first epoch, as float32 (for samples/real.png)."""
         order = epoch_permutation(len(self.pixels), self.seed, 0)[:count].to(self.device)
         return self.pixels[order].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+class GraphFeed:
+    """The device-side half of PreparedLoader under a CUDA graph: the epoch's order (and flips) in fixed device
+    buffers, and the position of the next batch as a device scalar that each call advances. Calling it gathers
+    the next batch with device work only, so it can be captured and replayed."""
+
+    def __init__(self, loader: PreparedLoader):
+        self.loader = loader
+        device = loader.device
+        self.order = torch.zeros(loader.steps * loader.batch_size, dtype=torch.int64, device=device)
+        self.flips = torch.zeros(len(loader.pixels), dtype=torch.bool, device=device) if loader.mirror else None
+        self.position = torch.zeros((), dtype=torch.int64, device=device)  # batches of the epoch done
+        self.offsets = torch.arange(loader.batch_size, device=device)
+
+    def load(self, order: torch.Tensor, flips: Optional[torch.Tensor], start: int) -> None:
+        """A new epoch's plan, from batch `start` on; queued on the current stream, behind the steps before it."""
+        for buffer, plan in ((self.order, order), (self.flips, flips)):
+            if buffer is not None:
+                buffer.copy_(to_device(plan, buffer.device))
+        self.position.fill_(start)
+
+    def __call__(self) -> torch.Tensor:
+        idx = self.order[self.position * self.loader.batch_size + self.offsets]
+        self.position.add_(1)
+        return self.loader.gather(idx, self.flips)

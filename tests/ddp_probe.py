@@ -10,12 +10,12 @@ import sys
 
 import torch
 
-import fastgan.loop
+import fastgan.trainer
 from fastgan.checkpoint import unwrap
 from fastgan.cli import main
 
 rank = int(os.environ.get("RANK", 0))
-real_step = fastgan.loop.train_step
+real_step = fastgan.trainer.train_step
 seen, modules = [], {}
 fail_rank, fail_step = map(int, os.environ.get("PROBE_FAIL", "-1:-1").split(":"))
 
@@ -28,7 +28,7 @@ def step(netG, netD, optimizerG, optimizerD, real, noise, *args, **kwargs):
     return real_step(netG, netD, optimizerG, optimizerD, real, noise, *args, **kwargs)
 
 
-fastgan.loop.train_step = step
+fastgan.trainer.train_step = step
 code = main(sys.argv[1:])
 if "PROBE_DIR" in os.environ and modules:
     torch.save({"batches": seen, **{k: unwrap(m).state_dict() for k, m in modules.items()}},

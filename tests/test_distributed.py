@@ -57,9 +57,9 @@ def test_two_ranks_read_disjoint_shards_that_make_up_the_single_process_batches(
         a, b = ranks[0]["batches"][step], ranks[1]["batches"][step]
         assert not any(torch.equal(x, y) for x in a for y in b)  # disjoint
     # side by side, the ranks' batches are those of one process with the whole batch of 8
-    import fastgan.loop
-    seen, real_step = [], fastgan.loop.train_step
-    monkeypatch.setattr(fastgan.loop, "train_step", lambda *a, **k: (seen.append(a[4].clone()), real_step(*a, **k))[1])
+    import fastgan.trainer
+    seen, real_step = [], fastgan.trainer.train_step
+    monkeypatch.setattr(fastgan.trainer, "train_step", lambda *a, **k: (seen.append(a[4].clone()), real_step(*a, **k))[1])
     assert main(["train", *TINY, "--root", str(tmp / "data"), "--out", str(tmp / "single"), "--epochs", "2"]) == 0
     for step in range(6):
         torch.testing.assert_close(torch.cat([ranks[0]["batches"][step], ranks[1]["batches"][step]]), seen[step],
@@ -164,8 +164,6 @@ def test_sync_bn_and_cuda_graphs_say_what_they_need(monkeypatch, capsys, image_f
     assert "--sync-bn synchronises BatchNorm across torchrun's processes" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", *TINY, "--root", str(image_folder), "--sync-bn"]) == 2
-    assert "--sync-bn needs CUDA" in capsys.readouterr().err
     assert main(["train", *TINY, "--root", str(image_folder), "--cuda-graphs"]) == 2
     assert "--cuda-graphs is not supported under torchrun" in capsys.readouterr().err
 
@@ -190,7 +188,7 @@ def ddp_worker(rank: int, backend: str, port: int, results) -> None:
         torch.manual_seed(0)
         netG = Generator(8, 4, 3, 16).apply(init_weights).to(device)
         netD = Discriminator(4, 3, 16).apply(init_weights).to(device)
-        optimizerG, optimizerD = build_optimizers(Config(), netG, netD)
+        optimizerG, optimizerD = build_optimizers(Config(device=device.type), netG, netD)
         ranks = distributed.Ranks(rank, 2, rank, launched=True)
         stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, sync_bn=False)
         generator = torch.Generator().manual_seed(rank)  # each rank its own data

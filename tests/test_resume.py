@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-import fastgan.loop
+import fastgan.interval
+import fastgan.trainer
 from fastgan.cli import main
 
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
-        "--quiet", "--log-every", "2", "--sample-every", "2"]
+        "--quiet", "--log-every", "2", "--sample-every", "2", "--device", "cpu"]
 STEPS_PER_EPOCH = 3  # 24 images, batch 8
 
 
@@ -27,14 +28,14 @@ def train(*args):
 
 def on_call(monkeypatch, calls: dict):
     """Replace the loop's step with one that runs `calls[n](args)` before its n-th call (1-based)."""
-    real_step, count = fastgan.loop.train_step, [0]
+    real_step, count = fastgan.trainer.train_step, [0]
 
     def step(*args, **kwargs):
         count[0] += 1
         if count[0] in calls:
             calls[count[0]](args)
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(fastgan.loop, "train_step", step)
+    monkeypatch.setattr(fastgan.trainer, "train_step", step)
 
 
 def load(path):
@@ -154,7 +155,7 @@ def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(image_folder,
 def test_sigint_to_the_whole_process_group_with_loader_workers(image_folder, tmp_path):
     """As a terminal's Ctrl-C does it: the signal reaches the DataLoader workers too."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "fastgan", "train", *TINY[:10], "--workers", "1", "--quiet",
+    command = [sys.executable, "-m", "fastgan", "train", *TINY[:10], "--device", "cpu", "--workers", "1", "--quiet",
                "--log-every", "1", "--sample-every", "1000", "--root", str(image_folder), "--out", str(run),
                "--epochs", "1000"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -229,7 +230,7 @@ def nan_batch(args):
 @pytest.mark.parametrize("persistent", [False, True])
 def test_fp16_skips_non_finite_steps_and_stops_when_they_persist(image_folder, tmp_path, monkeypatch, capfd,
                                                                 persistent):
-    monkeypatch.setattr(fastgan.loop, "NONFINITE_PATIENCE", 3)
+    monkeypatch.setattr(fastgan.interval, "NONFINITE_PATIENCE", 3)
     run = tmp_path / "run"
     on_call(monkeypatch, {n: nan_batch for n in ([2] if not persistent else range(2, 100))})
     code = train("--root", image_folder, "--out", run, "--epochs", 3, "--amp", "fp16", "--log-every", 1)

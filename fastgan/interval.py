@@ -1,0 +1,88 @@
+"""The statistics of a log interval: kept on the device step by step, read once per interval.
+
+Each step's statistics (Loss_D, Loss_G, D(x), D(G(z)) before and after D's update) are copied into a device
+history without a host sync; `read` moves the interval to the host once (the loop's only regular host sync),
+extends the loss history, checks the losses are finite, writes the metrics record and the log line.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .distributed import Ranks
+from .errors import FastganError
+from .report import MetricsLog, format_stats
+from .step import STAT_NAMES
+
+NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each skipped by the scaler) tolerated
+
+
+class IntervalStats:
+    def __init__(self, log_every: int, device: torch.device, precision: str, scaler, ranks: Ranks,
+                 batch_size: int, metrics: Optional[MetricsLog], run: Optional[Path], loss_history: torch.Tensor):
+        self.history = torch.zeros(log_every, len(STAT_NAMES), device=device)
+        self.precision, self.scaler, self.ranks, self.batch_size = precision, scaler, ranks, batch_size
+        self.metrics, self.run = metrics, run
+        self.losses = [loss_history]  # (steps, 2): Loss_D and Loss_G of every step so far, in host pieces
+        self.pending = 0  # steps recorded since the last read
+        self.nonfinite_streak = 0
+        self.run_start = self.interval_start = time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        """One step's statistics (a device tensor): a device copy, no host sync."""
+        self.history[self.pending] = stats
+        self.pending += 1
+
+    def loss_history(self) -> torch.Tensor:
+        """Loss_D and Loss_G of every step read so far, (steps, 2) on the CPU."""
+        if len(self.losses) > 1:
+            self.losses = [torch.cat(self.losses)]
+        return self.losses[0]
+
+    def read(self, epoch: int, i: int, step: int, progress, epochs: int, steps_per_epoch: int) -> None:
+        """Statistics since the last read, ending at iteration i of `epoch` (global `step`): the loss history, the
+        non-finite check (every rank stops together), the metrics record and the log line."""
+        values = self.history[:self.pending].cpu()  # note: the host sync of this interval
+        now = time.perf_counter()
+        first_step = step - self.pending + 1
+        self.losses.append(values[:, :2].clone())
+        problem = self.nonfinite(values, first_step)
+        if self.ranks.vote(problem is not None):
+            advice = " Lower --lr." if self.precision == "fp16" else (
+                " Lower --lr, or try --amp fp16 (its GradScaler skips steps that overflow).")
+            raise FastganError(f"{problem or 'another rank saw non-finite losses'}; training stopped. "
+                               + last_good_checkpoint(self.run) + advice)
+        stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
+        per_rank = self.pending * self.batch_size / max(now - self.interval_start, 1e-9)
+        images_per_second = per_rank * self.ranks.world_size  # rank 0's pace, for all ranks: they run in step
+        if self.metrics:
+            self.metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
+                                "images_per_second": round(images_per_second, 1),
+                                **({"images_per_second_per_rank": round(per_rank, 1)} if self.ranks.launched else {}),
+                                **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
+                                "time": round(now - self.run_start, 3)})
+        progress.log(f"[{epoch + 1}/{epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
+                     f"{images_per_second:,.0f} img/s", stats, images_per_second)
+        self.pending, self.interval_start = 0, now
+
+    def nonfinite(self, values: torch.Tensor, first_step: int) -> Optional[str]:
+        """What is wrong with the interval's losses, or None. fp32/bf16 stop at the first non-finite loss; fp16
+        lets the GradScaler skip such steps and stops after NONFINITE_PATIENCE in a row."""
+        for k, finite in enumerate(torch.isfinite(values[:, :2]).all(1).tolist()):
+            self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+            if not finite and (self.precision != "fp16" or self.nonfinite_streak >= NONFINITE_PATIENCE):
+                bad = dict(zip(("Loss_D", "Loss_G"), values[k, :2].tolist()))
+                return (f"the losses became non-finite at iteration {first_step + k} ("
+                        + ", ".join(f"{name} {v:.4f}" for name, v in bad.items()) + ")"
+                        + (f" for {self.nonfinite_streak} steps in a row, each skipped by the GradScaler"
+                           if self.precision == "fp16" else ""))
+        return None
+
+
+def last_good_checkpoint(run: Optional[Path]) -> str:
+    last = run / "checkpoints" / "last.pt" if run else None
+    return (f"The last good checkpoint is {last}." if last and last.exists()
+            else "No checkpoint had been written yet.")

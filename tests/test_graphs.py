@@ -1,0 +1,188 @@
+"""--cuda-graphs and the prepared loader's in-graph gather: what can be shown on the CPU, and GPU tests that
+compare the graphed step with the eager one through the same builder `fastgan train` uses."""
+import dataclasses
+
+import pytest
+import torch
+
+from fastgan.config import Config
+from fastgan.errors import FastganError
+from fastgan.graphs import GraphedStep
+from fastgan.prepared import PreparedLoader
+from fastgan.trainer import build_trainer, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def pixels(n=40, size=8, seed=0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the in-graph gather, on the CPU ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(), dict(mirror=True), dict(rank=1, world_size=2), dict(channels_last=True)])
+def test_the_in_graph_feed_gathers_the_batches_iteration_gives(options):
+    data = pixels()
+    plain = PreparedLoader(data, 4, CPU, seed=3, **options)
+    graphed = PreparedLoader(data, 4, CPU, seed=3, **options)
+    feed = graphed.in_graph()
+    for epoch, start in [(0, 0), (1, 0), (2, 3)]:  # epoch after epoch, then a resumed epoch mid-way
+        plain.set_epoch(epoch, start)
+        graphed.set_epoch(epoch, start)
+        expected = list(plain)
+        placeholders = list(graphed)
+        assert placeholders == [None] * len(expected)  # the graph gathers: the loop only counts steps
+        got = [feed() for _ in expected]
+        assert len(expected) == plain.steps - start
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+            assert a.is_contiguous(memory_format=plain.memory_format)
+        assert feed.position.item() == plain.steps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_batches_are_the_float32_batches_rounded_once(dtype):
+    """The loader hands the model its compute dtype directly; each value must be what autocast's cast of the
+    float32 batch gives (one rounding), not a value computed in half precision (two roundings, off by an ulp)."""
+    data = torch.arange(256).to(torch.uint8).reshape(16, 4, 4, 1)  # every pixel value once
+    full = next(iter(PreparedLoader(data, 16, CPU, seed=0)))
+    half = next(iter(PreparedLoader(data, 16, CPU, seed=0, dtype=dtype)))
+    assert half.dtype == dtype
+    assert torch.equal(half, full.to(dtype))
+    computed_in_half = data.to(dtype).div(127.5).sub(1)  # what a naive conversion gives: differs somewhere
+    assert not torch.equal(computed_in_half.permute(0, 3, 1, 2).sort().values.unique(),
+                           full.to(dtype).sort().values.unique())
+
+
+def test_the_run_feeds_prepared_batches_in_the_precisions_dtype(tmp_path, monkeypatch):
+    """loop.open_data builds the prepared loader with the precision's dtype (bf16 on the CPU under --amp)."""
+    from fastgan import loop
+    seen = {}
+    real_init = PreparedLoader.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["dtype"] = kwargs.get("dtype")
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(PreparedLoader, "__init__", spy)
+    from fastgan.prepared import prepare
+    from fastgan.files import index_images
+    from conftest import write_images
+    write_images(tmp_path / "imgs", 8)
+    data_file = prepare(index_images(tmp_path / "imgs", 0), tmp_path / "d.fgd", 16, 3, workers=0)
+    cfg = Config(data=str(data_file), image_size=16, batch_size=4, amp="bf16", device="cpu")
+    precision = resolve_precision(cfg.amp, CPU)
+    loop.open_data(cfg, CPU, precision, "prepared", "")
+    assert seen["dtype"] == torch.bfloat16
+
+
+def test_graphed_step_refuses_what_it_cannot_capture():
+    weight = torch.zeros(1, requires_grad=True)
+    plain_adam = torch.optim.Adam([weight], fused=False)
+    with pytest.raises(FastganError, match="needs fused Adam"):
+        GraphedStep(lambda real, noise: None, lambda: (None, None), (), (plain_adam,),
+                    torch.amp.GradScaler("cpu", enabled=True))
+    not_capturable = torch.optim.Adam([weight], fused=True, capturable=False)
+    with pytest.raises(FastganError, match="capturable"):
+        GraphedStep(lambda real, noise: None, lambda: (None, None), (), (not_capturable,),
+                    torch.amp.GradScaler("cpu", enabled=False))
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------------------------
+
+def train_some(cfg: Config, data: torch.Tensor, epochs: int, in_graph_loader: bool):
+    """(stats per step, trainer) after `epochs` epochs of prepared data, built as `fastgan train` builds it."""
+    cuda = torch.device("cuda")
+    precision = resolve_precision(cfg.amp, cuda, cfg.cuda_graphs)
+    loader = PreparedLoader(data, cfg.batch_size, cuda, channels_last=cfg.channels_last, seed=cfg.seed,
+                            mirror=True, dtype=precision.dtype)
+    # a loader without in_graph() makes the graph take each batch through its static input, as torch/DALI do
+    source = loader if in_graph_loader else IterOnly(loader)
+    trainer = build_trainer(cfg, cuda, precision, loader=source)
+    stats = []
+    for epoch in range(epochs):
+        source.set_epoch(epoch)
+        stats += [trainer(batch).clone() for batch in source]
+    return torch.stack(stats).cpu(), trainer
+
+
+class IterOnly:
+    """A prepared loader seen as any other loader: batches, no in-graph gather."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_epoch(self, epoch, start=0):
+        self.loader.set_epoch(epoch, start)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def weights(module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+@pytest.mark.parametrize("in_graph", [True, False])
+def test_cuda_graph_training_equals_eager_training(amp, in_graph):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = Config(image_size=16, ngf=8, ndf=8, nz=16, batch_size=8, amp=amp, channels_last=True, device="cuda")
+    data = pixels(n=48, size=16)  # 6 steps an epoch; 2 epochs cross an epoch boundary (the graph feed reloads)
+    start = [p.detach().clone() for p in build_trainer(cfg, torch.device("cuda"),
+                                                       resolve_precision(amp, torch.device("cuda"))).netG.parameters()]
+    eager_stats, eager = train_some(cfg, data, 2, in_graph)
+    graph_stats, graphed = train_some(dataclasses.replace(cfg, cuda_graphs=True), data, 2, in_graph)
+    # The same number of steps, exactly: Adam's step count and BatchNorm's batch count
+    for opt_e, opt_g in [(eager.optimizerG, graphed.optimizerG), (eager.optimizerD, graphed.optimizerD)]:
+        steps = {float(s["step"]) for s in opt_e.state.values()} | {float(s["step"]) for s in opt_g.state.values()}
+        assert steps == {12.0}
+    assert int(graphed.netD.main[3].num_batches_tracked) == int(eager.netD.main[3].num_batches_tracked) == 24
+    # The same noise: the generator registered with the graph advanced exactly as the eager draws did
+    assert torch.equal(graphed.noise.get_state(), eager.noise.get_state())
+    moved = (weights(eager.netG) - torch.cat([p.float().flatten().cpu() for p in start])).abs()
+    diff_g = (weights(graphed.netG) - weights(eager.netG)).abs()
+    diff_d = (weights(graphed.netD) - weights(eager.netD)).abs()
+    if amp == "off":
+        # fp32 without TF32: the same kernels replayed; cuDNN may pick other algorithms in the two builds, which
+        # differ by float rounding (~1e-7 per op). One Adam step more or fewer moves weights by ~lr = 2e-4, and
+        # the typical weight here has moved by `moved.median()` over 12 steps: the bound sits 10x below one step
+        torch.testing.assert_close(graph_stats, eager_stats, rtol=1e-4, atol=1e-5)
+        assert diff_g.max() < 2e-5 and diff_d.max() < 2e-5
+    else:
+        # Half precision: an element whose gradient is ~0 can flip Adam's sign under other rounding (a jump of up
+        # to 2 lr), so compare whole updates: a step more or fewer in 12 changes the update by ~1/12 of its norm
+        assert diff_g.norm() < 0.02 * moved.norm()
+        torch.testing.assert_close(graph_stats, eager_stats, rtol=0.05, atol=0.02)
+    assert moved.median() > 1e-4  # and they did train
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_graphed_steps_on_prepared_data_never_sync(amp):
+    """After capture, a graphed step on prepared data is one replay: no host sync at all, for 20 steps, with the
+    loop's per-step work (the loader's placeholder, the statistics copied into the interval's history)."""
+    from fastgan.distributed import Ranks
+    from fastgan.interval import IntervalStats
+    cuda = torch.device("cuda")
+    cfg = Config(image_size=32, ngf=16, ndf=16, batch_size=16, amp=amp, channels_last=True, cuda_graphs=True,
+                 device="cuda")
+    precision = resolve_precision(amp, cuda, cuda_graphs=True)
+    loader = PreparedLoader(pixels(n=16 * 30, size=32), 16, cuda, channels_last=True, seed=1, mirror=True,
+                            dtype=precision.dtype)
+    trainer = build_trainer(cfg, cuda, precision, loader=loader)
+    stats = IntervalStats(50, cuda, precision.name, precision.scaler, Ranks(), 16, None, None, torch.zeros(0, 2))
+    batches = iter(loader)
+    stats.add(trainer(next(batches)))  # capture (warm-up, cuDNN autotuning) happens here, allowed to sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, batch in zip(range(20), batches):
+            stats.add(trainer(batch))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    values = stats.history[:21].cpu()
+    assert torch.isfinite(values).all() and stats.pending == 21
