@@ -149,6 +149,31 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_message_each(ddp_run
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # (torchrun prints its own)
 
 
+@pytest.mark.parametrize("launched, reads", [(False, 6), (True, 4)])
+def test_under_torchrun_ranks_vote_on_stopping_at_interval_ends_only(monkeypatch, image_folder, tmp_path,
+                                                                       launched, reads):
+    """Alone, a process looks at its stop requests after every step (free); under torchrun that look is a host
+    all-reduce, so the ranks agree at interval ends only: 2 epochs of 3 steps, --log-every 2 -> ends at steps
+    2, 3, 5, 6 (4 votes instead of 6). A stop still lands on the same step on every rank."""
+    from fastgan import distributed
+    from fastgan.interrupt import StopRequests
+
+    class OneRankLaunched(distributed.Ranks):
+        def vote(self, flag):  # one rank: the all-reduce of one flag is the flag
+            return flag
+
+    def start(*args):
+        if launched:  # DDP needs a process group: one gloo rank (train() destroys it at the end)
+            torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+        return OneRankLaunched(launched=launched), torch.device("cpu")
+    looks = []
+    monkeypatch.setattr(StopRequests, "requested", property(lambda self: looks.append(1) or False))
+    monkeypatch.setattr(distributed, "start", start)
+    assert main(["train", *TINY, "--log-every", "2", "--root", str(image_folder), "--out", str(tmp_path / "run"),
+                 "--epochs", "2"]) == 0
+    assert len(looks) == reads
+
+
 def test_batch_size_must_split_evenly_across_ranks(monkeypatch, capsys, image_folder):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
