@@ -299,3 +299,17 @@ def test_two_gpus_with_sync_bn_train_like_one_process_with_the_whole_batch(tmp_p
     for name, value in one.items():
         if value.is_floating_point():
             torch.testing.assert_close(ddp[name], value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("cores, local_processes, threads", [(16, None, 15), (16, "8", 1), (64, "8", 7), (2, None, 1),
+                                                              (1, None, 1), (16, "32", 1)])
+def test_loader_threads_are_each_process_share_of_the_cores_less_one(monkeypatch, cores, local_processes, threads):
+    """Eight torchrun processes on one machine each take an eighth of its cores for loading, less one core for
+    the thread that launches the kernels; never fewer than one."""
+    from fastgan import distributed, files
+    monkeypatch.setattr(files, "default_workers", lambda: cores)
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert distributed.loader_threads() == threads
