@@ -254,6 +254,7 @@ class GraphFeed:
         self.position.fill_(start)
 
     def __call__(self) -> torch.Tensor:
-        idx = self.order[self.position * self.loader.batch_size + self.offsets]
+        # (modulo: the graph's warm-up may run past a short epoch's end; a real step never does)
+        idx = self.order[(self.position % self.loader.steps) * self.loader.batch_size + self.offsets]
         self.position.add_(1)
         return self.loader.gather(idx, self.flips)
