@@ -21,12 +21,13 @@ def test_pytorch_examples_netG_loads_with_any_wrapper_prefix(tmp_path, prefix):
     netG = examples_generator()
     path = tmp_path / "netG_epoch_24.pth"
     torch.save({prefix + k: v for k, v in netG.state_dict().items()}, path)
-    loaded = load_generator(path)
+    loaded = load_generator(path, torch.device("cpu"))
     assert (loaded.main[0].in_channels, loaded.main[-2].out_channels) == (100, 3)
     for k, v in netG.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     out = tmp_path / "faces.png"
-    assert main(["generate", "--checkpoint", str(path), "--n", "4", "--seed", "0", "--out", str(out)]) == 0
+    assert main(["generate", "--checkpoint", str(path), "--device", "cpu", "--n", "4", "--seed", "0",
+                 "--out", str(out)]) == 0
     assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
 
 
@@ -61,10 +62,10 @@ def test_a_state_dict_that_is_not_a_generator_is_refused(tmp_path):
     path = tmp_path / "x.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(FastganError, match="does not hold DCGAN generator weights"):
-        load_generator(path)
+        load_generator(path, torch.device("cpu"))
     torch.save([1, 2, 3], path)
     with pytest.raises(FastganError, match="neither a fastgan checkpoint nor a generator state dict"):
-        load_generator(path)
+        load_generator(path, torch.device("cpu"))
 
 
 @pytest.mark.gpu

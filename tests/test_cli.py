@@ -12,8 +12,9 @@ from conftest import write_images
 from fastgan.cli import main
 from fastgan.models import Generator
 
+CPU = ["--device", "cpu"]  # every test names its device: "auto" would pick a GPU where there is one
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
-        "--quiet", "--log-every", "2", "--sample-every", "2"]
+        "--quiet", "--log-every", "2", "--sample-every", "2", *CPU]
 
 
 def train(*args):
@@ -96,7 +97,7 @@ def test_resume_from_an_older_epoch_keeps_later_files(trained, capsys):
 @pytest.mark.parametrize("source", ["checkpoints/last.pt", "netG.pth"])
 def test_generate_from_a_run(trained, tmp_path, source):
     out = tmp_path / "grid.png"
-    assert main(["generate", "--checkpoint", str(trained / source), "--n", "10", "--seed", "1",
+    assert main(["generate", "--checkpoint", str(trained / source), *CPU, "--n", "10", "--seed", "1",
                  "--out", str(out), "--individual", str(tmp_path / "each")]) == 0
     assert Image.open(out).size == (4 * 18 + 2, 3 * 18 + 2)  # 10 images: 4 a row, 3 rows
     each = sorted((tmp_path / "each").iterdir())
@@ -106,11 +107,11 @@ def test_generate_from_a_run(trained, tmp_path, source):
 def test_generate_never_overwrites(trained, tmp_path, capsys):
     out = tmp_path / "grid.png"
     out.write_bytes(b"the user's picture")
-    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), "--out", str(out)]) == 2
+    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), *CPU, "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"the user's picture"
     (tmp_path / "each").mkdir()
     (tmp_path / "each" / "00001.png").write_bytes(b"mine")
-    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), "--out", str(tmp_path / "new.png"),
+    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), *CPU, "--out", str(tmp_path / "new.png"),
                  "--individual", str(tmp_path / "each")]) == 2
     assert "already holds 00001.png" in capsys.readouterr().err
     assert not (tmp_path / "new.png").exists()
@@ -118,7 +119,8 @@ def test_generate_never_overwrites(trained, tmp_path, capsys):
 
 def test_generate_is_deterministic_per_seed(trained, tmp_path):
     for name in ("a.png", "b.png"):
-        main(["generate", "--checkpoint", str(trained / "netG.pth"), "--seed", "3", "--out", str(tmp_path / name)])
+        main(["generate", "--checkpoint", str(trained / "netG.pth"), *CPU, "--seed", "3",
+              "--out", str(tmp_path / name)])
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
@@ -204,35 +206,36 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *tiny_root, "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
         (["train", *tiny_root, "--image-size", "20"], "power of two from 16 to 256"),
         (["bogus"], "invalid choice: 'bogus'"),
-        (["train", "--resume", last, "--ngf", "8"], "does not match the model: it was trained with ngf=4 (asked 8)"),
-        (["train", "--resume", last, "--seed", "1", "--epochs", "3"], "which decides its data order"),
-        (["train", "--resume", str(mid_epoch), "--batch-size", "4", "--epochs", "3",
+        (["train", *CPU, "--resume", last, "--ngf", "8"],
+         "does not match the model: it was trained with ngf=4 (asked 8)"),
+        (["train", *CPU, "--resume", last, "--seed", "1", "--epochs", "3"], "which decides its data order"),
+        (["train", *CPU, "--resume", str(mid_epoch), "--batch-size", "4", "--epochs", "3",
           "--out", str(tmp_path / "elsewhere")], "stopped inside an epoch at batch size 8"),
         # data and files
-        (["train", "--root", str(tmp_path / "missing")], "does not exist"),
-        (["train", "--root", str(tmp_path / "a_file")], "is not a folder"),
-        (["train", "--root", str(tmp_path / "empty")], "holds no image files"),
-        (["train", "--root", str(tmp_path / "no_images")], "holds no image files"),
-        (["train", "--root", str(tmp_path / "all_bad")], "none of its 1 image files can be decoded"),
-        (["train", "--root", root, "--image-size", "48"], "power of two from 16 to 256"),
-        (["train", "--root", root, "--image-size", "512"], "power of two from 16 to 256"),
+        (["train", *CPU, "--root", str(tmp_path / "missing")], "does not exist"),
+        (["train", *CPU, "--root", str(tmp_path / "a_file")], "is not a folder"),
+        (["train", *CPU, "--root", str(tmp_path / "empty")], "holds no image files"),
+        (["train", *CPU, "--root", str(tmp_path / "no_images")], "holds no image files"),
+        (["train", *CPU, "--root", str(tmp_path / "all_bad")], "none of its 1 image files can be decoded"),
+        (["train", *CPU, "--root", root, "--image-size", "48"], "power of two from 16 to 256"),
+        (["train", *CPU, "--root", root, "--image-size", "512"], "power of two from 16 to 256"),
         (["train", *TINY, "--root", root, "--batch-size", "25"], "batch size 25 is larger than the 24 usable"),
         (["train", *TINY, "--root", root, "--out", str(tmp_path / "a_file" / "run")], "is not writable"),
         (["train", *TINY, "--root", root, "--out", str(full)], "already holds files"),
         (["train", *TINY, "--root", root, "--lr", "-1"], "lr must be in (0, 1)"),
-        (["train", "--resume", last, "--image-size", "32"], "does not match the model"),
-        (["train", "--resume", str(truncated)], "corrupt or truncated"),
-        (["train", "--resume", str(pickled)], "pickled Python objects"),
-        (["train", "--resume", "auto"], "--resume auto needs --out"),
-        (["train", "--resume", "auto", "--out", str(tmp_path / "empty")], "no checkpoint to resume"),
-        (["train", "--resume", str(trained_run / "netG.pth")], "not a fastgan training checkpoint"),
-        (["generate", "--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
-        (["generate", "--checkpoint", str(truncated)], "corrupt or truncated"),
-        (["generate", "--checkpoint", str(pickled)], "pickled Python objects"),
-        (["generate", "--checkpoint", str(disc)], "discriminator weights"),
-        (["generate", "--checkpoint", last, "--out", str(tmp_path / "grid.txt")], "needs an image extension"),
+        (["train", *CPU, "--resume", last, "--image-size", "32"], "does not match the model"),
+        (["train", *CPU, "--resume", str(truncated)], "corrupt or truncated"),
+        (["train", *CPU, "--resume", str(pickled)], "pickled Python objects"),
+        (["train", *CPU, "--resume", "auto"], "--resume auto needs --out"),
+        (["train", *CPU, "--resume", "auto", "--out", str(tmp_path / "empty")], "no checkpoint to resume"),
+        (["train", *CPU, "--resume", str(trained_run / "netG.pth")], "not a fastgan training checkpoint"),
+        (["generate", *CPU, "--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        (["generate", *CPU, "--checkpoint", str(truncated)], "corrupt or truncated"),
+        (["generate", *CPU, "--checkpoint", str(pickled)], "pickled Python objects"),
+        (["generate", *CPU, "--checkpoint", str(disc)], "discriminator weights"),
+        (["generate", *CPU, "--checkpoint", last, "--out", str(tmp_path / "grid.txt")], "needs an image extension"),
         (["train", *TINY, "--root", root, "--device", "cuda"], "no CUDA GPU") if not torch.cuda.is_available()
-        else (["train", "--root", root, "--image-size", "8"], "power of two"),
+        else (["train", *CPU, "--root", root, "--image-size", "8"], "power of two"),
     ]
 
 
@@ -248,7 +251,7 @@ def test_every_user_error_is_one_line_and_exit_2(tmp_path, image_folder, trained
 
 
 def test_a_real_process_exits_2_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fastgan", "train", "--root", str(tmp_path / "missing")],
+    result = subprocess.run([sys.executable, "-m", "fastgan", "train", *CPU, "--root", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"fastgan: error: --root {tmp_path / 'missing'} does not exist"
@@ -283,11 +286,11 @@ def test_synth_writes_faces_and_keeps_existing_files(tmp_path, capsys):
 def test_python_api_returns_the_run_folder(image_folder, tmp_path):
     from fastgan import Config, FastganError, train as train_api
     cfg = Config(root=str(image_folder), out=str(tmp_path / "api"), image_size=16, ngf=4, ndf=4, nz=8,
-                 batch_size=8, epochs=1, workers=0, quiet=True)
+                 batch_size=8, epochs=1, workers=0, quiet=True, device="cpu")
     run = train_api(cfg)
     assert run == tmp_path / "api" and (run / "netG.pth").exists()
     with pytest.raises(FastganError, match="nc must be 1"):
-        train_api(Config(root=str(image_folder), nc=2))
+        train_api(Config(root=str(image_folder), nc=2, device="cpu"))
 
 
 @pytest.mark.gpu
@@ -312,7 +315,7 @@ def test_train_on_cuda(image_folder, tmp_path, capsys, flags):
 def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch, capsys):
     import fastgan.pipeline_dali
     monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)
-    assert main(["train", "--root", str(image_folder), "--loader", "dali"]) == 2
+    assert main(["train", *CPU, "--root", str(image_folder), "--loader", "dali"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastgan: error: --loader dali needs NVIDIA DALI, which is not installed: "
                           'pip install "fastgan[dali]"') and len(err.splitlines()) == 1
@@ -325,6 +328,6 @@ def test_auto_loader_choice(monkeypatch):
     cpu = torch.device("cpu")
     for installed in (False, True):
         monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
-        assert resolve_loader(Config(), cpu) == ("torch", "")  # no DALI by default on the CPU
-    assert resolve_loader(Config(loader="dali"), cpu) == ("dali", "cpu")
-    assert resolve_loader(Config(loader="dali", dali_decoder="cpu"), cpu) == ("dali", "cpu")
+        assert resolve_loader(Config(device="cpu"), cpu) == ("torch", "")  # no DALI by default on the CPU
+    assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
+    assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
