@@ -24,8 +24,9 @@ def test_throughput_runs_and_writes_every_table(tmp_path):
 
 def test_distributed_bench_runs_both_ways(tmp_path):
     out = tmp_path / "ddp.json"
+    # --device cpu: on a GPU machine the script names none, and its 2 processes would need a GPU each
     result = subprocess.run([sys.executable, str(BENCH / "distributed.py"), "--epochs", "2", "--json", str(out), "--",
-                             "--demo-images", "64", "--image-size", "16", "--ngf", "4", "--ndf", "4",
+                             "--device", "cpu", "--demo-images", "64", "--image-size", "16", "--ngf", "4", "--ndf", "4",
                              "--batch-size", "8", "--log-every", "2"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
