@@ -1,0 +1,623 @@
+"""One command for a lent GPU machine: the environment, the whole test suite, the real CLI on CUDA in every speed
+mode, the sync-free check and the throughput bench, each part timed and bounded, in one summary.
+
+    python bench/gpu_check.py OUTDIR              # on the GPU; planned to fit 9 minutes on an H100 (--budget)
+    python bench/gpu_check.py --cpu OUTDIR        # every part that runs on a CPU, at tiny sizes (CI runs this)
+    python bench/gpu_check.py --list              # the parts, in the order they run
+    python bench/gpu_check.py --only tests,throughput OUTDIR      # or --skip dali
+
+Run it from the repository root of a plain copy (fastgan need not be installed: the repository goes on the
+subprocesses' PYTHONPATH, the CLI runs as `python -m fastgan`). OUTDIR must be new or empty; it receives
+<part>.log (each command and its output) and <part>.result.json (status, seconds, figures) per part, the
+bench's throughput.json, and summary.md
+(part | status | seconds | key figure), rewritten after every part so that a run cut short still leaves one,
+and printed at the end. The synthetic faces, prepared files and run folders live in a scratch folder (--work)
+outside OUTDIR, removed at the end unless --keep. The exit status is 1 when any part failed.
+
+Each part stops at its own timeout or when the --budget is spent, whichever comes first ("failed: timed out
+after N s"); parts that find no budget left fail as "not started". The order puts what has never run on a GPU
+first (the CLI on CUDA), then torch.compile (a minute of compiling per part), the test suite, and the bench.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SYNC_FREE_TEST = "tests/test_gpu.py::test_graphed_steps_on_prepared_data_never_sync"
+# `fastgan synth`: 2.8 ms per 178x218 face on one core (measured on the 2-core CPU: 2,000 faces in 9.5 s, 20 in
+# 4.0 s, i.e. 4 s of start-up), so 20,000 faces take about 4 s of drawing on 16 cores; the CLI parts' epochs
+# over them (156 steps of 128) take seconds on a GPU, so start-up and compiling dominate, not the count
+GPU_COUNT, CPU_COUNT = 20_000, 64
+# 9 minutes of the lent machine's 15. The --cpu check takes 100 s of CPU time (measured on the 2-core CPU), 4
+# minutes of wall time when other work shares those cores; its budget only guards against a hang
+GPU_BUDGET_S, CPU_BUDGET_S = 540, 900
+CPU_TIMEOUT_S = 240  # any one --cpu part: the longest (resume, throughput) took 45 s on the 2 busy cores
+
+
+class PartFailed(Exception):
+    """The part's check did not hold: the message is the summary's detail."""
+
+
+class PartTimedOut(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    status: str                  # passed | failed | skipped
+    detail: str = ""             # why, for failed and skipped
+    key: str = ""                # the key figure, one short line
+    figures: dict = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    name: str
+    what: str                            # one line for --list
+    run: Callable[["Check"], Result]
+    timeout_s: int                       # on the GPU; --cpu parts get CPU_TIMEOUT_S
+    cuda_only: bool = False              # skipped with --cpu
+    needs: tuple[str, ...] = ()          # parts whose output this one reads (added to --only selections)
+    groups: tuple[str, ...] = ()         # names that --only / --skip also accept
+
+
+
+class Check:
+    """What the parts share: the mode, the sizes, the folders, the budget, and running a command bounded by it."""
+
+    def __init__(self, out: Path, work: Path, cpu: bool, count: int, budget_s: float, commit: Optional[str]):
+        self.out, self.work, self.cpu, self.count = out, work, cpu, count
+        self.device = "cpu" if cpu else "cuda"
+        self.budget_end = time.monotonic() + budget_s
+        self.budget_s, self.commit = budget_s, commit
+        self.faces, self.prepared = work / "faces", work / "faces.fgd"
+        # the tutorial's model and batch on the GPU; a model small enough for seconds per run on the CPU
+        self.image_size, self.batch = (16, 16) if cpu else (64, 128)
+        self.model_flags = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"] if cpu else []
+        steps_per_epoch = max(1, count // self.batch)
+        self.log_every = max(1, steps_per_epoch // 4)  # four intervals an epoch: a median of the last three
+        self.env_info: dict = {}
+        self.results: dict[str, Result] = {}
+        self.log: Optional[Path] = None
+        self.commands: list[str] = []
+        self.deadline = self.budget_end
+
+    def environ(self, require_gpu: bool = False) -> dict:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(self.work / "cache"),
+               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env.pop("FASTGAN_REQUIRE_GPU", None)
+        if require_gpu:
+            env["FASTGAN_REQUIRE_GPU"] = "1"
+        return env
+
+    def sh(self, argv: list, require_gpu: bool = False) -> tuple[int, str]:
+        """Run argv in the repository root, its output appended to the part's log; (exit status, output).
+
+        Bounded by the part's deadline: past it, the command's whole process group (torchrun's ranks,
+        DataLoader workers) gets SIGTERM, then SIGKILL 10 s later, and the part fails as timed out."""
+        argv = [str(a) for a in argv]
+        line = " ".join(argv)
+        self.commands.append(line)
+        with open(self.log, "a") as log:
+            log.write(f"$ {line}\n")
+            log.flush()
+            start = log.tell()
+            child = subprocess.Popen(argv, cwd=REPO, env=self.environ(require_gpu), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                code = child.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stop_group(child)
+                raise PartTimedOut() from None
+            except KeyboardInterrupt:
+                stop_group(child)
+                raise
+        with open(self.log) as log:
+            log.seek(start)
+            output = log.read()
+        with open(self.log, "a") as log:
+            log.write(f"[exit status {code}]\n\n")
+        return code, output
+
+    def fastgan(self, *args) -> str:
+        """`python -m fastgan ARGS`; its output, or PartFailed with its last line if it failed."""
+        code, output = self.sh([sys.executable, "-m", "fastgan", *args])
+        if code != 0:
+            raise PartFailed(f"fastgan {args[0]} exited with {code}: {last_line(output)}")
+        return output
+
+
+def stop_group(child: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group (fastgan writes its checkpoint and stops), SIGKILL if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def last_line(output: str) -> str:
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures
+
+TRAINED = re.compile(r"trained ([\d,]+) images in (\S+): ([\d,]+) images/s")
+
+
+def run_figures(run: Path, output: str) -> dict:
+    """images/s of a finished run: its last line (start-up and compiling included) and metrics.jsonl (the median
+    of the log intervals after the first, which holds the compile or graph capture)."""
+    figures = {}
+    found = TRAINED.findall(output)
+    if found:
+        figures["images"] = int(found[-1][0].replace(",", ""))
+        figures["images_per_second_whole_run"] = int(found[-1][2].replace(",", ""))
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        rates = [json.loads(line)["images_per_second"] for line in metrics.read_text().splitlines() if line.strip()]
+        steady = rates[1:] or rates
+        if steady:
+            figures["images_per_second_steady"] = round(statistics.median(steady), 1)
+            figures["log_intervals"] = len(rates)
+    return figures
+
+
+def rate_key(figures: dict) -> str:
+    parts = []
+    if "images_per_second_steady" in figures:
+        parts.append(f"{figures['images_per_second_steady']:,.0f} img/s steady")
+    if "images_per_second_whole_run" in figures:
+        parts.append(f"{figures['images_per_second_whole_run']:,} img/s whole run")
+    return ", ".join(parts)
+
+
+def pytest_counts(output: str) -> str:
+    """pytest's closing line without its '=' frame: '12 passed, 3 skipped in 40.1s'."""
+    lines = [ln.strip(" =") for ln in output.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)
+             and re.search(r" in [\d.]+s", ln)]
+    return lines[-1] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parts
+
+ENVIRONMENT = r"""
+import json, platform, subprocess, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "cuda_available": torch.cuda.is_available(),
+        "gpus": torch.cuda.device_count()}
+if torch.cuda.is_available():
+    info["gpu"] = torch.cuda.get_device_name()
+    info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    info["bf16"] = torch.cuda.is_bf16_supported()
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+    info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+except (OSError, subprocess.TimeoutExpired):
+    info["driver"] = None
+try:
+    import nvidia.dali
+    info["dali"] = nvidia.dali.__version__
+except ImportError as e:
+    info["dali"] = None
+    info["dali_absent_because"] = str(e)
+print("ENVIRONMENT " + json.dumps(info))
+"""
+
+
+def part_environment(check: Check) -> Result:
+    code, output = check.sh([sys.executable, "-c", ENVIRONMENT])
+    found = [ln for ln in output.splitlines() if ln.startswith("ENVIRONMENT ")]
+    if code != 0 or not found:
+        raise PartFailed(f"could not read the environment (exit {code}): {last_line(output)}")
+    info = json.loads(found[-1][len("ENVIRONMENT "):])
+    info["commit"] = check.commit or git_commit()
+    info["mode"] = "cpu" if check.cpu else "gpu"
+    check.env_info = info
+    dali = info["dali"] or "absent"
+    if check.cpu:
+        return Result("passed", key=f"CPU · torch {info['torch']} · DALI {dali} · Python {info['python']} · "
+                                    f"commit {info['commit']}", figures=info)
+    key = (f"{info.get('gpu', 'no GPU')} · driver {info['driver'] or 'unknown (no nvidia-smi)'} · torch "
+           f"{info['torch']} · CUDA {info['cuda']} · cuDNN {info['cudnn']} · DALI {dali} · Python "
+           f"{info['python']} · commit {info['commit']}")
+    if not info["cuda_available"]:
+        return Result("failed", "torch sees no CUDA GPU (torch.cuda.is_available() is False); on a machine "
+                                "without one, run with --cpu", key, info)
+    return Result("passed", key=key, figures=info)
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return head + (f" + {len(changed.splitlines())} changed files" if changed else "")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown (no git here: pass --commit)"
+
+
+def part_tests(check: Check) -> Result:
+    """The whole suite with FASTGAN_REQUIRE_GPU=1 (a gpu test that would skip for want of a GPU fails). Not
+    tests/test_gpu_check.py: it is this check at tiny CPU sizes, a minute that says nothing about the GPU."""
+    select = (["tests/test_step.py", "-k", "one_step_equals_the_tutorials_step or cuda"] if check.cpu
+              else ["--ignore=tests/test_gpu_check.py"])
+    code, output = check.sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "--durations=15", "-p",
+                             "no:cacheprovider", *select], require_gpu=not check.cpu)
+    counts = pytest_counts(output)
+    if code != 0:
+        return Result("failed", f"pytest exited with {code}: {counts or last_line(output)}", counts)
+    return Result("passed", key=counts + ("" if not check.cpu else " (the --cpu subset)"))
+
+
+def run_test_node(check: Check, node: str) -> Result:
+    """One pytest node that must exist and pass (not skip)."""
+    code, output = check.sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", node],
+                            require_gpu=True)
+    counts = pytest_counts(output)
+    if code in (4, 5) and ("not found" in output or "no tests ran" in output or code == 5):
+        return Result("failed", f"test not found: {node}")
+    if code != 0:
+        return Result("failed", f"pytest exited with {code}: {counts or last_line(output)}", counts)
+    if not re.search(r"\b1 passed\b", counts) or "skipped" in counts:
+        return Result("failed", f"it did not pass: {counts}", counts)
+    return Result("passed", key=counts)
+
+
+def part_sync_free(check: Check) -> Result:
+    return run_test_node(check, SYNC_FREE_TEST)
+
+
+def part_synth(check: Check) -> Result:
+    start = time.monotonic()
+    check.fastgan("synth", check.faces, "--n", check.count)
+    seconds = time.monotonic() - start
+    written = len(list(check.faces.glob("*.jpg")))
+    if written != check.count:
+        raise PartFailed(f"asked for {check.count:,} faces, found {written:,} in {check.faces}")
+    cores = os.cpu_count() or 1
+    return Result("passed", key=f"{check.count:,} faces in {seconds:.1f} s on {cores} cores (start-up included)",
+                  figures={"faces": check.count, "seconds": round(seconds, 2), "cores": cores})
+
+
+def part_prepare(check: Check) -> Result:
+    start = time.monotonic()
+    check.fastgan("prepare", "--root", check.faces, "--image-size", check.image_size, "--out", check.prepared,
+                  "--decoder", "pil")
+    seconds = time.monotonic() - start
+    if not check.prepared.is_file():
+        raise PartFailed(f"fastgan prepare exited 0 but wrote no {check.prepared}")
+    return Result("passed", key=f"{check.count:,} images with PIL, {check.count / seconds:,.0f} images/s "
+                                f"(start-up included)", figures={"seconds": round(seconds, 2)})
+
+
+def train_part(data: str, flags: list, expect: list):
+    """A `fastgan train` part: one epoch on the prepared file (data "prepared") or the JPEG folder ("faces"),
+    checked for its exit status, netG.pth, the start-up line naming what was asked for (no silent fallback)
+    and an images/s figure."""
+    def run(check: Check) -> Result:
+        run_dir = check.work / "runs" / check.log.stem
+        output = check.fastgan("train", *train_flags(check, data, run_dir), *flags)
+        figures = check_run(run_dir, output, [w.format(device=check.device) for w in expect])
+        return Result("passed", key=rate_key(figures), figures=figures)
+    return run
+
+
+def train_flags(check: Check, data: str, run_dir: Path) -> list:
+    source = ["--data", check.prepared] if data == "prepared" else ["--root", check.faces]
+    return [*source, "--out", run_dir, "--epochs", 1, "--quiet", "--log-every", check.log_every,
+            "--device", check.device, *check.model_flags]
+
+
+def part_resume_graphs(check: Check) -> Result:
+    """A checkpoint written without CUDA graphs, resumed with them: one epoch of fp16 (the GradScaler's state
+    travels too), then --resume auto --epochs 2 --cuda-graphs. With --cpu the second session has no graphs."""
+    run_dir = check.work / "runs" / "resume-graphs"
+    output = check.fastgan("train", *train_flags(check, "prepared", run_dir), "--amp", "fp16")
+    check_run(run_dir, output, ["precision fp16", "CUDA graphs off"])
+    graphs = [] if check.cpu else ["--cuda-graphs"]
+    output = check.fastgan("train", "--resume", "auto", "--out", run_dir, "--epochs", 2, "--quiet", *graphs)
+    if not (run_dir / "checkpoints" / "epoch002.pt").is_file():
+        raise PartFailed("the resumed session wrote no checkpoints/epoch002.pt")
+    figures = check_run(run_dir, output, ["resumed from", "precision fp16",
+                                          "CUDA graphs off" if check.cpu else "CUDA graphs on"])
+    return Result("passed", key=rate_key(figures) + (" (--cpu: no graphs)" if check.cpu else ""), figures=figures)
+
+
+def check_run(run_dir: Path, output: str, wanted: list) -> dict:
+    if not (run_dir / "netG.pth").is_file():
+        raise PartFailed(f"the run folder {run_dir} holds no netG.pth")
+    missing = [w for w in wanted if w not in output]
+    if missing:
+        raise PartFailed(f"the run's output does not say {missing[0]!r}: it did not do what was asked")
+    figures = run_figures(run_dir, output)
+    if not rate_key(figures):
+        raise PartFailed("no images/s in the run's last line or its metrics.jsonl")
+    return figures
+
+
+def part_prepare_dali(check: Check) -> Result:
+    """fastgan prepare --decoder dali-gpu, and how far its pixels are from PIL's (the prepare part's file)."""
+    out = check.work / "faces-dali.fgd"
+    start = time.monotonic()
+    check.fastgan("prepare", "--root", check.faces, "--image-size", check.image_size, "--out", out,
+                  "--decoder", "dali-gpu")
+    seconds = time.monotonic() - start
+    compare = ("import json, sys; from fastgan.prepared import load_pixels, read_manifest\n"
+               f"s = {check.image_size}\n"
+               "a, _ = load_pixels(sys.argv[1], s, 3); b, _ = load_pixels(sys.argv[2], s, 3)\n"
+               "d = (a.int() - b.int()).abs().float()\n"
+               "print('DIFF ' + json.dumps({'decoder': read_manifest(sys.argv[2])[0]['decoder'], 'count': len(b),"
+               " 'mean': round(d.mean().item(), 3), 'p999': d.flatten().kthvalue(max(1, int(d.numel() * 0.999)))"
+               ".values.item(), 'max': d.max().item()}))")
+    code, output = check.sh([sys.executable, "-c", compare, check.prepared, out])
+    found = [ln for ln in output.splitlines() if ln.startswith("DIFF ")]
+    if code != 0 or not found:
+        raise PartFailed(f"comparing with the PIL file failed (exit {code}): {last_line(output)}")
+    diff = json.loads(found[-1][5:])
+    if diff["decoder"] != "DALI (GPU)":
+        raise PartFailed(f"the file says it was decoded by {diff['decoder']}, not DALI (GPU)")
+    return Result("passed", key=f"{diff['count']:,} images, {diff['count'] / seconds:,.0f} images/s (start-up "
+                                f"included); vs PIL: mean {diff['mean']}, max {diff['max']:.0f} levels",
+                  figures={**diff, "seconds": round(seconds, 2)})
+
+
+def part_torchrun(check: Check) -> Result:
+    run_dir = check.work / "runs" / "torchrun"
+    code, output = check.sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 1,
+                             "-m", "fastgan", "train", "--data", check.prepared, "--out", run_dir, "--epochs", 1,
+                             "--quiet", "--log-every", check.log_every, "--device", check.device,
+                             *check.model_flags])
+    if code != 0:
+        raise PartFailed(f"torchrun exited with {code}: {last_line(output)}")
+    backend = "gloo" if check.cpu else "NCCL"
+    figures = check_run(run_dir, output, [f"1 process ({backend})"])
+    return Result("passed", key=rate_key(figures) + (" (gloo: --cpu)" if check.cpu else ""), figures=figures)
+
+
+def part_throughput(check: Check) -> Result:
+    out = check.out / "throughput.json"
+    sizes = (["--quick", "--steps", 1, "--repeats", 1, "--ngf", 8, "--batch-size", 8, "--images", check.count,
+              "--no-compile", "--device", "cpu"] if check.cpu else ["--steps", 50])
+    code, output = check.sh([sys.executable, "bench/throughput.py", "--root", check.faces, "--json", out, *sizes])
+    if code != 0:
+        raise PartFailed(f"bench/throughput.py exited with {code}: {last_line(output)}")
+    if not out.is_file():
+        raise PartFailed(f"bench/throughput.py wrote no {out}")
+    figures = json.loads(out.read_text())
+    rows = [r for r in figures.get("end_to_end", []) if isinstance(r, dict) and r.get("images_per_second")]
+    best = max(rows, key=lambda r: r["images_per_second"], default=None)
+    ratio = figures.get("end_to_end_ratio")
+    key = "; ".join(filter(None, [f"best end to end {best['images_per_second']:,.0f} img/s ({best.get('row')})"
+                                  if best else "", f"{ratio}x the tutorial" if ratio else ""]))
+    return Result("passed", key=key or "throughput.json written", figures={"json": str(out)})
+
+
+GRAPHS = ["--cuda-graphs"]
+PARTS = [
+    Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 60),
+    Part("synth", "fastgan synth: the synthetic faces every later part uses (--count)", part_synth, 120),
+    Part("prepare", "fastgan prepare --decoder pil: the prepared file of the training parts", part_prepare, 120,
+         needs=("synth",)),
+    Part("train-fp32", "train --data, eager fp32", train_part("prepared", [], ["precision fp32",
+         "loader prepared ({device} memory"]), 120, needs=("prepare",), groups=("train",)),
+    Part("train-bf16", "train --data --amp bf16", train_part("prepared", ["--amp", "bf16"], ["precision bf16"]), 120,
+         needs=("prepare",), groups=("train",)),
+    Part("train-fp16", "train --data --amp fp16 (GradScaler)", train_part("prepared", ["--amp", "fp16"],
+         ["precision fp16"]), 120, needs=("prepare",), groups=("train",)),
+    Part("graphs-fp16", "train --data --cuda-graphs --amp fp16", train_part("prepared", [*GRAPHS, "--amp", "fp16"],
+         ["precision fp16", "CUDA graphs on"]), 120, cuda_only=True, needs=("prepare",), groups=("train", "graphs")),
+    Part("graphs-bf16", "train --data --cuda-graphs --amp bf16", train_part("prepared", [*GRAPHS, "--amp", "bf16"],
+         ["precision bf16", "CUDA graphs on"]), 120, cuda_only=True, needs=("prepare",), groups=("train", "graphs")),
+    Part("resume-graphs", "train 1 epoch (--amp fp16), then --resume auto --epochs 2 --cuda-graphs "
+         "(--cpu: without graphs)", part_resume_graphs, 180, needs=("prepare",), groups=("train", "graphs")),
+    Part("loader-torch", "train --root (JPEGs) --loader torch", train_part("faces", ["--loader", "torch"],
+         ["loader torch"]), 150, needs=("synth",), groups=("train",)),
+    Part("loader-dali", "train --root --loader dali --dali-decoder mixed --amp bf16 (when DALI imports)",
+         train_part("faces", ["--loader", "dali", "--dali-decoder", "mixed", "--amp", "bf16"],
+                    ["loader dali (decoder mixed"]), 150, cuda_only=True, needs=("synth",),
+         groups=("train", "dali")),
+    Part("prepare-dali", "fastgan prepare --decoder dali-gpu, compared with PIL's pixels (when DALI imports)",
+         part_prepare_dali, 150, cuda_only=True, needs=("prepare",), groups=("dali",)),
+    Part("torchrun", "torchrun --nproc_per_node 1 -m fastgan train --data, over NCCL (--cpu: gloo)",
+         part_torchrun, 150, needs=("prepare",), groups=("train",)),
+    Part("sync-free", f"pytest {SYNC_FREE_TEST}", part_sync_free, 180, cuda_only=True),
+    Part("compile", "train --data --compile --amp bf16 --channels-last",
+         train_part("prepared", ["--compile", "--amp", "bf16", "--channels-last"], ["compile on"]), 300,
+         cuda_only=True, needs=("prepare",), groups=("train", "compile")),
+    Part("compile-graphs", "train --data --compile --cuda-graphs --amp bf16 --channels-last",
+         train_part("prepared", ["--compile", *GRAPHS, "--amp", "bf16", "--channels-last"],
+                    ["compile on", "CUDA graphs on"]), 300, cuda_only=True, needs=("prepare",),
+         groups=("train", "compile", "graphs")),
+    Part("tests", "python -m pytest, FASTGAN_REQUIRE_GPU=1 (--cpu: a few tests of tests/test_step.py)",
+         part_tests, 360),
+    Part("throughput", "bench/throughput.py --steps 50 --json OUTDIR/throughput.json (64x64, batch 128)",
+         part_throughput, 300, needs=("synth",)),
+]
+DALI_PARTS = {p.name for p in PARTS if "dali" in p.groups}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the driver
+
+def select(only: Optional[str], skip: Optional[str]) -> list[Part]:
+    """The parts to run, in their order: --only's names or groups plus what they need, less --skip's; env always."""
+    known = {p.name for p in PARTS} | {g for p in PARTS for g in p.groups}
+
+    def names(text: Optional[str], flag: str) -> set[str]:
+        given = {n.strip() for n in (text or "").split(",") if n.strip()}
+        unknown = sorted(given - known)
+        if unknown:
+            raise ValueError(f"{flag} {unknown[0]!r} is not a part or group; these are: "
+                             f"{', '.join(sorted(known))} (see --list)")
+        return given
+
+    def matches(part: Part, given: set[str]) -> bool:
+        return part.name in given or bool(given & set(part.groups))
+
+    wanted, skipped = names(only, "--only"), names(skip, "--skip")
+    chosen = {p.name for p in PARTS if not wanted or matches(p, wanted)}
+    needs = {p.name: set(p.needs) for p in PARTS}
+    while True:  # what the chosen parts need, and what that needs
+        more = set().union(*(needs[n] for n in chosen)) - chosen
+        if not more:
+            break
+        chosen |= more
+    chosen -= {p.name for p in PARTS if matches(p, skipped)}
+    chosen.add("env")
+    return [p for p in PARTS if p.name in chosen]
+
+
+def run_part(check: Check, part: Part) -> tuple[Result, float]:
+    """The part's result and seconds; never raises for a failing or hung part."""
+    start = time.monotonic()
+    if check.cpu and part.cuda_only:
+        return Result("skipped", "no GPU (--cpu)"), 0.0
+    if part.name in DALI_PARTS and not check.env_info.get("dali"):
+        return Result("skipped", "DALI absent: " + (check.env_info.get("dali_absent_because") or
+                                                      "the environment part did not run")), 0.0
+    missing = [n for n in part.needs if n not in check.results or check.results[n].status != "passed"]
+    if missing:
+        need = check.results.get(missing[0])
+        return Result("skipped", f"needs {missing[0]}, which " + (need.status if need else "was not run")), 0.0
+    left = check.budget_end - time.monotonic()
+    if left < 5:
+        return Result("failed", f"not started: the --budget of {check.budget_s:.0f} s was spent"), 0.0
+    allowed = min(part.timeout_s if not check.cpu else CPU_TIMEOUT_S, left)
+    check.deadline = start + allowed
+    try:
+        result = part.run(check)
+    except PartTimedOut:
+        result = Result("failed", f"timed out after {allowed:.0f} s")
+    except PartFailed as e:
+        result = Result("failed", str(e))
+    except Exception as e:  # a bug of this script or an unexpected file: the part fails, the rest goes on
+        result = Result("failed", f"{type(e).__name__}: {e}")
+    return result, time.monotonic() - start
+
+
+def status_text(result: Result) -> str:
+    return result.status + (f": {result.detail}" if result.detail else "")
+
+
+def write_summary(check: Check, rows: list, pending: list[str], total_s: float) -> str:
+    info = check.env_info
+    where = (info.get("gpu") or "no GPU") if not check.cpu else "CPU (--cpu)"
+    head = [f"# gpu_check {time.strftime('%Y-%m-%d %H:%M')}: {where}", "",
+            f"torch {info.get('torch', '?')} · CUDA {info.get('cuda', '?')} · cuDNN {info.get('cudnn', '?')} · "
+            f"DALI {info.get('dali') or 'absent'} · Python {info.get('python', '?')} · commit "
+            f"{info.get('commit', check.commit or '?')} · {check.count:,} synthetic faces · "
+            f"total {total_s:.0f} s of a {check.budget_s:.0f} s budget", "",
+            "| part | status | seconds | key figure |", "|---|---|---:|---|"]
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    body = [f"| {name} | {cell(status_text(r))} | {seconds:.1f} | {cell(r.key)} |" for name, r, seconds in rows]
+    body += [f"| {name} | not run yet | | |" for name in pending]
+    text = "\n".join(head + body) + "\n"
+    (check.out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="parts (in order):\n" + "\n".join(
+                                         f"  {p.name:15s} {p.what}" for p in PARTS))
+    parser.add_argument("outdir", nargs="?", help="new or empty folder for the logs, JSONs and summary.md")
+    parser.add_argument("--cpu", action="store_true", help="the CPU parts at tiny sizes; CUDA-only parts skip")
+    parser.add_argument("--only", metavar="A,B", help="these parts or groups (and what they need)")
+    parser.add_argument("--skip", metavar="A,B", help="not these parts or groups (e.g. dali)")
+    parser.add_argument("--list", action="store_true", help="print the parts and exit")
+    parser.add_argument("--count", type=int, default=None,
+                        help=f"synthetic faces to draw [{GPU_COUNT:,}; --cpu {CPU_COUNT}]")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help=f"stop starting parts after this long [{GPU_BUDGET_S}; --cpu {CPU_BUDGET_S}]")
+    parser.add_argument("--work", help="scratch folder for faces, prepared files and runs [a new temporary one]")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--commit", help="the commit to report where the copy has no git")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for p in PARTS:
+            tags = f" [{', '.join(p.groups)}]" if p.groups else ""
+            print(f"{p.name:15s} {'cuda ' if p.cuda_only else '     '}{p.timeout_s:4d} s  {p.what}{tags}")
+        return 0
+    if not args.outdir:
+        parser.error("OUTDIR is required (or --list)")
+    try:
+        parts = select(args.only, args.skip)
+    except ValueError as e:
+        print(f"gpu_check: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.outdir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"gpu_check: error: {out} exists and is not an empty folder; choose a new OUTDIR", file=sys.stderr)
+        return 2
+    count = args.count or (CPU_COUNT if args.cpu else GPU_COUNT)
+    batch = 16 if args.cpu else 128
+    if count < batch:
+        print(f"gpu_check: error: --count {count} is less than one batch ({batch})", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).expanduser().resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    budget = args.budget or (CPU_BUDGET_S if args.cpu else GPU_BUDGET_S)
+    check = Check(out, work, args.cpu, count, budget, args.commit)
+    print(f"gpu_check: {'--cpu, ' if args.cpu else ''}{len(parts)} parts, budget {budget:.0f} s, {count:,} faces; "
+          f"logs in {out}, scratch in {work}", flush=True)
+
+    rows: list = []
+    run_start = time.monotonic()
+    interrupted = False
+    try:
+        for k, part in enumerate(parts):
+            check.log, check.commands = out / f"{part.name}.log", []
+            print(f"gpu_check: [{time.monotonic() - run_start:6.1f} s] {part.name} ...", flush=True)
+            result, seconds = run_part(check, part)
+            check.results[part.name] = result
+            rows.append((part.name, result, seconds))
+            (out / f"{part.name}.result.json").write_text(json.dumps({
+                "part": part.name, "status": result.status, "detail": result.detail, "seconds": round(seconds, 2),
+                "key": result.key, "figures": result.figures, "commands": check.commands,
+                "log": str(check.log) if check.commands else None}, indent=2) + "\n")
+            print(f"gpu_check: [{time.monotonic() - run_start:6.1f} s] {part.name}: {status_text(result)} "
+                  f"({seconds:.1f} s){'  ' + result.key if result.key else ''}", flush=True)
+            write_summary(check, rows, [p.name for p in parts[k + 1:]], time.monotonic() - run_start)
+    except KeyboardInterrupt:
+        interrupted = True
+        rows.append((parts[len(rows)].name, Result("failed", "interrupted"), 0.0))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = write_summary(check, rows, [p.name for p in parts[len(rows):]], time.monotonic() - run_start)
+    print("\n" + summary, flush=True)
+    if interrupted:
+        return 130
+    return 1 if any(r.status == "failed" for _, r, _ in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
