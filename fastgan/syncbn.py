@@ -25,9 +25,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         channels = input.shape[1]
         x = input.float()  # statistics in float32 also when autocast hands over fp16 or bf16
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        gathered = x.new_empty(world_size * 2, channels)  # the ranks' (mean, var) one after the other (gloo
-        # takes no stacked output)
+        # every rank's (mean, var), rank after rank: a flat output, because gloo takes no stacked one.
         # note: one collective; on CUDA it is queued on the stream like any kernel, the host does not wait
+        gathered = x.new_empty(world_size * 2, channels)
         dist.all_gather_single(gathered, torch.stack([mean, var]), group=process_group)
         means, variances = gathered.view(world_size, 2, channels).unbind(1)
         # equal counts per rank: the law of total variance without weights
