@@ -1,16 +1,17 @@
 """The DALI loader: JPEGs decoded on the GPU (nvJPEG, and the hardware JPEG decoder where the GPU has one),
-resized, cropped and normalised there, and handed to torch through DLPack without a copy. With
-decoder="cpu" the same pipeline runs on the CPU (device_id=None), which is what CI tests and what a user
-without a GPU can choose.
+resized, cropped and normalised there, and handed to torch through DLPack without a copy, ordered on torch's
+current stream (no host wait). With decoder="cpu" the same pipeline runs on the CPU (device_id=None), which is
+what CI tests and what a user without a GPU can choose; on a CUDA training device its batches are still copied
+to the GPU inside the pipeline, so that the loader hands over CUDA tensors.
 
 It follows the loader contract of pipeline_torch.TorchLoader: fixed-size batches of [-1, 1] images, NCHW
 (channels_last memory when asked), on the training device, the last incomplete batch dropped. Each epoch reads
 the files in the order `epoch_permutation(n, seed, epoch)`, the torch loader's order, so both loaders see the
 same images in the same order and a resumed run sees the same orders as an uninterrupted one. Under torchrun,
 rank r of N reads its shard of each epoch (pipeline_torch.rank_order: the r-th slice of every global batch).
-The shard is computed here and handed to the reader as its file list rather than through the reader's
-shard_id/num_shards, which cut the list into contiguous blocks: interleaved slices keep each global batch
-the one a single process would train on, and let a resumed epoch start at any batch.
+The pipeline is fed file names by an external source that follows this order (EpochPlan), rather than by a
+file reader over a fixed list: one pipeline serves every epoch, interleaved slices keep each global batch the
+one a single process would train on, and a resumed epoch can start at any batch.
 
 DALI never sees a file that the file index could not decode (one corrupt file aborts a whole DALI pipeline),
 nor one in a format its decoder does not read (GIF, for instance): those are set aside and reported.
@@ -52,18 +53,31 @@ def readable_by_dali(index: FileIndex) -> FileIndex:
                           for path, fmt in zip(index.good, index.formats) if fmt not in DALI_FORMATS])
 
 
-def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: int, decoder: str,
-                   threads: int, device_id: Optional[int], hw_decoder_load: float, dtype: torch.dtype):
-    """The DALI 2.x pipeline: read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC.
+def encoded(path) -> bytes:
+    """A file name as fn.io.file.read takes it (a 1-D uint8 array of its UTF-8 bytes, made per batch)."""
+    return str(path).encode()
 
-    dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`."""
+
+def build_pipeline(source, image_size: int, nc: int, batch_size: int, decoder: str, threads: int,
+                   device_id: Optional[int], hw_decoder_load: float, dtype: torch.dtype, to_gpu: bool = False):
+    """The DALI 2.x pipeline: file names -> read -> decode -> resize shorter side -> centre crop -> [-1, 1], HWC.
+
+    source: called once per batch, up to prefetch_queue_depth batches ahead of the batch run() returns; it
+    gives the next batch's file names as `encoded` bytes (batch_size of them or fewer), or raises StopIteration.
+    dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`. to_gpu: the CPU decoder's
+    images are copied to GPU device_id inside the pipeline, on DALI's stream."""
+    import numpy as np
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
+
+    def names():
+        return [np.frombuffer(name, dtype=np.uint8) for name in source()]
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
                   prefetch_queue_depth=2)
     def faces():
-        jpegs, _ = fn.readers.file(files=list(files), name="reader", random_shuffle=False, pad_last_batch=False)
+        # The file reads run on DALI's threads; Python only hands over the names (about 1 us a file)
+        jpegs = fn.io.file.read(fn.external_source(source=names, batch=True, dtype=types.UINT8, ndim=1))
         decode = dict(device=decoder, output_type=types.RGB if nc == 3 else types.GRAY)
         if decoder == "mixed":
             decode.update(hw_decoder_load=hw_decoder_load, preallocate_width_hint=CELEBA_WIDTH,
@@ -77,11 +91,13 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
         images = fn.resize(images, resize_y=dmath.floor(height * image_size / shorter),
                            resize_x=dmath.floor(width * image_size / shorter), antialias=True, subpixel_scale=False)
         if dtype == torch.uint8:
-            return fn.crop(images, crop=(image_size, image_size))
-        # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
-        return fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
-                                        std=[127.5] * nc, output_layout="HWC",
-                                        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT)
+            images = fn.crop(images, crop=(image_size, image_size))
+        else:
+            # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
+            images = fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
+                                              std=[127.5] * nc, output_layout="HWC",
+                                              dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT)
+        return images.gpu() if to_gpu else images
 
     pipe = faces()
     pipe.build()
@@ -90,22 +106,52 @@ def build_pipeline(files: Sequence[str], image_size: int, nc: int, batch_size: i
 
 def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads: Optional[int] = None,
                batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI."""
+    """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI. The last batch
+    holds the remainder (fewer than batch_size when the count is not a multiple)."""
+    names = [encoded(p) for p in paths]
+    batches = [names[i:i + batch_size] for i in range(0, len(names), batch_size)]
+    if not batches:
+        return
     device_id = torch.cuda.current_device() if decoder == "mixed" else None
-    pipe = build_pipeline([str(p) for p in paths], image_size, nc, batch_size, decoder,
-                          threads or default_workers(), device_id, 0.65, torch.uint8)
-    remaining = len(paths)
-    while remaining > 0:  # the reader fills the last batch from the start again: those extras are dropped
-        (images,) = pipe.run()
+    pipe = build_pipeline(iter(batches).__next__, image_size, nc, batch_size, decoder, threads or default_workers(),
+                          device_id, 0.65, torch.uint8)
+    for _ in batches:
+        (images,) = pipe.run()  # host-synchronous: each batch is copied out before the next
         if decoder == "mixed":
             images = images.as_cpu()
-        batch = torch.from_dlpack(images.as_tensor())[:remaining]
-        remaining -= len(batch)
-        yield batch
+        yield torch.from_dlpack(images.as_tensor())
+
+
+class EpochPlan:
+    """The DALI pipeline's source: one rank's batches of file names, epoch after epoch, from a given batch on.
+
+    Batch i of epoch e is rows i*B..(i+1)*B of rank_order(e), the torch loader's order; after an epoch's last
+    batch comes the next epoch's first, so that DALI's prefetching runs on across the boundary (the training loop
+    always asks for the epoch after the one it finished)."""
+
+    def __init__(self, names: list[bytes], seed: int, batch_size: int, rank: int, world_size: int, epoch: int,
+                 start: int):
+        self.names, self.seed, self.batch_size, self.rank, self.world_size = names, seed, batch_size, rank, world_size
+        self.steps = len(names) // (batch_size * world_size)
+        self.epoch, self.batch = epoch, start  # the next batch to hand DALI
+        self.order_epoch, self.order = None, None  # the epoch whose order is at hand, and that order
+
+    def __call__(self) -> list[bytes]:
+        if self.order_epoch != self.epoch:  # once an epoch: CelebA's 202,599 files take 5-15 ms (2-core CPU)
+            self.order = rank_order(len(self.names), self.seed, self.epoch, self.batch_size, self.rank,
+                                    self.world_size)
+            self.order_epoch = self.epoch
+        rows = self.order[self.batch * self.batch_size:(self.batch + 1) * self.batch_size].tolist()
+        self.epoch, self.batch = (self.epoch, self.batch + 1) if self.batch + 1 < self.steps else (self.epoch + 1, 0)
+        return [self.names[i] for i in rows]
 
 
 class DaliLoader:
-    """Batches of [-1, 1] images decoded by DALI, on `device`, reshuffled every epoch from `seed`."""
+    """Batches of [-1, 1] images decoded by DALI, on `device`, reshuffled every epoch from `seed`.
+
+    One pipeline serves the whole run: its source (EpochPlan) feeds it epoch after epoch, so that an epoch
+    boundary costs a batch, not a pipeline build and a cold prefetch queue. A set_epoch that asks for another
+    batch than the one the pipeline has coming next (a jump, or an epoch left before its end) rebuilds it."""
 
     name = "dali"
 
@@ -125,17 +171,22 @@ class DaliLoader:
         self.steps = len(paths) // (batch_size * world_size)
         if self.steps < 1:
             raise no_full_batch(len(paths), "images", batch_size, world_size)
-        self.paths = [str(p) for p in paths]
+        self.names = [encoded(p) for p in paths]
         self.image_size, self.nc, self.batch_size = image_size, nc, batch_size
         self.channels_last, self.seed, self.epoch, self.start = channels_last, seed, 0, 0
         self.decoder, self.hw_decoder_load = decoder, hw_decoder_load
         self.threads = threads or default_workers()
         self.rank, self.world_size, self.dtype = rank, world_size, dtype
-        # DALI's GPU work runs on the training GPU; a CPU-only pipeline has no device at all (DALI 2.x)
-        if decoder == "mixed":
+        # On a CUDA training device the batches leave the pipeline on the training GPU, whichever decoder: the
+        # CPU decoder's output would otherwise sit in pageable memory, whose "non_blocking" copy blocks the host.
+        # A CPU-only pipeline has no device at all (DALI 2.x).
+        self.on_gpu = self.device.type == "cuda"
+        if self.on_gpu:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
+        self.pipe = None
+        self.coming = None  # (epoch, batch) the pipeline's next output holds
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
@@ -144,26 +195,35 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch_files(self) -> list[str]:
-        """The files this rank reads in the epoch set by set_epoch, from its start batch on, in order."""
-        order = rank_order(len(self.paths), self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
-        return [self.paths[i] for i in order[self.start * self.batch_size:].tolist()]
+    def build(self) -> None:
+        """A pipeline whose first output is batch `start` of epoch `epoch`. On the 2-core CPU a build took 25-40 ms
+        after the first (1.1 s: it loads DALI's libraries), plus the wait for the old pipeline's batch in flight."""
+        self.pipe = None  # the old pipeline's buffers go before the new one allocates its own
+        plan = EpochPlan(self.names, self.seed, self.batch_size, self.rank, self.world_size, self.epoch, self.start)
+        self.pipe = build_pipeline(plan, self.image_size, self.nc, self.batch_size, self.decoder, self.threads,
+                                   self.device_id, self.hw_decoder_load, self.dtype,
+                                   to_gpu=self.on_gpu and self.decoder == "cpu")
+        self.coming = (self.epoch, self.start)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.start >= self.steps:  # a resumed epoch that had ended already (on data that has since shrunk)
             return
-        # A pipeline per epoch: its file list is that epoch's order (a CPU build measured 19 ms after the
-        # first, which loads DALI's libraries; the GPU decoder's is still to be measured)
-        pipe = build_pipeline(self.epoch_files(), self.image_size, self.nc, self.batch_size, self.decoder,
-                              self.threads, self.device_id, self.hw_decoder_load, self.dtype)
-        try:
-            for _ in range(self.start, self.steps):
-                (images,) = pipe.run()
-                # DLPack hands torch DALI's own buffer (NHWC); exec_dynamic gives each output its own buffer,
-                # so it stays valid while training uses it
-                batch = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)  # NCHW, channels_last memory
-                if not self.channels_last:
-                    batch = batch.contiguous()
-                yield batch.to(self.device, non_blocking=True)  # a no-op when DALI decoded on this device
-        finally:
-            del pipe  # free the decoder's buffers before the next epoch builds its own
+        if self.pipe is None or self.coming != (self.epoch, self.start):
+            self.build()
+        epoch = self.epoch
+        for i in range(self.start, self.steps):
+            # On CUDA, run(stream) makes the batch ready in the order of torch's current stream (DALI sets it as
+            # the outputs' order: a device-side wait, where run() alone waits on the host for every batch).
+            # torch.from_dlpack passes that stream to DALI's __dlpack__ again, which adds an event only if the
+            # streams differ. exec_dynamic gives each output its own buffer, never recycled, so the batch stays
+            # valid while training uses it and is freed when torch lets go of it. On the CPU, run() returns
+            # finished host batches.
+            stream = torch.cuda.current_stream(self.device) if self.on_gpu else None
+            try:
+                (images,) = self.pipe.run(stream)
+            except BaseException:
+                self.pipe = None  # its queue is in an unknown state: the next epoch builds afresh
+                raise
+            self.coming = (epoch, i + 1) if i + 1 < self.steps else (epoch + 1, 0)
+            batch = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)  # NCHW, channels_last memory
+            yield batch if self.channels_last else batch.contiguous()
