@@ -1,25 +1,113 @@
-"""The bench suite keeps working: a tiny run of each script (no figures are asserted: speed is for bench/)."""
+"""The bench suite keeps working: tiny runs of each script (no figures are asserted: speed is for bench/), and
+the measuring harness reads each loader as training does."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import loaders as loader_bench  # noqa: E402
+import throughput  # noqa: E402
+from fastgan.pipeline_dali import dali_available  # noqa: E402
+
+# the end-to-end rows a user runs; the CUDA ones say "skipped: no CUDA GPU" on the CPU
+CUDA_ROWS = [f"prepared + {what} ({precision})" for precision in ("fp16", "bf16")
+             for what in ("compile", "CUDA graphs", "compile + CUDA graphs")]
+CPU_ROWS = ["prepared, eager fp32", "prepared + channels_last", "prepared + channels_last + bf16"]
+
+
+class CountingLoader:
+    """A loader of `steps` one-image batches that records how it is used."""
+
+    def __init__(self, steps: int):
+        self.steps, self.epochs, self.batches = steps, [], 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            self.batches += 1
+            yield torch.zeros(1)
+
+
+def test_loader_measure_reads_one_loader_epoch_after_epoch():
+    made = []
+
+    def make():
+        made.append(CountingLoader(steps=5))
+        return made[-1]
+    figures = loader_bench.measure(make, batch_size=1, repeats=2, device=torch.device("cpu"), batches=7)
+    assert len(made) == 1, "start-up is paid once: every timing reads the same loader object"
+    loader = made[0]
+    # the first batch, the warm-up's 8 and 2 timings of 7: 23 batches of epochs 0..4 (5 batches each, the last
+    # left unfinished); then the epoch-boundary figure reads 3 whole epochs from the start
+    assert loader.epochs == [0, 1, 2, 3, 4] + [0, 1, 2]
+    assert loader.batches == 1 + loader_bench.WARMUP_BATCHES + 2 * 7 + 3 * 5
+    assert figures["startup_s"] >= 0 and figures["images_per_second"] > 0  # (start-up: under a ms here)
+    assert figures["epoch_gap"]["gap_ms"] >= 0 and len(figures["epoch_gap"]["gaps_ms"]) == 2  # 3 epochs, 2 boundaries
+
+
+def test_timed_reads_batches_from_one_stream():
+    loader = CountingLoader(steps=3)
+    steps_taken = []
+    figures = throughput.timed(lambda batch: steps_taken.append(batch) or torch.ones(5),
+                               loader_bench.epochs(loader), steps=4, warmup=2, repeats=3, batch=1,
+                               device=torch.device("cpu"))
+    assert len(steps_taken) == loader.batches == 2 + 3 * 4
+    assert loader.epochs == [0, 1, 2, 3, 4]  # 14 batches of 3 per epoch: one loader, 5 epochs
+    assert figures["images_per_second"] > 0 and figures["warmup_s"] >= 0
 
 
 def test_throughput_runs_and_writes_every_table(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--quick", "--ngf", "4", "--batch-size",
-                             "8", "--images", "64", "--steps", "1", "--repeats", "1", "--no-compile", "--json",
-                             str(out)], capture_output=True, text=True, timeout=600)
+                             "8", "--images", "64", "--steps", "1", "--repeats", "1", "--no-compile", "--device",
+                             "cpu", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
-    assert {"device", "torch", "commit", "loaders", "steps", "end_to_end", "end_to_end_ratio"} <= set(figures)
+    assert {"device", "torch", "commit", "loaders", "steps", "end_to_end", "end_to_end_ratio", "best_end_to_end",
+            "targets"} <= set(figures)
+    for section in ("loaders", "steps", "end_to_end"):  # every row: a figure, or a note that says why not
+        for r in figures[section]:
+            assert (r["images_per_second"] or 0) > 0 or r["note"].startswith("skipped: "), r
+    ran = [r for r in figures["loaders"] if r["images_per_second"]]
+    assert all(r["startup_s"] > 0 for r in ran)
+    assert any(r["row"].startswith("prepared file") for r in ran)
     assert figures["steps"][0]["row"].startswith("tutorial step") and figures["steps"][0]["images_per_second"] > 0
-    assert any(r["row"].startswith("prepared file") and r["images_per_second"] > 0 for r in figures["loaders"])
-    assert all(r["images_per_second"] > 0 for r in figures["end_to_end"])
-    skipped = [r for r in figures["steps"] if r["images_per_second"] is None]
-    assert all(r["note"].startswith("skipped: ") for r in skipped)
+
+    rows = {r["row"]: r for r in figures["end_to_end"]}
+    tutorial = figures["end_to_end"][0]
+    assert tutorial["row"].startswith("tutorial") and tutorial["ratio"] == 1
+    for r in figures["end_to_end"][1:]:
+        if r["images_per_second"]:  # each against the tutorial of the same run
+            assert r["ratio"] == pytest.approx(r["images_per_second"] / tutorial["images_per_second"], rel=1e-2)
+    assert all(rows[name]["images_per_second"] > 0 for name in CPU_ROWS)
+    assert all(rows[name]["note"] == "skipped: no CUDA GPU" for name in CUDA_ROWS)
+    assert rows["prepared + channels_last + compile (fp32)"]["note"] == "skipped: --no-compile"
+    dali = [r for r in figures["end_to_end"] if r["row"].startswith("DALI CPU decode + the best step")]
+    assert len(dali) == 1 and (dali[0]["images_per_second"] > 0 if dali_available() else
+                               dali[0]["note"] == "skipped: DALI not installed")
+    best = rows[figures["best_end_to_end"]]
+    assert best["images_per_second"] == max(r["images_per_second"] or 0 for r in figures["end_to_end"][1:])
+    assert figures["end_to_end_ratio"] == best["ratio"]
+    assert figures["targets"]["met"] is None  # judged on a GPU only
+    assert "GPU targets" in result.stdout and "best end to end:" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU that this machine has")
+def test_throughput_without_a_gpu_says_so_in_one_line():
+    result = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--device", "cuda"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bench: --device cuda asked for") and len(result.stderr.splitlines()) == 1
 
 
 def test_distributed_bench_runs_both_ways(tmp_path):
