@@ -206,7 +206,7 @@ def test_odd_files_train_through_dali(tmp_path, capsys):
     (root / "faces" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     rgb.convert("P").save(root / "faces" / "gif-inside.png", format="GIF")  # PIL reads it, DALI cannot
     run = tmp_path / "run"
-    assert main(["train", "--root", str(root), "--out", str(run), "--loader", "dali", "--epochs", "1",
+    assert main(["train", "--root", str(root), "--out", str(run), "--loader", "dali", "--device", "cpu", "--epochs", "1",
                  "--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "6",
                  "--quiet"]) == 0
     err = capsys.readouterr().err
