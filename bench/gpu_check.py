@@ -9,9 +9,8 @@ mode, the sync-free check and the throughput bench, each part timed and bounded,
 Run it from the repository root of a plain copy (fastgan need not be installed: the repository goes on the
 subprocesses' PYTHONPATH, the CLI runs as `python -m fastgan`). OUTDIR must be new or empty; it receives
 <part>.log (each command and its output) and <part>.result.json (status, seconds, figures) per part, the
-bench's throughput.json, and summary.md
-(part | status | seconds | key figure), rewritten after every part so that a run cut short still leaves one,
-and printed at the end. The synthetic faces, prepared files and run folders live in a scratch folder (--work)
+bench's throughput.json, and summary.md (part | status | seconds | key figure), rewritten after every part so
+that a run cut short still leaves one, and printed at the end. The synthetic faces, prepared files and run folders live in a scratch folder (--work)
 outside OUTDIR, removed at the end unless --keep. The exit status is 1 when any part failed.
 
 Each part stops at its own timeout or when the --budget is spent, whichever comes first ("failed: timed out
@@ -279,7 +278,7 @@ def run_test_node(check: Check, node: str) -> Result:
     code, output = check.sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", node],
                             require_gpu=True)
     counts = pytest_counts(output)
-    if code in (4, 5) and ("not found" in output or "no tests ran" in output or code == 5):
+    if code == 5 or (code == 4 and "not found" in output):  # pytest: no tests collected; a usage error
         return Result("failed", f"test not found: {node}")
     if code != 0:
         return Result("failed", f"pytest exited with {code}: {counts or last_line(output)}", counts)
@@ -536,7 +535,10 @@ def write_summary(check: Check, rows: list, pending: list[str], total_s: float) 
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     body = [f"| {name} | {cell(status_text(r))} | {seconds:.1f} | {cell(r.key)} |" for name, r, seconds in rows]
     body += [f"| {name} | not run yet | | |" for name in pending]
-    text = "\n".join(head + body) + "\n"
+    failed = [name for name, r, _ in rows if r.status == "failed"]
+    rerun = (["", f"Again, the failed parts only: `python bench/gpu_check.py {'--cpu ' if check.cpu else ''}"
+              f"--only {','.join(failed)} NEW_OUTDIR`"] if failed and not pending else [])
+    text = "\n".join(head + body + rerun) + "\n"
     (check.out / "summary.md").write_text(text)
     return text
 

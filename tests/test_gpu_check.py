@@ -102,7 +102,9 @@ def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkey
     assert "broken" in (out / "bad.log").read_text()
     printed = capsys.readouterr().out
     assert "] hang: failed: timed out after 2 s (" in printed
-    assert printed.rstrip().endswith("| late | failed: not started: the --budget of 15 s was spent | 0.0 |  |")
+    assert "| late | failed: not started: the --budget of 15 s was spent | 0.0 |  |\n" in printed
+    assert printed.rstrip().endswith("the failed parts only: `python bench/gpu_check.py --only "
+                                     "bad,crash,hang,long,late NEW_OUTDIR`")  # the summary comes last
     assert not (tmp_path / "work").exists()  # the scratch folder is removed unless --keep
 
 
