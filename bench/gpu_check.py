@@ -154,8 +154,11 @@ def stop_group(child: subprocess.Popen) -> None:
 
 
 def last_line(output: str) -> str:
-    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else "(no output)"
+    """The line that says what went wrong: fastgan's own error line where there is one (torchrun ends with a
+    banner of its own), else the last line that is not a rule."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip().strip("=-")]
+    errors = [ln for ln in lines if ln.startswith("fastgan: error")]
+    return (errors or lines or ["(no output)"])[-1][:300]
 
 
 # ---------------------------------------------------------------------------------------------------------------
