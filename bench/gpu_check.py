@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-SYNC_FREE_TEST = "tests/test_gpu.py::test_graphed_steps_on_prepared_data_never_sync"
+SYNC_FREE_TEST = "tests/test_graphs.py::test_graphed_steps_on_prepared_data_never_sync"
 # `fastgan synth`: 2.8 ms per 178x218 face on one core (measured on the 2-core CPU: 2,000 faces in 9.5 s, 20 in
 # 4.0 s, i.e. 4 s of start-up), so 20,000 faces take about 4 s of drawing on 16 cores; the CLI parts' epochs
 # over them (156 steps of 128) take seconds on a GPU, so start-up and compiling dominate, not the count
