@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from epoch_gap import epoch_boundary_gap  # noqa: E402
+from epoch_gap import commit, epoch_boundary_gap  # noqa: E402,F401 (commit: also the other scripts')
 from fastgan.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.files import default_workers, find_images  # noqa: E402
@@ -124,14 +123,6 @@ def describe_gap(figures: dict) -> str:
     if gap is None:
         return figures.get("epoch_gap_note", "")
     return f"{gap['gap_ms']:,.0f} ms = {gap['gap_batches']:.1f} batches"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def loader_rows(paths, folder: Path, size: int, batch: int, device: torch.device, threads, hw_loads):

@@ -32,7 +32,7 @@ from .report import (MetricsLog, RunProgress, console, format_stats, image_grid,
                      save_animation, save_image_atomic, write_json)
 from .state import find_resume_checkpoint, load_resume, refuse_overwriting_later_epochs
 from .step import STAT_NAMES
-from .trainer import Precision, build_models, build_optimizers, build_trainer, resolve_precision  # noqa: F401
+from .trainer import Precision, build_trainer, resolve_precision
 
 FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
 

@@ -201,7 +201,7 @@ def ddp_worker(rank: int, backend: str, port: int, results) -> None:
 
     from fastgan import distributed
     from fastgan.config import Config
-    from fastgan.loop import build_optimizers
+    from fastgan.trainer import build_optimizers
     from fastgan.models import Discriminator, Generator, init_weights
     from fastgan.step import train_step
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

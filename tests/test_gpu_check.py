@@ -48,7 +48,7 @@ def test_the_cpu_check_passes(tmp_path):
         assert "img/s" in rows[name][2], (name, rows[name])
     assert (out / "throughput.json").exists()  # the bench's own JSON, beside the part's result
     assert result.stdout.rstrip().endswith(f"| throughput | {' | '.join(rows['throughput'])} |")  # summary last
-    assert f"gpu_check: [" in result.stdout and "] train-fp32: passed (" in result.stdout  # a line per part
+    assert "gpu_check: [" in result.stdout and "] train-fp32: passed (" in result.stdout  # a line per part
 
 
 def fake_part(name, code=None, timeout_s=60, needs=(), raises=None):

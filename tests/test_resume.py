@@ -301,7 +301,8 @@ def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_pat
 def run_objects(capturable: bool, lr: float = 2e-4, device=torch.device("cpu")):
     """The objects train() saves and restores, built as the loop builds them (on the CPU: none needs a GPU)."""
     from fastgan.config import Config
-    from fastgan.loop import build_models, build_optimizers, make_fixed_noise
+    from fastgan.loop import make_fixed_noise
+    from fastgan.trainer import build_models, build_optimizers
     from fastgan.state import noise_generator
     cfg = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=4, lr=lr, device="cpu")
     torch.manual_seed(cfg.seed)

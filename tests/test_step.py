@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastgan.config import Config
-from fastgan.loop import build_models, build_optimizers, resolve_precision
+from fastgan.trainer import build_models, build_optimizers, resolve_precision
 from fastgan.step import train_step
 from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_step
 
