@@ -12,6 +12,9 @@ import torch.distributed as dist
 from torch import nn
 
 CHANNEL = (slice(None), None, None)  # (C,) -> (C, 1, 1): a per-channel value against an NCHW tensor
+# torch 2.14 renames all_gather_into_tensor (deprecated there) to all_gather_single; older torch (the GPU
+# machines' 2.11) has only the old name. Same arguments, same collective.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -28,7 +31,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # every rank's (mean, var), rank after rank: a flat output, because gloo takes no stacked one.
         # note: one collective; on CUDA it is queued on the stream like any kernel, the host does not wait
         gathered = x.new_empty(world_size * 2, channels)
-        dist.all_gather_single(gathered, torch.stack([mean, var]), group=process_group)
+        all_gather_single(gathered, torch.stack([mean, var]), group=process_group)
         means, variances = gathered.view(world_size, 2, channels).unbind(1)
         # equal counts per rank: the law of total variance without weights
         mean = means.mean(0)
