@@ -111,6 +111,9 @@ def add_train_parser(sub) -> None:
     run.add_argument("--sample-every", type=positive_int,
                      help=f"iterations per fixed-noise grid, besides each epoch end [{defaults.sample_every}]")
     run.add_argument("--quiet", action="store_true", default=None, help="log lines only, no progress bar")
+    run.add_argument("--tensorboard", action="store_true", default=None,
+                     help="also write the metrics and sample grids as TensorBoard events in the run folder's "
+                          "tensorboard/ (pip install \"fastgan[tensorboard]\")")
     run.add_argument("--dry-run", action="store_true", default=None,
                      help="print the resolved config, run 2 steps on a tiny batch, write nothing")
     p.set_defaults(func=run_train)

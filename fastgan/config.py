@@ -52,6 +52,7 @@ class Config:
     log_every: int = 50               # iterations between statistics reads (each one is a host sync)
     sample_every: int = 500           # iterations between fixed-noise grids (also one at each epoch end)
     quiet: bool = False               # log lines only, no progress bar
+    tensorboard: bool = False         # also TensorBoard events in run/tensorboard/ (the tensorboard extra)
     ckpt_every: int = 0               # iterations between mid-epoch checkpoints (last.pt); 0: epoch ends only
     resume: Optional[str] = None      # checkpoint path, or "auto" for the run folder's latest
     dry_run: bool = False             # a couple of steps on a tiny batch, nothing written
