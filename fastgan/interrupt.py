@@ -5,6 +5,10 @@ checkpoint and exits with a message saying how to resume. A second SIGINT stops 
 the last checkpoint stays intact, since checkpoints are only ever replaced by a rename. Under torchrun, the
 launcher forwards one signal to each worker and kills them after its --shutdown-timeout (30 s by default),
 which a checkpoint write fits in.
+
+A terminal's Ctrl-C reaches the whole process group: DataLoader worker processes too, which inherit the handler
+when they fork. Only the process that entered StopRequests announces and acts; in a worker the signal is
+ignored, so the worker goes on serving batches until the loop, stopping after its step, shuts it down.
 """
 from __future__ import annotations
 
@@ -23,12 +27,15 @@ class StopRequests:
         self.announce = announce  # print the notice (rank 0 only, under torchrun)
         self.signum: Optional[int] = None
         self._previous = {}
+        self._owner_pid: Optional[int] = None  # the process that entered; forked children inherit the handler
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner_pid:  # a forked loader worker: its parent stops the run
+            return
         if self.signum is None:
             self.signum = signum
             if self.announce:
@@ -40,6 +47,7 @@ class StopRequests:
         # a SIGTERM after the first request changes nothing: the run is stopping already
 
     def __enter__(self) -> "StopRequests":
+        self._owner_pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to it alone
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
