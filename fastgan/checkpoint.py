@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,24 +70,68 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def load(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError."""
+    """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError that says
+    what the file is: empty, not a PyTorch file, a PyTorch file cut short or damaged, or one holding objects.
+
+    A broken PyTorch file's message says "corrupt or truncated": state.load_checkpoint then names the newest
+    readable checkpoint beside it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FastganError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if size == 0:
+        raise FastganError(f"checkpoint {path} is empty (0 bytes), not a checkpoint")
+    if head.startswith(ZIP_MAGIC):  # torch.save's format since PyTorch 1.6
+        if not zipfile.is_zipfile(path):  # a zip archive's index sits at its very end: gone when cut short
+            raise FastganError(f"checkpoint {path} is corrupt or truncated: a PyTorch file cut short at {size:,} "
+                               "bytes, its end missing (as an interrupted copy or a full disk leaves it)")
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise FastganError(f"checkpoint {path} is not a PyTorch file: it is a zip archive of other files")
+    elif not head.startswith(LEGACY_MAGIC):  # torch.save's format before PyTorch 1.6
+        raise FastganError(f"checkpoint {path} is not a PyTorch file: it {describe_contents(head)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise FastganError(f"checkpoint {path} holds pickled Python objects, not plain weights; "
                                "fastgan loads only weights_only=True files") from None
-        raise FastganError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from None
-    except Exception as e:  # zip errors, EOFError, RuntimeError from a truncated archive
-        raise FastganError(f"checkpoint {path} is corrupt or truncated ({_first_line(e)})") from None
+        raise FastganError(damaged(path, head)) from None
+    except Exception:  # zip, CRC or record errors from torch's reader; EOF errors of many kinds in the old format
+        raise FastganError(damaged(path, head)) from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+def damaged(path: Path, head: bytes) -> str:
+    if head.startswith(ZIP_MAGIC):  # its index, at its very end, was read: nothing is cut off
+        return (f"checkpoint {path} is corrupt or truncated: a PyTorch file whose contents do not read back "
+                "(damaged bytes)")
+    # the old format has no index to tell a cut-short file from a damaged one
+    return (f"checkpoint {path} is corrupt or truncated: a PyTorch file in the format before PyTorch 1.6 that "
+            "does not read back to its end (cut short or damaged)")
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # (less pickle's STOP opcode)
+KNOWN_FORMATS = [  # (first bytes, what the file is): files a checkpoint is mistaken for
+    (b"\xff\xd8\xff", "is a JPEG image"), (b"\x89PNG", "is a PNG image"), (b"GIF8", "is a GIF image"),
+    (b"\x1f\x8b", "is gzip-compressed: decompress it first"), (b"\x80", "is a Python pickle of other objects"),
+    (b"\x93NUMPY", "is a NumPy array file"), (b"\x89HDF", "is an HDF5 (Keras) file"),
+]
+
+
+def describe_contents(head: bytes) -> str:
+    """What a file that is no PyTorch file holds, judged by its first bytes, worded to follow "it "."""
+    for magic, what in KNOWN_FORMATS:
+        if head.startswith(magic):
+            return what
+    # (the last character may be cut in two at the 512th byte)
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")
+    if "\ufffd" not in text and all(c.isprintable() or c.isspace() for c in text):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return f"holds text ({first[:40]!r}{'...' if len(first) > 40 else ''})"
+    return f"starts with the bytes {head[:8].hex(' ')}, which no PyTorch file does"
 
 
 def is_fastgan_checkpoint(payload: Any) -> bool:
