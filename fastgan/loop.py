@@ -66,14 +66,28 @@ def make_fixed_noise(cfg: Config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(netG: torch.nn.Module, noise: torch.Tensor) -> torch.Tensor:
-    """G(noise) with BatchNorm on its running statistics: deterministic per image, leaves G's state alone."""
+def sample(netG: torch.nn.Module, noise: torch.Tensor, batch_statistics: bool = False) -> torch.Tensor:
+    """G(noise) in eval mode, leaving G's state alone. BatchNorm normalises with its running statistics
+    (deterministic per image), or with `batch_statistics` with the statistics of this batch, as training mode
+    does but without updating the running ones: the untrained generator's running statistics (mean 0, variance
+    1) barely scale its N(0, 0.02)-weighted activations and give a flat grey grid, where the tutorial, sampling
+    in training mode, shows what an untrained DCGAN makes."""
     was_training = netG.training
     netG.eval()
+    # each BatchNorm's output replaced by its input normalised over the batch: a local computation (no
+    # SyncBatchNorm collective, since rank 0 samples alone) that writes to no buffer
+    hooks = [module.register_forward_hook(normalise_over_batch) for module in netG.modules()
+             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)] if batch_statistics else []
     try:
         return netG(noise).float()
     finally:
+        for hook in hooks:
+            hook.remove()
         netG.train(was_training)
+
+
+def normalise_over_batch(bn: torch.nn.modules.batchnorm._BatchNorm, inputs: tuple, output: torch.Tensor):
+    return torch.nn.functional.batch_norm(inputs[0], None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +212,8 @@ def train(cfg: Config) -> Optional[Path]:
     quiet_before = console.quiet
     console.quiet = quiet_before or not ranks.is_main  # under torchrun, rank 0 speaks for all
     try:
-        return train_ranked(cfg, ranks, device or resolve_device(cfg.device))
+        run = train_ranked(cfg, ranks, device or resolve_device(cfg.device))
+        return run.resolve() if run else None  # absolute: the caller may change directory after
     finally:
         console.quiet = quiet_before
         distributed.stop()
@@ -254,9 +269,9 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                           MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history)
     images_seen = 0
 
-    def save_samples(tag: str) -> None:
+    def save_samples(tag: str, batch_statistics: bool = False) -> None:
         if ranks.is_main:
-            grid = image_grid(sample(netG, fixed_noise), nrow=8)
+            grid = image_grid(sample(netG, fixed_noise, batch_statistics), nrow=8)
             save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
 
     def save_checkpoint(at: state.Position, epoch: int, i: int) -> tuple[Optional[Path], state.Position]:
@@ -273,7 +288,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
 
     step = position.step
     if step == 0:
-        save_samples(f"step{step:07d}")  # the untrained generator: the animation's first frame
+        # the untrained generator, the animation's first frame: its running statistics are still the initial ones
+        save_samples(f"step{step:07d}", batch_statistics=True)
     total_steps = cfg.epochs * steps_per_epoch
     stop, saved = False, None  # saved: (path, position) of this run's latest checkpoint (path None off rank 0)
     try:
