@@ -1,0 +1,143 @@
+"""What the user sees: one Ctrl-C notice, a step-0 grid that shows the untrained generator, broken checkpoints
+named for what they are, and the run folder the Python API returns."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastgan import Config
+from fastgan import train as train_api
+from fastgan.cli import main
+from fastgan.loop import sample
+from fastgan.models import Generator, init_weights
+
+TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
+        "--quiet", "--log-every", "2", "--sample-every", "2", "--device", "cpu"]
+NOTICE = "SIGINT received: stopping after this step"
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_to_the_whole_process_group_is_announced_once(image_folder, tmp_path):
+    """A terminal's Ctrl-C reaches the loader workers too; they inherit the handler but must not announce."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "fastgan", "train", *TINY, "--workers", "2", "--log-every", "1",
+               "--sample-every", "1000", "--root", str(image_folder), "--out", str(run), "--epochs", "1000"]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (child.poll() is None and time.monotonic() < deadline
+           and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4)):
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)  # the main process and both workers, as the terminal sends it
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert err.count(NOTICE) == 1, err
+    assert "stopped by SIGINT at iteration" in err and "Traceback" not in err, err
+
+
+# ---- the first sample grid ---------------------------------------------------------------------------------
+
+def untrained_generator(nz=8, ngf=4, image_size=16) -> Generator:
+    torch.manual_seed(999)
+    return Generator(nz, ngf, 3, image_size).apply(init_weights)
+
+
+def tile_std(grid_png, image_size: int) -> float:
+    """The mean over the grid's tiles of the pixel standard deviation inside each tile (0-255 levels), padding
+    left out: 0 for a flat grid whatever the padding."""
+    pixels = np.asarray(Image.open(grid_png).convert("RGB"), dtype=np.float64)
+    step = image_size + 2  # image_grid's 2-pixel padding
+    tiles = [pixels[2 + r * step: 2 + r * step + image_size, 2 + c * step: 2 + c * step + image_size]
+             for r in range(8) for c in range(8)]
+    return float(np.mean([tile.std() for tile in tiles]))
+
+
+@pytest.mark.parametrize("image_size,ngf,nz", [(16, 4, 8), (64, 64, 100)])
+def test_batch_statistics_sample_is_training_mode_output_and_leaves_g_alone(image_size, ngf, nz):
+    netG = untrained_generator(nz, ngf, image_size)
+    noise = torch.randn(64, nz, 1, 1, generator=torch.Generator().manual_seed(999))
+    before = {k: v.clone() for k, v in netG.state_dict().items()}
+    images = sample(netG, noise, batch_statistics=True)
+    after = netG.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics and counts untouched
+    assert netG.training  # the mode it was in
+    reference = Generator(nz, ngf, 3, image_size)
+    reference.load_state_dict(before)
+    with torch.no_grad():
+        # later samples: BatchNorm on its running statistics, as before
+        torch.testing.assert_close(sample(netG, noise), reference.eval()(noise), rtol=0, atol=0)
+        # the tutorial's netG(fixed_noise) in training mode (which moves the copy's running statistics)
+        torch.testing.assert_close(images, reference.train()(noise), rtol=0, atol=0)
+
+
+def test_the_step_0_grid_shows_the_untrained_generator_not_flat_grey(image_folder, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--epochs", "1"]) == 0
+    first = tile_std(run / "samples" / "fake_step0000000.png", 16)
+    # Measured on this config (16x16, ngf 4, nz 8, seed 999): 6.1 levels with batch statistics; 0.50 for the flat
+    # grey grid that BatchNorm's initial running statistics gave (rounding noise around 128). 2 levels sits well
+    # between them, with 3x margin below the measured value.
+    assert first > 2.0, first
+    assert tile_std(run / "samples" / "fake_step0000002.png", 16) > 0  # later grids: drawn, in eval mode
+
+
+# ---- broken checkpoints --------------------------------------------------------------------------------------
+
+def broken_files(tmp_path) -> list[tuple[str, bytes, str]]:
+    """(name, contents, what the one error line must say) for each kind of file that is not a checkpoint."""
+    weights = io.BytesIO()
+    torch.save(untrained_generator().state_dict(), weights)
+    whole = weights.getvalue()
+    legacy = io.BytesIO()
+    torch.save(untrained_generator().state_dict(), legacy, _use_new_zipfile_serialization=False)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+    other_zip = io.BytesIO()
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("faces/0001.txt", "not weights")
+    return [
+        ("empty.pt", b"", "is empty (0 bytes), not a checkpoint"),
+        ("notes.pt", b"epochs: 25\nlr: 0.0002\n", "is not a PyTorch file: it holds text ('epochs: 25')"),
+        ("photo.pt", jpeg.getvalue(), "is not a PyTorch file: it is a JPEG image"),
+        ("archive.pt", other_zip.getvalue(), "is not a PyTorch file: it is a zip archive of other files"),
+        ("half.pt", whole[: len(whole) // 2],
+         f"is corrupt or truncated: a PyTorch file cut short at {len(whole) // 2:,} bytes"),
+        ("tail.pt", whole[:-10], f"is corrupt or truncated: a PyTorch file cut short at {len(whole) - 10:,} bytes"),
+        ("legacy_half.pt", legacy.getvalue()[: len(legacy.getvalue()) // 2],
+         "is corrupt or truncated: a PyTorch file in the format before PyTorch 1.6 that does not read back to its "
+         "end (cut short or damaged)"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path, capfd, command):
+    for name, contents, message in broken_files(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(contents)
+        argv = (["generate", "--device", "cpu", "--checkpoint", str(path), "--out", str(tmp_path / "g.png")]
+                if command == "generate" else ["train", *TINY, "--resume", str(path), "--out", str(tmp_path / "r")])
+        assert main(argv) == 2, name
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"fastgan: error: checkpoint {path} {message}"), err
+        assert "Error" not in err.removeprefix("fastgan: error:"), err  # no internal exception's name
+
+
+# ---- the Python API -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out", ["relative/run", None])
+def test_the_python_api_returns_the_run_folder_absolute(image_folder, tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    run = train_api(Config(root=str(image_folder), out=out, image_size=16, ngf=4, ndf=4, nz=8, batch_size=8,
+                           workers=0, epochs=1, quiet=True, device="cpu"))
+    assert run.is_absolute() and run == run.resolve(), run
+    assert run.parent.parent == tmp_path.resolve() and (run / "netG.pth").is_file()
