@@ -22,10 +22,12 @@ NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each
 
 class IntervalStats:
     def __init__(self, log_every: int, device: torch.device, precision: str, scaler, ranks: Ranks,
-                 batch_size: int, metrics: Optional[MetricsLog], run: Optional[Path], loss_history: torch.Tensor):
+                 batch_size: int, metrics: Optional[MetricsLog], run: Optional[Path], loss_history: torch.Tensor,
+                 tensorboard=None):
         self.history = torch.zeros(log_every, len(STAT_NAMES), device=device)
         self.precision, self.scaler, self.ranks, self.batch_size = precision, scaler, ranks, batch_size
         self.metrics, self.run = metrics, run
+        self.tensorboard = tensorboard  # a TensorBoardLog (--tensorboard, rank 0): each record goes to it too
         self.losses = [loss_history]  # (steps, 2): Loss_D and Loss_G of every step so far, in host pieces
         self.pending = 0  # steps recorded since the last read
         self.nonfinite_streak = 0
@@ -58,12 +60,15 @@ class IntervalStats:
         stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
         per_rank = self.pending * self.batch_size / max(now - self.interval_start, 1e-9)
         images_per_second = per_rank * self.ranks.world_size  # rank 0's pace, for all ranks: they run in step
-        if self.metrics:
-            self.metrics.write({"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
-                                "images_per_second": round(images_per_second, 1),
-                                **({"images_per_second_per_rank": round(per_rank, 1)} if self.ranks.launched else {}),
-                                **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
-                                "time": round(now - self.run_start, 3)})
+        if self.metrics:  # rank 0
+            record = {"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
+                      "images_per_second": round(images_per_second, 1),
+                      **({"images_per_second_per_rank": round(per_rank, 1)} if self.ranks.launched else {}),
+                      **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
+                      "time": round(now - self.run_start, 3)}
+            self.metrics.write(record)
+            if self.tensorboard:
+                self.tensorboard.write(record)
         progress.log(f"[{epoch + 1}/{epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
                      f"{images_per_second:,.0f} img/s", stats, images_per_second)
         self.pending, self.interval_start = 0, now

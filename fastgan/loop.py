@@ -32,6 +32,7 @@ from .report import (MetricsLog, RunProgress, console, format_stats, image_grid,
                      save_animation, save_image_atomic, write_json)
 from .state import find_resume_checkpoint, load_resume, refuse_overwriting_later_epochs
 from .step import STAT_NAMES
+from .tensorboard_log import TensorBoardLog, summary_writer_class
 from .trainer import Precision, build_trainer, resolve_precision
 
 FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
@@ -225,6 +226,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: autotune each convolution once
     loader_name, decoder = resolve_loader(cfg, device)
+    if cfg.tensorboard:
+        summary_writer_class()  # without the package: one line naming the extra, before anything is written
     resume_path = find_resume_checkpoint(cfg)
     resumed = load_resume(resume_path, cfg) if resume_path else None
 
@@ -266,13 +269,16 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
 
     steps_per_epoch = len(loader)
     stats = IntervalStats(cfg.log_every, device, precision.name, trainer.scaler, ranks, batch_size,
-                          MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history)
+                          MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history,
+                          tensorboard=TensorBoardLog(run) if cfg.tensorboard and ranks.is_main else None)
     images_seen = 0
 
     def save_samples(tag: str, batch_statistics: bool = False) -> None:
         if ranks.is_main:
             grid = image_grid(sample(netG, fixed_noise, batch_statistics), nrow=8)
             save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
+            if stats.tensorboard:
+                stats.tensorboard.sample(grid, run / "samples" / f"fake_{tag}.png")
 
     def save_checkpoint(at: state.Position, epoch: int, i: int) -> tuple[Optional[Path], state.Position]:
         """Flush the statistics (the loss history must reach `at`), refuse non-finite weights, write (rank 0)."""
@@ -334,6 +340,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     finally:
         if stats.metrics:
             stats.metrics.close()
+        if stats.tensorboard:
+            stats.tensorboard.close()
     if stop and saved[1].epoch < cfg.epochs:  # (a stop asked for during the very last step changes nothing)
         path, at = saved
         # a rank can be outvoted into stopping before its own copy of the signal arrives
