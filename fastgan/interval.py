@@ -3,6 +3,10 @@
 Each step's statistics (Loss_D, Loss_G, D(x), D(G(z)) before and after D's update) are copied into a device
 history without a host sync; `read` moves the interval to the host once (the loop's only regular host sync),
 extends the loss history, checks the losses are finite, writes the metrics record and the log line.
+
+Intervals end at global step numbers (each multiple of --log-every, and each epoch's end), never at a checkpoint:
+a checkpoint taken inside an interval carries its rows (`unfinished`), and the run resumed from it continues
+that interval, so an interrupted and resumed run writes the records of the run left alone.
 """
 from __future__ import annotations
 
@@ -23,20 +27,33 @@ NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each
 class IntervalStats:
     def __init__(self, log_every: int, device: torch.device, precision: str, scaler, ranks: Ranks,
                  batch_size: int, metrics: Optional[MetricsLog], run: Optional[Path], loss_history: torch.Tensor,
-                 tensorboard=None):
-        self.history = torch.zeros(log_every, len(STAT_NAMES), device=device)
+                 carried: Optional[dict] = None, tensorboard=None):
+        """loss_history: Loss_D and Loss_G of every step so far, (steps, 2); carried: `unfinished()` of the
+        checkpoint being resumed, whose rows are the last of loss_history's and continue this run's first interval."""
+        rows = carried["stats"] if carried else torch.zeros(0, len(STAT_NAMES))
+        # + len(rows): a run resumed with a smaller --log-every than the checkpoint's has a longer first interval
+        self.history = torch.zeros(log_every + len(rows), len(STAT_NAMES), device=device)
+        self.history[:len(rows)] = rows.to(device)
         self.precision, self.scaler, self.ranks, self.batch_size = precision, scaler, ranks, batch_size
         self.metrics, self.run = metrics, run
         self.tensorboard = tensorboard  # a TensorBoardLog (--tensorboard, rank 0): each record goes to it too
-        self.losses = [loss_history]  # (steps, 2): Loss_D and Loss_G of every step so far, in host pieces
-        self.pending = 0  # steps recorded since the last read
-        self.nonfinite_streak = 0
+        # (steps, 2) host pieces: the carried rows' losses come back with their interval's read
+        self.losses = [loss_history[:len(loss_history) - len(rows)]]
+        self.pending = len(rows)  # steps recorded since the last read
+        self.timed = 0  # of those, the steps this process trained, since interval_start: its images/s
+        self.nonfinite_streak = carried["nonfinite_streak"] if carried else 0
         self.run_start = self.interval_start = time.perf_counter()
 
     def add(self, stats: torch.Tensor) -> None:
         """One step's statistics (a device tensor): a device copy, no host sync."""
         self.history[self.pending] = stats
         self.pending += 1
+        self.timed += 1
+
+    def unfinished(self) -> dict:
+        """The interval read so far, for a checkpoint: its rows (pending, len(STAT_NAMES)) on the CPU (a host sync,
+        at saves only) and the non-finite streak before them. `IntervalStats(carried=...)` continues from it."""
+        return {"stats": self.history[:self.pending].cpu(), "nonfinite_streak": self.nonfinite_streak}
 
     def loss_history(self) -> torch.Tensor:
         """Loss_D and Loss_G of every step read so far, (steps, 2) on the CPU."""
@@ -58,7 +75,7 @@ class IntervalStats:
             raise FastganError(f"{problem or 'another rank saw non-finite losses'}; training stopped. "
                                + last_good_checkpoint(self.run) + advice)
         stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
-        per_rank = self.pending * self.batch_size / max(now - self.interval_start, 1e-9)
+        per_rank = self.timed * self.batch_size / max(now - self.interval_start, 1e-9)
         images_per_second = per_rank * self.ranks.world_size  # rank 0's pace, for all ranks: they run in step
         if self.metrics:  # rank 0
             record = {"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
@@ -71,7 +88,7 @@ class IntervalStats:
                 self.tensorboard.write(record)
         progress.log(f"[{epoch + 1}/{epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
                      f"{images_per_second:,.0f} img/s", stats, images_per_second)
-        self.pending, self.interval_start = 0, now
+        self.pending, self.timed, self.interval_start = 0, 0, now
 
     def nonfinite(self, values: torch.Tensor, first_step: int) -> Optional[str]:
         """What is wrong with the interval's losses, or None. fp32/bf16 stop at the first non-finite loss; fp16

@@ -255,10 +255,11 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
 
     trainer = build_trainer(cfg, device, precision, ranks, loader)
     netG, netD, optimizerG, optimizerD = trainer.netG, trainer.netD, trainer.optimizerG, trainer.optimizerD
-    loss_history, fixed_noise = torch.zeros(0, 2), make_fixed_noise(cfg)
+    loss_history, fixed_noise, carried = torch.zeros(0, 2), make_fixed_noise(cfg), None
     if resumed:
         state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise, device)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
+        carried = state.unfinished_interval(resumed)  # the log interval the checkpoint cut short: continued here
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
         if position.iteration and resumed.get("images", data.count) != data.count:
             console.print(f"fastgan: note: the data now holds {data.count:,} images, {resumed['images']:,} when the "
@@ -269,7 +270,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
 
     steps_per_epoch = len(loader)
     stats = IntervalStats(cfg.log_every, device, precision.name, trainer.scaler, ranks, batch_size,
-                          MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history,
+                          MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history, carried,
                           tensorboard=TensorBoardLog(run) if cfg.tensorboard and ranks.is_main else None)
     images_seen = 0
 
@@ -281,14 +282,15 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                 stats.tensorboard.sample(grid, run / "samples" / f"fake_{tag}.png")
 
     def save_checkpoint(at: state.Position, epoch: int, i: int) -> tuple[Optional[Path], state.Position]:
-        """Flush the statistics (the loss history must reach `at`), refuse non-finite weights, write (rank 0)."""
-        if stats.pending:
-            stats.read(epoch, i, at.step, progress, cfg.epochs, steps_per_epoch)
+        """Refuse non-finite weights, write (rank 0). A log interval in progress is carried in the checkpoint, not
+        logged: records end at the same steps whatever the checkpoints, so a resumed run writes the same ones."""
         if ranks.vote(not state.all_finite(netG, netD, optimizerG, optimizerD)):
             raise FastganError(f"the weights are no longer finite at iteration {at.step}; not saving them. "
                                + last_good_checkpoint(run) + " Lower --lr.")
+        interval = stats.unfinished()
+        losses = torch.cat([stats.loss_history(), interval["stats"][:, :2]])  # every step's, up to `at`
         path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
-                                             trainer.noise, fixed_noise, stats.loss_history(), device, data.count)
+                                             trainer.noise, fixed_noise, losses, device, data.count, interval)
                           ) if ranks.is_main else None
         return path, at
 
@@ -310,7 +312,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                     step += 1
                     images_seen += batch_size
                     progress.advance()
-                    interval_end = (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch
+                    # at global step numbers, whatever the resume point: a resumed run writes the same records
+                    interval_end = step % cfg.log_every == 0 or i + 1 == steps_per_epoch
                     if interval_end:
                         stats.read(epoch, i, step, progress, cfg.epochs, steps_per_epoch)
                     if step % cfg.sample_every == 0 and i + 1 < steps_per_epoch:  # the epoch end samples anyway
@@ -323,6 +326,9 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
                     if mid_epoch and (stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
                         saved = save_checkpoint(state.Position(epoch, i + 1, step), epoch, i)
                     if stop:
+                        if stats.pending:  # the interval cut short: logged now; its checkpoint carries it, and
+                            # a resumed run replaces this record with the whole interval's (state.set_aside_...)
+                            stats.read(epoch, i, step, progress, cfg.epochs, steps_per_epoch)
                         break
                 if stop and mid_epoch:
                     break
@@ -370,10 +376,10 @@ def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[
     if resumed:
         refuse_overwriting_later_epochs(run, resumed["epoch"])
         step = resumed["step"]
-        records, grids = state.set_aside_later_results(run, step)
+        records, grids = state.set_aside_later_results(run, step, state.carried_steps(resumed))
         if records or grids:
-            console.print(f"fastgan: what was written after iteration {step} is trained again now, so it moves "
-                          f"aside: {records} metrics records to {run / f'metrics.after-{step}.jsonl'}, "
+            console.print(f"fastgan: what was written after the checkpoint at iteration {step} is made again now, "
+                          f"so it moves aside: {records} metrics records to {run / f'metrics.after-{step}.jsonl'}, "
                           f"{grids} sample grids to {run / 'samples' / f'after-{step}'}")
     console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
     config_file = run / "config.json"

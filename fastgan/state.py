@@ -2,10 +2,10 @@
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: both networks, both
 optimizers, the GradScaler, the epoch and the batch inside it, the step, the training noise's generator and
-torch's RNG states, the fixed noise and the loss history. The data order needs no state of its own: each
-epoch's order is a pure function of (seed, epoch) (pipeline_torch.rank_order), so a resumed epoch skips the
-batches already trained on. In eager fp32 on the CPU a run stopped anywhere and resumed ends with bit-for-bit
-the weights of the same run uninterrupted (tests/test_resume.py).
+torch's RNG states, the fixed noise, the loss history and the log interval it cut short. The data order needs
+no state of its own: each epoch's order is a pure function of (seed, epoch) (pipeline_torch.rank_order), so a
+resumed epoch skips the batches already trained on. In eager fp32 on the CPU a run stopped anywhere and resumed
+ends with bit-for-bit the weights and metrics.jsonl records of the same run uninterrupted (tests/test_resume.py).
 
 Files in run/checkpoints/: epochNNN.pt at each epoch's end (kept), last.pt the latest checkpoint (a hard link
 to the newest epoch file, or its own file when written mid-epoch by --ckpt-every or on a stop). Every file is
@@ -149,7 +149,8 @@ def all_finite(*modules_and_optimizers) -> bool:
 
 
 def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
-            fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int) -> dict:
+            fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int,
+            interval: Optional[dict] = None) -> dict:
     return {
         "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
         "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
@@ -164,8 +165,23 @@ def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD,
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "fixed_noise": fixed_noise.cpu(),
         "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
+        # the log interval this checkpoint cut short (IntervalStats.unfinished): its statistics, not yet in
+        # metrics.jsonl, so the resumed run finishes that interval and writes the record an unbroken run writes.
+        # Absent from checkpoints before it: they were written at an interval's end.
+        "interval": interval,
         "config": cfg.to_dict(),
     }
+
+
+def unfinished_interval(resumed: dict) -> Optional[dict]:
+    """The log interval a checkpoint cut short (`payload`'s "interval"), or None where it has none."""
+    interval = resumed.get("interval")
+    return interval if interval is not None and len(interval["stats"]) else None
+
+
+def carried_steps(resumed: dict) -> int:
+    interval = unfinished_interval(resumed)
+    return len(interval["stats"]) if interval else 0
 
 
 def save(run: Path, state: dict) -> Path:
@@ -229,11 +245,14 @@ def training_device_rng(saved, device: torch.device) -> Optional[torch.Tensor]:
     return saved[index] if index < len(saved) else None
 
 
-def set_aside_later_results(run: Path, step: int) -> tuple[int, int]:
-    """Before resuming from iteration `step`: what the first attempt wrote after its checkpoint is trained
-    again now, so it moves aside instead of being overwritten or duplicated. metrics.jsonl's later records go
-    to metrics.after-<step>.jsonl, later sample grids to samples/after-<step>/. Returns (records, grids)."""
-    return trim_metrics(run / "metrics.jsonl", step), move_later_samples(run / "samples", step)
+def set_aside_later_results(run: Path, step: int, carried: int = 0) -> tuple[int, int]:
+    """Before resuming from iteration `step`, whose checkpoint carries the last `carried` steps' statistics (an
+    interval it cut short): what the first attempt wrote after its checkpoint is made again now, so it moves
+    aside instead of being overwritten or duplicated. metrics.jsonl's records after step - carried (the later
+    ones, and the record of the interval cut short, which the resumed run writes whole) go to
+    metrics.after-<step>.jsonl, later sample grids to samples/after-<step>/. Returns (records, grids)."""
+    return (trim_metrics(run / "metrics.jsonl", step - carried, aside=f"metrics.after-{step}.jsonl"),
+            move_later_samples(run / "samples", step))
 
 
 def move_later_samples(folder: Path, step: int) -> int:
@@ -246,9 +265,10 @@ def move_later_samples(folder: Path, step: int) -> int:
     return len(later)
 
 
-def trim_metrics(path: Path, step: int) -> int:
+def trim_metrics(path: Path, step: int, aside: Optional[str] = None) -> int:
     """Move metrics.jsonl's records after `step` (written after the checkpoint being resumed, and about to be
-    trained again) into metrics.after-<step>.jsonl beside it, so each step has one record; return how many."""
+    written again) into `aside` beside it (metrics.after-<step>.jsonl), so each step has one record; return how
+    many."""
     if not path.exists():
         return 0
     keep, later = [], []
@@ -258,8 +278,7 @@ def trim_metrics(path: Path, step: int) -> int:
         except ValueError:
             keep.append(line)  # not ours to judge: left in place
     if later:
-        aside = path.with_name(f"metrics.after-{step}.jsonl")
-        with open(aside, "a") as f:
+        with open(path.with_name(aside or f"metrics.after-{step}.jsonl"), "a") as f:
             f.write("\n".join(later) + "\n")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in keep))

@@ -1,10 +1,11 @@
 """Nothing lost: stops by signal, crashes, non-finite losses and broken checkpoints, and exact resume.
 
 A run stopped anywhere and resumed must end, in eager fp32 on the CPU, with bit for bit the weights, optimizer
-state and loss history of the same run uninterrupted.
+state, loss history and metrics.jsonl records of the same run uninterrupted.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,14 +59,21 @@ def assert_same_training(a, b):
     netG_a, netG_b = load(a / "netG.pth"), load(b / "netG.pth")
     assert all(torch.equal(v, netG_b[k]) for k, v in netG_a.items())
 
-    def records(run):
-        drop = ("time", "images_per_second")
-        return [{k: v for k, v in json.loads(line).items() if k not in drop}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records(a) == records(b)
     grids = sorted(p.name for p in (a / "samples").glob("*.png"))
     assert grids == sorted(p.name for p in (b / "samples").glob("*.png"))
     assert all((a / "samples" / g).read_bytes() == (b / "samples" / g).read_bytes() for g in grids)
+
+
+def records(run, name="metrics.jsonl"):
+    """The run's metrics records without their wall-clock fields."""
+    drop = ("time", "images_per_second", "images_per_second_per_rank")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (run / name).read_text().splitlines()]
+
+
+def steps_of(run, name="metrics.jsonl"):
+    return [r["step"] for r in records(run, name)]
 
 
 @pytest.fixture
@@ -105,12 +113,12 @@ def test_a_crash_loses_only_the_steps_after_the_last_ckpt_every(image_folder, tm
     # mid-epoch checkpoints at iterations 2 and 4 (epoch ends 3 and 6 save anyway): the latest is epoch002.pt
     saved = load(run / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["iteration"], saved["step"]) == (2, 0, 6)
-    records = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records == [2, 3, 4, 5, 6]
+    # records at each multiple of --log-every 2 and each epoch's end; the checkpoints write none
+    assert steps_of(run) == [2, 3, 4, 6]
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    straight = tmp_path / "straight"  # a checkpoint ends a log interval: compare with the same --ckpt-every
-    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--ckpt-every", 2) == 0
+    straight = tmp_path / "straight"  # without --ckpt-every: checkpoints leave the records alone
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3) == 0
     assert_same_training(straight, run)
 
 
@@ -128,14 +136,83 @@ def test_resume_from_a_mid_epoch_ckpt_every_checkpoint_is_bit_exact(image_folder
     # iteration 5 was logged and sampled after that checkpoint: its record and grid move aside, to be made again
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    assert ("what was written after iteration 4 is trained again now, so it moves aside: 1 metrics records to "
-            f"{run / 'metrics.after-4.jsonl'}, 1 sample grids to {run / 'samples' / 'after-4'}") in capfd.readouterr().err
+    assert ("what was written after the checkpoint at iteration 4 is made again now, so it moves aside: 1 metrics "
+            f"records to {run / 'metrics.after-4.jsonl'}, 1 sample grids to {run / 'samples' / 'after-4'}"
+            ) in capfd.readouterr().err
     assert [json.loads(line)["step"] for line in (run / "metrics.after-4.jsonl").read_text().splitlines()] == [5]
     assert (run / "samples" / "after-4" / "fake_step0000005.png").exists()
     assert (run / "samples" / "fake_step0000005.png").exists()  # made again by the resumed run
     straight = tmp_path / "straight-log1"
     assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--log-every", 1, "--sample-every", 1) == 0
     assert_same_training(straight, run)
+
+
+# 24 images in batches of 4: 6 steps an epoch; records at steps 4, 6, 8, 12, 16, 18 (multiples of 4, epoch ends)
+INTERVALS = ["--batch-size", 4, "--log-every", 4, "--epochs", 3]
+
+
+def test_sigint_inside_a_log_interval_leaves_the_records_of_the_run_left_alone(image_folder, tmp_path, monkeypatch,
+                                                                                capfd):
+    """metrics.jsonl, record for record: the stop's checkpoint carries the interval it cut short (steps 9 and 10),
+    the resumed run finishes it, and the record written at the stop moves aside."""
+    straight = tmp_path / "straight"
+    assert train("--root", image_folder, "--out", straight, *INTERVALS) == 0
+    assert steps_of(straight) == [4, 6, 8, 12, 16, 18]
+    run = tmp_path / "stopped"
+    on_call(monkeypatch, {10: lambda args: os.kill(os.getpid(), signal.SIGINT)})  # epoch 2, batch 4
+    assert train("--root", image_folder, "--out", run, *INTERVALS) == 130
+    monkeypatch.undo()
+    saved = load(run / "checkpoints" / "last.pt")
+    assert saved["step"] == 10 and len(saved["interval"]["stats"]) == 2
+    assert len(saved["loss_history"]) == 10
+    assert steps_of(run) == [4, 6, 8, 10]  # the stop logs the steps it cut short: 9 and 10
+    capfd.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert "1 metrics records to" in capfd.readouterr().err
+    assert steps_of(run, "metrics.after-10.jsonl") == [10]
+    assert_same_training(straight, run)
+
+
+def test_a_crash_after_a_ckpt_every_inside_a_log_interval_leaves_the_records_of_the_run_left_alone(
+        image_folder, tmp_path, monkeypatch):
+    """--ckpt-every 5 saves at step 15, inside the interval of steps 13 to 16; the first attempt logs step 16 and
+    crashes in step 17. The resumed run continues the interval from the checkpoint's rows 13 to 15."""
+    run = tmp_path / "crashed"
+
+    def crash(args):
+        raise RuntimeError("simulated crash")
+    on_call(monkeypatch, {17: crash})
+    with pytest.raises(RuntimeError):
+        train("--root", image_folder, "--out", run, *INTERVALS, "--ckpt-every", 5)
+    monkeypatch.undo()
+    saved = load(run / "checkpoints" / "last.pt")
+    assert saved["step"] == 15 and len(saved["interval"]["stats"]) == 3
+    assert steps_of(run) == [4, 6, 8, 12, 16]
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert steps_of(run, "metrics.after-15.jsonl") == [16]
+    straight = tmp_path / "straight"  # without --ckpt-every: checkpoints leave the records alone
+    assert train("--root", image_folder, "--out", straight, *INTERVALS) == 0
+    assert_same_training(straight, run)
+
+
+def test_a_checkpoint_without_the_interval_it_cut_short_still_resumes(image_folder, tmp_path, monkeypatch):
+    """Checkpoints before the carried interval ended their interval with a record; one written since resumes
+    under a smaller --log-every too, its first interval holding the carried steps as well."""
+    run = tmp_path / "stopped"
+    on_call(monkeypatch, {10: lambda args: os.kill(os.getpid(), signal.SIGINT)})
+    assert train("--root", image_folder, "--out", run, *INTERVALS) == 130
+    monkeypatch.undo()
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    saved = load(old / "checkpoints" / "last.pt")
+    del saved["interval"]
+    torch.save(saved, old / "checkpoints" / "last.pt")
+    assert main(["train", "--out", str(old), "--resume", "auto", "--quiet"]) == 0
+    assert steps_of(old) == [4, 6, 8, 10, 12, 16, 18]  # the stop's record stays: nothing to finish it with
+    assert len(load(old / "checkpoints" / "last.pt")["loss_history"]) == 18
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet", "--log-every", "1"]) == 0
+    assert steps_of(run) == [4, 6, 8, *range(11, 19)]  # 11: steps 9 to 11
+    assert len(load(run / "checkpoints" / "last.pt")["loss_history"]) == 18
 
 
 def test_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(image_folder, tmp_path, monkeypatch, capfd):
