@@ -33,8 +33,8 @@ def test_train_writes_the_whole_run_folder(trained):
     run = trained
     assert json.loads((run / "config.json").read_text())["image_size"] == 16
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # log every 2 iterations and at each epoch end: iterations 2, 3 of each epoch
-    assert [(m["epoch"], m["iteration"], m["step"]) for m in metrics] == [(1, 2, 2), (1, 3, 3), (2, 2, 5), (2, 3, 6)]
+    # a record at every 2nd global step and at each epoch end (3 iterations an epoch): steps 2, 3, 4, 6
+    assert [(m["epoch"], m["iteration"], m["step"]) for m in metrics] == [(1, 2, 2), (1, 3, 3), (2, 1, 4), (2, 3, 6)]
     assert all(set(m) >= {"loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "images_per_second"} for m in metrics)
     samples = sorted(p.name for p in (run / "samples").iterdir())
     assert samples == ["fake_step0000000.png", "fake_step0000002.png", "fake_step0000003_epoch001.png",
@@ -74,7 +74,7 @@ def test_resume_continues_at_the_next_epoch(trained, capsys):
     torch.testing.assert_close(ckpt["fixed_noise"], first["fixed_noise"])
     assert (run / "config.resumed-at-6.json").exists()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [2, 3, 5, 6, 8, 9]
+    assert [m["step"] for m in metrics] == [2, 3, 4, 6, 8, 9]
     for name, data in samples_before.items():  # nothing of the first session was overwritten
         assert (run / "samples" / name).read_bytes() == data
     assert (run / "samples" / "fake_step0000009_epoch003.png").exists()
