@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import FastganError
-from .models import check_image_size
+from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 
 LOADER_CHOICES = ("auto", "dali", "torch")
 DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
@@ -22,10 +22,10 @@ class Config:
     demo_images: int = 4096           # size of the built-in demo set, used only when root is None
     data: Optional[str] = None        # a prepared .fgd file (fastgan prepare): decoded once, held in memory
     mirror: bool = False              # with data: flip a random half of each epoch's images horizontally
-    workers: Optional[int] = None     # DataLoader worker processes; None: one per core
+    workers: Optional[int] = None     # DataLoader worker processes; None: this process's share of the cores less one
     loader: str = "auto"              # auto | dali | torch; auto: DALI on CUDA when it is installed, else torch
     dali_decoder: str = "auto"        # auto | cpu | mixed (GPU); auto: mixed on CUDA, cpu otherwise
-    dali_threads: Optional[int] = None  # DALI's CPU threads; None: one per core
+    dali_threads: Optional[int] = None  # DALI's CPU threads; None: as workers
     hw_decoder_load: float = 0.65     # share of JPEGs sent to the GPU's hardware decoder (DALI's default)
     # model: the tutorial's defaults
     image_size: int = 64              # power of two from 16 to 256
@@ -63,44 +63,54 @@ class Config:
         preset = dict(image_size=32, ngf=32, ndf=32, batch_size=64, epochs=10, log_every=16, sample_every=64)
         return cls(**{**preset, **overrides})
 
-    def validate(self) -> "Config":
-        """Raise FastganError with one clear line for the first bad option; return self."""
+    def validate(self, flags: bool = False) -> "Config":
+        """Raise FastganError with one clear line for the first bad option; return self.
+
+        The line names the option as the user wrote it: its flag (--lr) for the command line (flags=True),
+        the field and its flag (lr (--lr)) for the Python API."""
+        def name(field: str) -> str:
+            flag = "--" + field.replace("_", "-")
+            return flag if flags else f"{field} ({flag})"
         try:
             check_image_size(self.image_size)
-        except ValueError as e:
-            raise FastganError(str(e)) from None
+        except (TypeError, ValueError):
+            raise FastganError(f"{name('image_size')} must be a power of two from {MIN_IMAGE_SIZE} to "
+                               f"{MAX_IMAGE_SIZE} (16, 32, 64, 128, 256), got {self.image_size!r}") from None
         positive = ("nz", "ngf", "ndf", "epochs", "batch_size", "log_every", "sample_every", "demo_images")
-        for name in positive:
-            value = getattr(self, name)
+        for field in positive:
+            value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FastganError(f"{name} must be a positive integer, got {value!r}")
+                raise FastganError(f"{name(field)} must be a positive integer, got {value!r}")
         if self.nc not in (1, 3):
-            raise FastganError(f"nc must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
+            raise FastganError(f"{name('nc')} must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
         if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:
-            raise FastganError(f"ckpt_every must be 0 (epoch ends only) or a positive integer, got {self.ckpt_every!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise FastganError(f"workers must be 0 or more, got {self.workers!r}")
+            raise FastganError(f"{name('ckpt_every')} must be 0 (epoch ends only) or a positive integer, "
+                               f"got {self.ckpt_every!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise FastganError(f"{name('workers')} must be 0 or more, got {self.workers!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise FastganError(f"lr must be in (0, 1), got {self.lr!r}")
+            raise FastganError(f"{name('lr')} must be in (0, 1), got {self.lr!r}")
         if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
-            raise FastganError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+            raise FastganError(f"{name('beta1')} must be in [0, 1), got {self.beta1!r}")
         if self.data is not None and self.root is not None:
-            raise FastganError("give --root (image files) or --data (a prepared file), not both")
+            raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:
-            raise FastganError("--mirror works with --data (a prepared file) only")
+            raise FastganError(f"{name('mirror')} works with {name('data')} (a prepared file) only")
         if self.loader not in LOADER_CHOICES:
-            raise FastganError(f"loader must be one of {', '.join(LOADER_CHOICES)}, got {self.loader!r}")
+            raise FastganError(f"{name('loader')} must be one of {', '.join(LOADER_CHOICES)}, got {self.loader!r}")
         if self.dali_decoder not in DALI_DECODER_CHOICES:
-            raise FastganError(f"dali_decoder must be one of {', '.join(DALI_DECODER_CHOICES)}, "
+            raise FastganError(f"{name('dali_decoder')} must be one of {', '.join(DALI_DECODER_CHOICES)}, "
                                f"got {self.dali_decoder!r}")
-        if self.dali_threads is not None and (not isinstance(self.dali_threads, int) or self.dali_threads < 1):
-            raise FastganError(f"dali_threads must be a positive integer, got {self.dali_threads!r}")
+        if self.dali_threads is not None and (isinstance(self.dali_threads, bool)
+                                              or not isinstance(self.dali_threads, int) or self.dali_threads < 1):
+            raise FastganError(f"{name('dali_threads')} must be a positive integer, got {self.dali_threads!r}")
         if not (isinstance(self.hw_decoder_load, (int, float)) and 0 <= self.hw_decoder_load <= 1):
-            raise FastganError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load!r}")
+            raise FastganError(f"{name('hw_decoder_load')} must be in [0, 1], got {self.hw_decoder_load!r}")
         if self.amp not in AMP_CHOICES:
-            raise FastganError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+            raise FastganError(f"{name('amp')} must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.device not in DEVICE_CHOICES:
-            raise FastganError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+            raise FastganError(f"{name('device')} must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
