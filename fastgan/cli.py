@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, Config
 from .errors import FastganError
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (filled by `paragraphs`); each option's default is written into its
+    help by hand, in [brackets], because the presets (tutorial, demo, --data file) decide several of them."""
+
+
+def paragraphs(*texts: str) -> str:
+    return "\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False) for text in texts)
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,57 +46,72 @@ non_negative_int = int_at_least(0, "0 or a positive integer")
 
 
 def add_train_parser(sub) -> None:
+    from .distributed import loader_threads
     defaults, demo = Config(), Config.demo()
-    description = textwrap.fill(
+    description = paragraphs(
         "Train a DCGAN (the PyTorch DCGAN faces tutorial) on a folder of images. Without --root it trains on "
         "built-in synthetic demo faces with a small preset "
         f"({demo.image_size}x{demo.image_size}, ngf=ndf={demo.ngf}, batch {demo.batch_size}, "
-        f"{demo.epochs} epochs) that a 2-core CPU finishes in minutes; with --root the defaults "
-        "are the tutorial's (64x64, ngf=ndf=64, batch 128, 5 epochs). Flags given override both; "
-        "defaults are in [brackets].", 100)
-    # no ArgumentDefaultsHelpFormatter here: the defaults depend on the preset and are written out by hand
+        f"{demo.epochs} epochs, a statistics line every {demo.log_every} and a grid every {demo.sample_every} "
+        "iterations) that a 2-core CPU finishes in minutes; with --root the defaults are the tutorial's "
+        f"({defaults.image_size}x{defaults.image_size}, ngf=ndf={defaults.ngf}, batch {defaults.batch_size}, "
+        f"{defaults.epochs} epochs). --data FILE takes the file's image size and channels, and the demo preset "
+        "when the file was made from the demo faces. --resume goes on with the run's own options.",
+        "Flags given override the preset. Defaults are in [brackets], as [tutorial; demo] where the demo preset "
+        "changes them.")
     p = sub.add_parser(
-        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train", formatter_class=HelpFormatter,
         help="train a DCGAN on a folder of images (or the demo faces)", description=description,
         epilog="examples:\n  fastgan train\n  fastgan train --root ~/celeba --amp --compile\n"
                "  fastgan train --out runs/a --resume auto --epochs 10\n"
                "  torchrun --nproc_per_node 8 -m fastgan train --root ~/celeba --amp --compile\n\n"
                "Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second Ctrl-C quits at once.")
-    # None means "not given": the preset (tutorial or demo) or the resumed run decides
+    # None means "not given": the preset (tutorial, demo or the --data file's) or the resumed run decides
+    cores_less_one = f"[each training process's share of the cores less one, at least 1: {loader_threads()} here]"
     data = p.add_argument_group("data")
-    data.add_argument("--root", help="image folder: root/*.jpg or the tutorial's root/subfolder/*.jpg "
-                                     "(default: the built-in demo faces)")
+    data.add_argument("--root", metavar="DIR", help="image folder: DIR/*.jpg or the tutorial's DIR/subfolder/*.jpg "
+                                                    "[the built-in demo faces]")
     data.add_argument("--data", metavar="FILE",
                       help="a prepared file (fastgan prepare): images decoded once, held in memory; image size "
-                           "and channels default to the file's")
+                           "and channels are the file's")
     data.add_argument("--mirror", action="store_true", default=None,
                       help="with --data: flip a random half of each epoch's images horizontally")
-    data.add_argument("--demo-images", type=positive_int, help=f"demo set size [{defaults.demo_images}]")
-    data.add_argument("--workers", type=int, help="torch loader: DataLoader worker processes [one per core]")
+    data.add_argument("--demo-images", type=positive_int, metavar="N",
+                      help=f"demo set size [{defaults.demo_images}]")
+    data.add_argument("--workers", type=non_negative_int, metavar="N",
+                      help=f"torch loader: DataLoader worker processes; 0 decodes in the training process "
+                           f"{cores_less_one}")
     data.add_argument("--loader", choices=LOADER_CHOICES,
                       help="auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch otherwise "
                            "[auto]")
     data.add_argument("--dali-decoder", choices=DALI_DECODER_CHOICES,
                       help="DALI's JPEG decoding: mixed = on the GPU, cpu = on the CPU [auto: mixed on CUDA]")
-    data.add_argument("--dali-threads", type=positive_int, help="DALI's CPU threads [one per core]")
-    data.add_argument("--hw-decoder-load", type=float,
-                      help=f"share of JPEGs for the GPU's hardware decoder (A100, H100) [{defaults.hw_decoder_load}]")
+    data.add_argument("--dali-threads", type=positive_int, metavar="N", help=f"DALI's CPU threads {cores_less_one}")
+    data.add_argument("--hw-decoder-load", type=float, metavar="SHARE",
+                      help="share of JPEGs for the GPU's hardware decoder (A100, H100), 0..1 "
+                           f"[{defaults.hw_decoder_load}]")
     model = p.add_argument_group("model")
-    model.add_argument("--image-size", type=int, help=f"power of two, 16..256 [{defaults.image_size}; demo "
-                                                       f"{demo.image_size}]")
-    model.add_argument("--nc", type=int, choices=(1, 3), help="image channels [3]")
-    model.add_argument("--nz", type=positive_int, help=f"latent size [{defaults.nz}]")
-    model.add_argument("--ngf", type=positive_int, help=f"generator width [{defaults.ngf}; demo {demo.ngf}]")
-    model.add_argument("--ndf", type=positive_int, help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
+    model.add_argument("--image-size", type=int, metavar="PX",
+                       help=f"power of two, 16..256 [{defaults.image_size}; demo {demo.image_size}; --data: the "
+                            "file's]")
+    model.add_argument("--nc", type=int, choices=(1, 3), help=f"image channels [{defaults.nc}; --data: the file's]")
+    model.add_argument("--nz", type=positive_int, metavar="N", help=f"latent size [{defaults.nz}]")
+    model.add_argument("--ngf", type=positive_int, metavar="N",
+                       help=f"generator width [{defaults.ngf}; demo {demo.ngf}]")
+    model.add_argument("--ndf", type=positive_int, metavar="N",
+                       help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, help=f"[{defaults.epochs}; demo {demo.epochs}]")
-    optim.add_argument("--batch-size", type=positive_int, help="images per step; under torchrun the total over all "
-                                                                f"processes [{defaults.batch_size}; demo {demo.batch_size}]")
-    optim.add_argument("--lr", type=float, help=f"Adam learning rate [{defaults.lr}]")
-    optim.add_argument("--beta1", type=float, help=f"Adam beta1 [{defaults.beta1}]")
-    optim.add_argument("--seed", type=int, help=f"[{defaults.seed}]")
+    optim.add_argument("--epochs", type=positive_int, metavar="N",
+                       help=f"passes over the data [{defaults.epochs}; demo {demo.epochs}]")
+    optim.add_argument("--batch-size", type=positive_int, metavar="N",
+                       help="images per step; under torchrun the total over all processes "
+                            f"[{defaults.batch_size}; demo {demo.batch_size}]")
+    optim.add_argument("--lr", type=float, help=f"Adam learning rate, 0 < lr < 1 [{defaults.lr}]")
+    optim.add_argument("--beta1", type=float, help=f"Adam beta1, 0 <= beta1 < 1 [{defaults.beta1}]")
+    optim.add_argument("--seed", type=int, metavar="N",
+                       help=f"seed of the weights, the fixed noise and the data order [{defaults.seed}]")
     speed = p.add_argument_group("speed")
-    speed.add_argument("--device", choices=DEVICE_CHOICES, help="[auto: cuda if available]")
+    speed.add_argument("--device", choices=DEVICE_CHOICES, help="where to train [auto: cuda if available]")
     speed.add_argument("--amp", nargs="?", const="auto", choices=[c for c in AMP_CHOICES],
                        help="mixed precision; --amp alone: fp16 + GradScaler on CUDA, bf16 on the CPU [off]")
     speed.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
@@ -101,22 +123,27 @@ def add_train_parser(sub) -> None:
                       help="sync BatchNorm: BatchNorm statistics over the whole global batch instead of each "
                            "process's share (CUDA and CPU). --batch-size is the total over all processes")
     run = p.add_argument_group("run")
-    run.add_argument("--out", help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
+    run.add_argument("--out", metavar="DIR",
+                     help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
     run.add_argument("--resume", metavar="PATH|auto",
                      help="continue from a checkpoint exactly where it stopped; auto: --out's latest")
     run.add_argument("--ckpt-every", type=non_negative_int, metavar="N",
                      help="also write a checkpoint (checkpoints/last.pt) every N iterations; 0: at epoch ends "
                           "only [0]")
-    run.add_argument("--log-every", type=positive_int, help=f"iterations per statistics line [{defaults.log_every}]")
-    run.add_argument("--sample-every", type=positive_int,
-                     help=f"iterations per fixed-noise grid, besides each epoch end [{defaults.sample_every}]")
-    run.add_argument("--quiet", action="store_true", default=None, help="log lines only, no progress bar")
+    run.add_argument("--log-every", type=positive_int, metavar="N",
+                     help=f"iterations per statistics line [{defaults.log_every}; demo {demo.log_every}]")
+    run.add_argument("--sample-every", type=positive_int, metavar="N",
+                     help="iterations per fixed-noise grid, besides each epoch end "
+                          f"[{defaults.sample_every}; demo {demo.sample_every}]")
+    run.add_argument("--quiet", action="store_true", default=None,
+                     help="log lines only, no progress bar (the default when stderr is not a terminal)")
     run.add_argument("--tensorboard", action="store_true", default=None,
                      help="also write the metrics and sample grids as TensorBoard events in the run folder's "
                           "tensorboard/ (pip install \"fastgan[tensorboard]\")")
     run.add_argument("--dry-run", action="store_true", default=None,
-                     help="print the resolved config, run 2 steps on a tiny batch, write nothing")
-    p.set_defaults(func=run_train)
+                     help="print the run's plan (the resolved options, device, precision, loader) as JSON on "
+                          "stdout, run 2 steps on a tiny batch, write nothing")
+    p.set_defaults(func=run_train, parser=p)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -137,10 +164,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if environment() is None:  # a --sync-bn run under torchrun may go on in one process
             base["sync_bn"] = False
         return Config(**{**base, **given})
-    if args.data is not None:  # the tutorial's defaults, with the file's image size and channels
+    if args.data is not None:  # the file's image size and channels; the demo preset for the demo faces' file
+        from .demo import is_demo_folder
         from .prepared import read_manifest
         manifest, _ = read_manifest(args.data)
-        return Config(**{"image_size": manifest["image_size"], "nc": manifest["nc"], **given})
+        preset = Config.demo if is_demo_folder(manifest["source_root"]) else Config
+        return preset(**{"image_size": manifest["image_size"], "nc": manifest["nc"], **given})
     if args.root is None:
         return Config.demo(**given)
     return Config(**given)
@@ -148,47 +177,53 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run_train(args: argparse.Namespace) -> int:
     from .loop import train
-    train(config_from_args(args))
+    train(config_from_args(args).validate(flags=True))  # errors name the flags, not Config's fields
     return 0
 
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", formatter_class=HelpFormatter, help="write faces from a trained generator",
-                       description="Write a grid of generated images from a fastgan checkpoint (run/checkpoints/"
-                                   "last.pt, run/netG.pth) or a pytorch/examples netG_epoch_N.pth; the model's "
-                                   "shape is read off the weights.")
-    p.add_argument("--checkpoint", required=True, help="fastgan checkpoint or generator state dict (.pth)")
-    p.add_argument("--n", type=positive_int, default=64, help="number of images")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random)")
-    p.add_argument("--out", default="generated.png", help="grid image to write")
+                       description=paragraphs(
+                           "Write a grid of generated images from a fastgan checkpoint (run/checkpoints/last.pt, "
+                           "run/netG.pth) or a pytorch/examples netG_epoch_N.pth; the model's shape is read off the "
+                           "weights. Defaults are in [brackets]."))
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="fastgan checkpoint or generator state dict (.pth)")
+    p.add_argument("--n", type=positive_int, default=64, help="number of images [64]")
+    p.add_argument("--seed", type=int, metavar="N", help="noise seed; the same seed gives the same images [random]")
+    p.add_argument("--out", metavar="FILE", default="generated.png",
+                   help="grid image to write (.png, .jpg, .webp, .bmp) [generated.png]")
     p.add_argument("--individual", metavar="DIR", help="also write one PNG per image into DIR")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    p.set_defaults(func=run_generate)
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where to run the generator [auto: cuda if available]")
+    p.set_defaults(func=run_generate, parser=p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generate import generate
     from .report import console
     out = generate(args.checkpoint, args.n, args.seed, args.out, args.individual, args.device)
-    console.print(f"fastgan: wrote {args.n} images to {out}"
-                  + (f" and {args.individual}/" if args.individual else ""))
+    # Path drops a trailing slash the user typed; one separator is added back to say "a folder"
+    each = f" and one PNG each to {Path(args.individual).expanduser()}{os.sep}" if args.individual else ""
+    console.print(f"fastgan: wrote {args.n} images to {out}{each}")
     return 0
 
 
 def add_synth_parser(sub) -> None:
     p = sub.add_parser("synth", formatter_class=HelpFormatter, help="write synthetic face photos (demo data)",
-                       description="Write N synthetic 178x218 face JPEGs like CelebA's img_align_celeba, drawn "
-                                   "procedurally and deterministically from --seed (the built-in demo data).")
+                       description=paragraphs(
+                           "Write N synthetic 178x218 face JPEGs like CelebA's img_align_celeba, drawn "
+                           "procedurally and deterministically from --seed (the built-in demo data). Defaults are "
+                           "in [brackets]."))
     p.add_argument("dir", help="output folder (new, or without files of the same names)")
-    p.add_argument("--n", type=positive_int, default=1000, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=positive_int, default=None, help="processes [one per core]")
-    p.set_defaults(func=run_synth)
+    p.add_argument("--n", type=positive_int, default=1000, help="number of images [1000]")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                   help="drawing seed: the same seed draws the same faces; the demo's is 0 [0]")
+    p.add_argument("--workers", type=positive_int, metavar="N", help="drawing processes [one per core]")
+    p.set_defaults(func=run_synth, parser=p)
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.progress import Progress
 
     from .report import console
@@ -200,8 +235,8 @@ def run_synth(args: argparse.Namespace) -> int:
     if existing:
         raise FastganError(f"{folder} already holds {existing[0]} (and {len(existing) - 1} more of the names "
                            "to write); choose an empty folder")
-    try:
-        with Progress(console=console, transient=True) as bar:
+    try:  # no bar without a terminal: rich would leave a blank line in the log
+        with Progress(console=console, transient=True, disable=not console.is_interactive) as bar:
             task = bar.add_task(f"drawing {args.n:,} faces", total=args.n)
             write_faces(folder, args.n, seed=args.seed, workers=args.workers,
                         progress=lambda k: bar.advance(task, k))
@@ -212,20 +247,26 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def add_prepare_parser(sub) -> None:
+    demo = Config.demo()
     p = sub.add_parser("prepare", formatter_class=HelpFormatter, help="decode a folder of images once, for --data",
-                       description="Decode the images under --root once (resized and centre-cropped as training "
-                                   "does, undecodable files set aside) into one file of uint8 pixels with a "
-                                   "manifest and a checksum; `fastgan train --data FILE` then trains from memory. "
-                                   "CelebA at 64x64 makes a 2.5 GB file.")
-    p.add_argument("--root", help="image folder (default: the built-in demo faces)")
-    p.add_argument("--image-size", type=int, default=64, help="power of two, 16..256")
-    p.add_argument("--nc", type=int, choices=(1, 3), default=3, help="image channels")
-    p.add_argument("--out", required=True, help="the file to write (.fgd); an existing file is refused")
-    p.add_argument("--workers", type=positive_int, default=None, help="decoding processes or threads [one per core]")
+                       description=paragraphs(
+                           "Decode the images under --root once (resized and centre-cropped as training does, "
+                           "undecodable files set aside) into one file of uint8 pixels with a manifest and a "
+                           "checksum; `fastgan train --data FILE` then trains from memory. CelebA at 64x64 makes a "
+                           "2.5 GB file. Without --root it prepares the built-in demo faces at the demo's size, "
+                           "and `fastgan train --data FILE` trains them with the demo preset. Defaults are in "
+                           "[brackets]."))
+    p.add_argument("--root", metavar="DIR", help="image folder [the built-in demo faces]")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help=f"power of two, 16..256 [{Config().image_size}; without --root the demo's {demo.image_size}]")
+    p.add_argument("--nc", type=int, choices=(1, 3), default=3, help="image channels [3]")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.fgd); an existing file is refused")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="decoding processes (PIL) or threads (DALI) [one per core]")
     p.add_argument("--decoder", choices=("auto", "pil", "dali-cpu", "dali-gpu"), default="auto",
                    help="auto: DALI on the GPU when CUDA and DALI are there, PIL on all cores otherwise. PIL gives "
-                        "the torch loader's exact pixels; DALI's resize differs by a few levels")
-    p.set_defaults(func=run_prepare)
+                        "the torch loader's exact pixels; DALI's resize differs by a few levels [auto]")
+    p.set_defaults(func=run_prepare, parser=p)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -237,7 +278,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     import torch
 
     from .pipeline_dali import INSTALL_HINT, dali_available, readable_by_dali
-    cfg = Config(root=args.root, image_size=args.image_size, nc=args.nc, workers=args.workers).validate()
+    # the demo faces at the demo's size, so that the file trains with the demo preset; no bars (quiet)
+    # without a terminal, where rich would leave blank lines
+    preset = Config.demo if args.root is None else Config
+    given = {"image_size": args.image_size} if args.image_size is not None else {}
+    cfg = preset(root=args.root, nc=args.nc, workers=args.workers, quiet=not console.is_interactive,
+                 **given).validate(flags=True)
     choice = args.decoder
     if choice == "auto":
         choice = "dali-gpu" if torch.cuda.is_available() and dali_available() else "pil"
@@ -249,7 +295,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     index = index_data(cfg)
     if decoder != "pil":
         index = readable_by_dali(index)
-    with Progress(console=console, transient=True) as bar:
+    with Progress(console=console, transient=True, disable=cfg.quiet) as bar:
         task = bar.add_task(f"decoding {len(index.good):,} images ({choice})", total=len(index.good))
         try:
             out = prepare(index, args.out, cfg.image_size, cfg.nc, args.workers, lambda k: bar.advance(task, k),
@@ -277,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # said by the subcommand's parser, so that the message points to its --help
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help (0) or a one-line argparse error (2), already printed
         return e.code
     from .distributed import environment, is_lost_peer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,16 +14,30 @@ from .synth import write_faces
 
 DEMO_SEED = 0
 DEMO_VERSION = 1  # bump when synth.py draws different faces, so old caches are not reused
+DEMO_FOLDER = re.compile(r"demo-faces-v\d+-n\d+")  # demo_folder's names, of every version and size
+
+
+def demo_folder(n: int) -> Path:
+    return cache_dir() / f"demo-faces-v{DEMO_VERSION}-n{n}"
+
+
+def is_demo_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a cache folder of demo faces (any version or size, wherever the cache was): how a
+    prepared file's manifest (its source_root) says that the file holds the demo faces, in files of every
+    fastgan version, without a field of its own."""
+    path = Path(path)
+    return DEMO_FOLDER.fullmatch(path.name) is not None and path.parent.name == "fastgan"
 
 
 def demo_faces(n: int, quiet: bool = False) -> Path:
     """A folder of n synthetic 178x218 face JPEGs, drawn on first use and cached under ~/.cache/fastgan."""
-    folder = cache_dir() / f"demo-faces-v{DEMO_VERSION}-n{n}"
+    folder = demo_folder(n)
     if (folder / ".complete").exists():
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from this pid, never user data
-    with Progress(console=console, transient=True, disable=quiet) as bar:
+    # no bar without a terminal: rich would leave a blank line in the log
+    with Progress(console=console, transient=True, disable=quiet or not console.is_interactive) as bar:
         task = bar.add_task(f"drawing {n:,} demo faces (once)", total=n)
         write_faces(tmp, n, seed=DEMO_SEED, progress=lambda k: bar.advance(task, k))
     (tmp / ".complete").write_text("ok\n")

@@ -406,18 +406,23 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
 
 
 def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:
-    """Print the resolved config and run two steps on a tiny batch from the chosen loader, built as the run
-    would build them; write nothing."""
-    cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), workers=0)
-    data = open_data(cfg, device, precision, loader_name, decoder)
-    console.print(json.dumps({**cfg.to_dict(), "resolved": {
+    """Print the run's plan (its options and what they resolve to) as JSON on stdout, so that `--dry-run >
+    plan.json` keeps it, then run two steps on a tiny batch from the loader the run would build (its worker
+    processes or threads included); write nothing."""
+    # no bars without a terminal, where rich leaves a blank line for each
+    trial = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), quiet=cfg.quiet or not console.is_interactive)
+    data = open_data(trial, device, precision, loader_name, decoder)
+    plan = {**cfg.to_dict(), "resolved": {
         "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,
-        "skipped": len(data.bad)}}, indent=2))
-    trainer = build_trainer(cfg, device, precision, loader=data.loader)
+        "skipped": len(data.bad)}}
+    where = distributed.environment()
+    if where is None or where[0] == 0:  # under torchrun, one plan
+        print(json.dumps(plan, indent=2), flush=True)
+    trainer = build_trainer(trial, device, precision, loader=data.loader)
     for epoch in range(2):  # the first batch of two epochs: one batch is enough data for any loader
         data.loader.set_epoch(epoch)
         stats = trainer(next(iter(data.loader)))
-    console.print(f"dry run: 2 steps on {cfg.batch_size} images OK; "
+    console.print(f"dry run: 2 steps on {trial.batch_size} images OK; "
                   f"{format_stats(dict(zip(STAT_NAMES, stats.tolist())))}")
     return None
 

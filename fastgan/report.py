@@ -103,13 +103,14 @@ class MetricsLog:
 
 class RunProgress:
     """A rich progress bar over all the run's iterations (epoch, iteration, images/s, ETA, latest statistics),
-    or, with quiet=True, plain log lines at each log interval."""
+    or plain log lines at each log interval: with quiet=True, and where stderr is not a terminal (a log file,
+    a pipe), in which a bar cannot redraw and rich would leave its last frame cut to 80 columns."""
 
     def __init__(self, total_steps: int, done_steps: int, quiet: bool):
-        self.quiet = quiet
+        self.quiet = quiet or not console.is_interactive
         self.last_line = ""
         self.bar: Optional[Progress] = None
-        if not quiet:
+        if not self.quiet:
             self.bar = Progress(
                 TextColumn("[bold]{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"),

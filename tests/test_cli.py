@@ -1,6 +1,8 @@
 """End to end through the real command line: train, resume, generate, synth, and every user error."""
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -139,12 +141,21 @@ def test_bad_files_are_skipped_and_listed(image_folder, tmp_path, capsys):
                                                                               "truncated.jpg"]
 
 
-def test_dry_run_prints_the_config_and_writes_nothing(image_folder, tmp_path, capsys):
+def test_dry_run_prints_the_plan_on_stdout_and_writes_nothing(image_folder, tmp_path, capsys):
+    from fastgan.distributed import loader_threads
     run = tmp_path / "run"
-    assert train("--root", image_folder, "--out", run, "--dry-run") == 0
-    err = capsys.readouterr().err
-    assert '"image_size": 16' in err and '"precision": "fp32"' in err and "dry run: 2 steps" in err
+    no_workers = [a for a in TINY if a not in ("--workers", "0")]  # the loader's own default
+    assert main(["train", *no_workers, "--root", str(image_folder), "--out", str(run), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)  # stdout holds the plan alone: `fastgan train --dry-run > plan.json`
+    assert plan["image_size"] == 16 and plan["batch_size"] == 8  # the run's options, not the trial's 4 images
+    workers = loader_threads()  # what the run would start on this machine
+    assert plan["resolved"]["loader"] == f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
+    assert plan["resolved"]["precision"] == "fp32" and plan["resolved"]["device"] == "cpu"
+    assert "dry run: 2 steps on 4 images OK" in err and "{" not in err
     assert not run.exists()
+    assert train("--root", image_folder, "--out", run, "--dry-run") == 0  # TINY: --workers 0
+    assert json.loads(capsys.readouterr().out)["resolved"]["loader"] == "loader torch (0 workers)"
 
 
 def test_flat_folder_and_grayscale_model(tmp_path):
@@ -159,6 +170,111 @@ def test_demo_preset_without_root(monkeypatch, capsys):
     assert (cfg.root, cfg.image_size, cfg.ngf, cfg.epochs) == (None, 32, 32, 1)
     cfg = config_from_args(build_parser().parse_args(["train", "--root", "x"]))
     assert (cfg.image_size, cfg.ngf, cfg.batch_size, cfg.epochs) == (64, 64, 128, 5)  # the tutorial's
+
+
+def small_demo(monkeypatch, n=16):
+    """The demo preset with n demo faces instead of 4096 (drawn in the tests' private cache)."""
+    from fastgan import Config
+    demo = Config.demo.__func__
+    monkeypatch.setattr(Config, "demo", classmethod(lambda cls, **kw: demo(cls, **{"demo_images": n, **kw})))
+
+
+def test_a_file_of_the_demo_faces_trains_with_the_demo_preset(image_folder, tmp_path, monkeypatch, capsys):
+    from fastgan import Config
+    from fastgan.cli import build_parser, config_from_args
+    from fastgan.prepared import read_manifest
+    small_demo(monkeypatch)
+    demo_file, own_file = tmp_path / "demo.fgd", tmp_path / "own.fgd"
+    assert main(["prepare", "--out", str(demo_file), "--decoder", "pil", "--workers", "1"]) == 0
+    assert read_manifest(demo_file)[0]["image_size"] == Config.demo().image_size == 32  # the size the demo trains
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "16", "--out", str(own_file),
+                 "--decoder", "pil", "--workers", "1"]) == 0
+    preset = ("image_size", "ngf", "ndf", "batch_size", "epochs", "log_every", "sample_every")
+    demo, tutorial = Config.demo(), Config()
+    cfg = config_from_args(build_parser().parse_args(["train", "--data", str(demo_file)]))
+    assert [getattr(cfg, f) for f in preset] == [getattr(demo, f) for f in preset]
+    cfg = config_from_args(build_parser().parse_args(["train", "--data", str(demo_file), "--ngf", "8"]))
+    assert (cfg.ngf, cfg.ndf) == (8, demo.ndf)  # flags still override
+    # any other file: the tutorial's preset, with the file's image size
+    cfg = config_from_args(build_parser().parse_args(["train", "--data", str(own_file)]))
+    assert [getattr(cfg, f) for f in preset] == [16] + [getattr(tutorial, f) for f in preset[1:]]
+
+
+def test_demo_folders_are_recognised_in_old_files_too(tmp_path):
+    from fastgan.demo import demo_folder, is_demo_folder
+    assert is_demo_folder(demo_folder(4096)) and is_demo_folder(str(demo_folder(64)))
+    # a file prepared by an older fastgan, elsewhere, from the v1 demo at its default size
+    assert is_demo_folder("/home/someone/.cache/fastgan/demo-faces-v1-n4096")
+    assert not is_demo_folder(tmp_path / "demo-faces-v1-n4096")  # a user's folder of that name, outside a cache
+    assert not is_demo_folder("/home/someone/.cache/fastgan/demo-faces-v1-n4096.tmp123")
+    assert not is_demo_folder("/data/celeba")
+
+
+def test_prepare_says_one_line_with_no_blank_lines_before_it(image_folder, tmp_path, capsys):
+    out = tmp_path / "a.fgd"
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "16", "--out", str(out),
+                 "--decoder", "pil", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("fastgan: 24 images under ") and err.count("\n") == 1, repr(err)
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "16", "--out", str(out),
+                 "--decoder", "pil", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastgan: error: {out} already exists") and err.count("\n") == 1, repr(err)
+
+
+def test_without_a_terminal_the_progress_is_whole_log_lines(image_folder, tmp_path, capsys):
+    """stderr to a file or pipe (here pytest's capture): one whole line per log interval, no bar's last frame
+    cut to 80 columns."""
+    no_quiet = [a for a in TINY if a != "--quiet"]
+    assert main(["train", *no_quiet, "--root", str(image_folder), "--out", str(tmp_path / "run"),
+                 "--epochs", "2"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "Loss_D" in line]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(metrics) >= 2, lines  # one line per record of metrics.jsonl
+    assert all(line.endswith(" img/s") and "\u2026" not in line for line in lines), lines  # whole, not cut
+
+
+def help_texts():
+    """(subcommand, its parser) for every subcommand, and the top-level parser."""
+    from fastgan.cli import build_parser
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [("", parser), *subparsers.choices.items()]
+
+
+@pytest.mark.parametrize("command", ["", "train", "generate", "synth", "prepare"])
+def test_help_gives_each_option_one_default_and_a_reason(command, capsys):
+    from fastgan import Config
+    assert main([*([command] if command else []), "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default:" not in text and "default: None" not in text, text  # argparse's, doubled or empty
+    parser = dict(help_texts())[command]
+    defaults, demo = Config(), Config.demo()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help != argparse.SUPPRESS, f"fastgan {command} {name} has no help"
+        # one default at most (a "[" after a word is an extra's name: fastgan[dali])
+        assert len(re.findall(r"(?<!\w)\[", action.help)) <= 1, f"fastgan {command} {name}: {action.help}"
+        given = action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help"
+        if given:  # a default argparse fills in is in the help, as [value]
+            assert f"[{action.default}" in action.help, f"fastgan {command} {name}: {action.help}"
+        if command == "train" and hasattr(defaults, action.dest):
+            value = getattr(defaults, action.dest)
+            if value is not None and not isinstance(value, bool):  # train's defaults come from the presets
+                assert f"[{value}" in action.help, f"fastgan train {name}: {action.help}"
+            if getattr(demo, action.dest) != value:  # where the demo preset changes it, the help says so
+                assert re.search(rf"; demo {getattr(demo, action.dest)}[];]", action.help), \
+                    f"fastgan train {name}: {action.help}"
+
+
+def test_generate_names_the_folder_with_one_slash(trained, tmp_path, capsys):
+    each = tmp_path / "each"
+    assert main(["generate", "--checkpoint", str(trained / "netG.pth"), *CPU, "--n", "2",
+                 "--out", str(tmp_path / "grid.png"), "--individual", f"{each}{os.sep}"]) == 0
+    err = capsys.readouterr().err
+    assert f"one PNG each to {each}{os.sep}\n" in err and f"{os.sep}{os.sep}" not in err, err
 
 
 # ---- each user error: one line on stderr, exit 2 --------------------------------------------------------
@@ -196,15 +312,23 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *tiny_root, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["train", *tiny_root, "--nc", "2"], "argument --nc: invalid choice: 2"),
         (["train", *tiny_root, "--image-size", "sixty-four"], "argument --image-size: invalid int value"),
-        (["train", *tiny_root, "--workers", "-1"], "workers must be 0 or more, got -1"),
-        (["train", *tiny_root, "--beta1", "1"], "beta1 must be in [0, 1), got 1.0"),
-        (["train", *tiny_root, "--lr", "0"], "lr must be in (0, 1), got 0.0"),
-        (["train", *tiny_root, "--hw-decoder-load", "1.5"], "hw_decoder_load must be in [0, 1], got 1.5"),
+        (["train", *tiny_root, "--workers", "-1"], "argument --workers: expected 0 or a positive integer, got -1"),
+        # Config.validate's errors name the flag the user typed
+        (["train", *tiny_root, "--beta1", "1"], "error: --beta1 must be in [0, 1), got 1.0"),
+        (["train", *tiny_root, "--lr", "0"], "error: --lr must be in (0, 1), got 0.0"),
+        (["train", *tiny_root, "--hw-decoder-load", "1.5"], "error: --hw-decoder-load must be in [0, 1], got 1.5"),
+        (["train", *tiny_root, "--frobnicate"],
+         "fastgan train: error: unrecognized arguments: --frobnicate (see fastgan train --help)"),
+        (["generate", "--checkpoint", "x.pt", "--frobnicate", "1"],
+         "fastgan generate: error: unrecognized arguments: --frobnicate 1 (see fastgan generate --help)"),
+        (["prepare", "--root", root, "--image-size", "20", "--out", str(tmp_path / "p.fgd")],
+         "error: --image-size must be a power of two from 16 to 256"),
+        (["synth", str(tmp_path / "faces"), "--seed", "-1"], "argument --seed: expected 0 or a positive integer"),
         (["train", *tiny_root, "--mirror"], "--mirror works with --data"),
         (["train", *tiny_root, "--data", str(tmp_path / "missing.fgd")], "does not exist"),
         (["train", *tiny_root, "--sync-bn"], "--sync-bn synchronises BatchNorm across torchrun's processes"),
         (["train", *tiny_root, "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
-        (["train", *tiny_root, "--image-size", "20"], "power of two from 16 to 256"),
+        (["train", *tiny_root, "--image-size", "20"], "error: --image-size must be a power of two from 16 to 256"),
         (["bogus"], "invalid choice: 'bogus'"),
         (["train", *CPU, "--resume", last, "--ngf", "8"],
          "does not match the model: it was trained with ngf=4 (asked 8)"),
@@ -222,7 +346,7 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *TINY, "--root", root, "--batch-size", "25"], "batch size 25 is larger than the 24 usable"),
         (["train", *TINY, "--root", root, "--out", str(tmp_path / "a_file" / "run")], "is not writable"),
         (["train", *TINY, "--root", root, "--out", str(full)], "already holds files"),
-        (["train", *TINY, "--root", root, "--lr", "-1"], "lr must be in (0, 1)"),
+        (["train", *TINY, "--root", root, "--lr", "-1"], "error: --lr must be in (0, 1)"),
         (["train", *CPU, "--resume", last, "--image-size", "32"], "does not match the model"),
         (["train", *CPU, "--resume", str(truncated)], "corrupt or truncated"),
         (["train", *CPU, "--resume", str(pickled)], "pickled Python objects"),
@@ -244,7 +368,7 @@ def test_every_user_error_is_one_line_and_exit_2(tmp_path, image_folder, trained
         code = main(argv)
         err = capsys.readouterr().err.strip()
         assert code == 2, (argv, err)
-        assert err.startswith(("fastgan: error: ", "fastgan train: error: ", "fastgan: error: argument")), (argv, err)
+        assert err.startswith(("fastgan: error: ", f"fastgan {argv[0]}: error: ")), (argv, err)
         assert message in err, (argv, err)
         assert len(err.splitlines()) == 1, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # a refused --out is left as it was
@@ -289,8 +413,11 @@ def test_python_api_returns_the_run_folder(image_folder, tmp_path):
                  batch_size=8, epochs=1, workers=0, quiet=True, device="cpu")
     run = train_api(cfg)
     assert run == tmp_path / "api" and (run / "netG.pth").exists()
-    with pytest.raises(FastganError, match="nc must be 1"):
+    # the Python API's errors name the field, and the flag beside it
+    with pytest.raises(FastganError, match=r"^nc \(--nc\) must be 1"):
         train_api(Config(root=str(image_folder), nc=2, device="cpu"))
+    with pytest.raises(FastganError, match=r"^hw_decoder_load \(--hw-decoder-load\) must be in \[0, 1\], got 2"):
+        train_api(Config(root=str(image_folder), hw_decoder_load=2, device="cpu"))
 
 
 @pytest.mark.gpu
