@@ -100,7 +100,8 @@ def index_data(cfg: Config) -> FileIndex:
         root = demo_faces(cfg.demo_images, quiet=cfg.quiet)
     else:
         root = Path(cfg.root).expanduser()
-    with Progress(console=console, transient=True, disable=cfg.quiet) as bar:
+    # no bar without a terminal: rich would leave a blank line behind
+    with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
         task = bar.add_task("checking images", total=None)
         index = index_images(root, cfg.workers, progress=lambda done, total: bar.update(task, completed=done,
                                                                                           total=total))
