@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, Config
-from .errors import FastganError
+from .errors import FastganError, TrainingStopped
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -337,10 +337,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     label = f"(rank {where[0]} of {where[1]}) " if where else ""
     try:
         return args.func(args)
+    except TrainingStopped as e:  # a stop the user asked for, with its checkpoint written: not an error
+        print(f"fastgan: {label}{e}", file=sys.stderr)
+        return e.exit_code
     except FastganError as e:
-        from .loop import TrainingStopped
-        print(f"fastgan: {'' if isinstance(e, TrainingStopped) else 'error: '}{label}{e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        print(f"fastgan: error: {label}{e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fastgan: {label}interrupted", file=sys.stderr)
         return 130

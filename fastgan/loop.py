@@ -22,7 +22,7 @@ from rich.progress import Progress
 
 from . import checkpoint, distributed, state
 from .config import Config
-from .errors import FastganError
+from .errors import FastganError, TrainingStopped
 from .files import FileIndex, index_images, write_skipped
 from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
@@ -198,14 +198,6 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
-class TrainingStopped(FastganError):
-    """A stop asked for by SIGINT/SIGTERM, after its checkpoint was written: exit status 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 def train(cfg: Config) -> Optional[Path]:
     """Train as cfg says; return the run folder (None for a dry run, which writes nothing, and on ranks other
     than 0 under torchrun, which write nothing either)."""
@@ -341,7 +333,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     except KeyboardInterrupt:
         last = run / "checkpoints" / "last.pt" if run else None
         console.print(f"fastgan: interrupted at once at iteration {step}; " + (
-            f"the last checkpoint {last} is intact: continue with {resume_command(cfg, run, ranks)}"
+            f"the last checkpoint {last} is intact: continue with {resume_command(run, ranks)}"
             if last and last.exists() else "no checkpoint had been written yet"))
         raise
     finally:
@@ -354,7 +346,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
         # a rank can be outvoted into stopping before its own copy of the signal arrives
         why = signal.Signals(stops.signum).name if stops.signum else "another rank's stop request"
         raise TrainingStopped(f"stopped by {why} at iteration {step} ({at.describe(steps_per_epoch)})"
-                              + (f"; checkpoint {path}. Continue with: {resume_command(cfg, run, ranks)}"
+                              + (f"; checkpoint {path}. Continue with: {resume_command(run, ranks)}"
                                  if path else ""), stops.signum or signal.SIGTERM)
     elapsed = time.perf_counter() - stats.run_start
 
@@ -391,7 +383,7 @@ def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[
     return run
 
 
-def resume_command(cfg: Config, run: Path, ranks: distributed.Ranks) -> str:
+def resume_command(run: Path, ranks: distributed.Ranks) -> str:
     launcher = "the same torchrun command with" if ranks.launched else "fastgan train"
     return f"{launcher} --out {run} --resume auto"
 
