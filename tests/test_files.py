@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import write_images
 from fastgan import files
 from fastgan.errors import FastganError
+from fastgan.synth import draw_face
 from fastgan.files import FileIndex, check_image, find_images, index_images, load_image, write_skipped
 
 
@@ -248,6 +249,31 @@ def test_check_image_reasons(tmp_path):
     for name in bad:
         reason = check_image(tmp_path / name)
         assert isinstance(reason, str) and reason and "\n" not in reason and "\t" not in reason, name
+
+
+def face_cut_in_its_pixels(fmt: str) -> bytes:
+    """A demo face saved as `fmt`, cut at 75% of its length: past the header (JPEG's start-of-scan marker, PNG's
+    first IDAT chunk), so the file opens and tells its size but its pixels end early (pytorch/examples #835)."""
+    buffer = io.BytesIO()
+    draw_face(0, 0).save(buffer, format=fmt)
+    whole = buffer.getvalue()
+    cut = len(whole) * 3 // 4
+    data_starts = whole.find(b"\xff\xda") if fmt == "JPEG" else whole.find(b"IDAT") + 4
+    assert 0 < data_starts < cut < whole.rfind(b"\xff\xd9" if fmt == "JPEG" else b"IEND"), "cut outside the data"
+    return whole[:cut]
+
+
+@pytest.mark.parametrize("fmt, name", [("JPEG", "face.jpg"), ("PNG", "face.png")])
+def test_a_file_cut_inside_its_pixel_data_is_bad(tmp_path, fmt, name):
+    path = tmp_path / name
+    path.write_bytes(face_cut_in_its_pixels(fmt))
+    with Image.open(path) as opened:  # the header alone says nothing is wrong: only a full decode can tell
+        assert opened.size == (178, 218)
+    reason = check_image(path)
+    assert reason is not None and "truncated" in reason.lower(), reason
+    good = write_images(tmp_path, 1)
+    index = index_images(tmp_path, workers=1)
+    assert index.good == good and [p.name for p, _ in index.bad] == [name]
 
 
 def test_index_sets_bad_files_aside(tmp_path):
