@@ -76,6 +76,22 @@ def test_mirror_flips_about_half_and_nothing_else(prepared):
         assert torch.equal(m, p.flip(2) if f else p)
 
 
+def test_mirror_flips_a_different_half_each_epoch(prepared):
+    """A fixed flip set would make --mirror a fixed augmentation: each image seen one way only."""
+    pixels, _ = load_pixels(prepared, 16, 3)
+    flipped_sets = []
+    for epoch in (0, 1):
+        plain, mirrored = PreparedLoader(pixels, 8, CPU, seed=4), PreparedLoader(pixels, 8, CPU, seed=4, mirror=True)
+        plain.set_epoch(epoch)
+        mirrored.set_epoch(epoch)
+        order, _ = mirrored.epoch_plan()  # the images in the order the batches hold them
+        flipped = {int(i) for i, m, p in zip(order, torch.cat(list(mirrored)), torch.cat(list(plain)))
+                   if not torch.equal(m, p)}
+        flipped_sets.append(flipped)
+    # 24 images, each flipped with probability 1/2 per epoch: equal sets by chance have probability 2**-24
+    assert flipped_sets[0] and flipped_sets[1] and flipped_sets[0] != flipped_sets[1]
+
+
 def test_damaged_files_are_refused(prepared, tmp_path):
     data = prepared.read_bytes()
     truncated = tmp_path / "truncated.fgd"
