@@ -458,3 +458,9 @@ def test_auto_loader_choice(monkeypatch):
         assert resolve_loader(Config(device="cpu"), cpu) == ("torch", "")  # no DALI by default on the CPU
     assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
     assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
+    # on CUDA, auto is DALI (decoding on the GPU) where it is installed, torch where not; a CUDA device object
+    # needs no GPU to be built, so this choice is checked on every machine
+    cuda = torch.device("cuda")
+    for installed, chosen in ((True, ("dali", "mixed")), (False, ("torch", ""))):
+        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
+        assert resolve_loader(Config(device="cuda"), cuda) == chosen, installed
