@@ -1,0 +1,192 @@
+"""The planted bugs of `python tests/mutants/run.py`: each a one-place change to fastgan that a test must catch.
+
+Each Mutant names the file, the exact text to replace (found exactly once in that file, or the run refuses to
+start), its replacement, the bug in one line, and the test files (or pytest node ids) that must fail with it.
+Add one for every part a change touches: the bug a newcomer would most plausibly write there, planted so that
+the code still imports and runs (a crash is not the bug a test is for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str          # relative to the repository root
+    old: str           # exact text, present exactly once in `file`
+    new: str
+    bug: str           # what the change does wrong, in one line
+    tests: tuple[str, ...]  # pytest arguments: test files or node ids that must fail
+
+
+MUTANTS = [
+    # --- the six bugs of issue 14 that the suite let through ------------------------------------------------
+    Mutant("inspect-header-only", "fastgan/files.py",
+           "            image = load_image(path, nc=3)\n",
+           "            image = Image.open(path)  # header only: no decode\n",
+           "the file check reads the header only, so files cut inside their image data pass",
+           ("tests/test_files.py",)),
+    Mutant("mirror-same-every-epoch", "fastgan/prepared.py",
+           "np.random.SeedSequence([self.seed, self.epoch, 1])",
+           "np.random.SeedSequence([self.seed, 1])",
+           "--mirror flips the same images every epoch (the epoch dropped from the flips' seed)",
+           ("tests/test_prepared.py",)),
+    Mutant("scaler-not-restored", "fastgan/state.py",
+           "        scaler.load_state_dict(resumed[\"scaler\"])\n",
+           "        pass\n",
+           "a resumed fp16 run starts a fresh GradScaler instead of the saved one",
+           ("tests/test_resume.py",)),
+    Mutant("bf16-autocasts-fp16", "fastgan/trainer.py",
+           "dtype = {\"fp16\": torch.float16, \"bf16\": torch.bfloat16}.get(name)",
+           "dtype = {\"fp16\": torch.float16, \"bf16\": torch.float16}.get(name)",
+           "--amp bf16 autocasts to float16",
+           ("tests/test_step.py",)),
+    Mutant("generate-seed-ignored", "fastgan/generate.py",
+           "manual_seed(seed if seed is not None else torch.seed())",
+           "manual_seed(torch.seed())",
+           "fastgan generate --seed is ignored: every call draws fresh noise",
+           ("tests/test_cli.py",)),
+    Mutant("auto-loader-never-dali", "fastgan/loop.py",
+           "loader = \"dali\" if device.type == \"cuda\" and dali_available() else \"torch\"",
+           "loader = \"torch\"",
+           "--loader auto never chooses DALI, not even on CUDA with DALI installed",
+           ("tests/test_cli.py", "tests/test_loader.py")),
+
+    # --- the core: the step, the models, the order, the checkpoints ------------------------------------------
+    Mutant("d-real-label-swapped", "fastgan/step.py",
+           "errD_real = bce(logits_real, REAL_LABEL)",
+           "errD_real = bce(logits_real, FAKE_LABEL)",
+           "D is taught that real images are fake",
+           ("tests/test_step.py",)),
+    Mutant("g-label-fake", "fastgan/step.py",
+           "errG = bce(logits_gen, REAL_LABEL)",
+           "errG = bce(logits_gen, FAKE_LABEL)",
+           "G minimises log(D(G(z))) instead of maximising it",
+           ("tests/test_step.py",)),
+    Mutant("d-grads-in-g-pass", "fastgan/step.py",
+           "    netD_for_G.requires_grad_(False)\n",
+           "    pass\n",
+           "G's backward pass also computes D's weight gradients (a third more work, and DDP hooks expect them)",
+           ("tests/test_step.py",)),
+    Mutant("d-grads-accumulate", "fastgan/step.py",
+           "    netD.zero_grad(set_to_none=True)\n",
+           "    pass\n",
+           "D's gradients accumulate over steps (zero_grad forgotten)",
+           ("tests/test_step.py",)),
+    Mutant("adam-betas", "fastgan/trainer.py",
+           "betas=(cfg.beta1, 0.999)",
+           "betas=(0.9, 0.999)",
+           "Adam ignores --beta1 (the tutorial's 0.5) and uses torch's default 0.9",
+           ("tests/test_step.py",)),
+    Mutant("init-std", "fastgan/models.py",
+           "nn.init.normal_(module.weight, 0.0, 0.02)",
+           "nn.init.normal_(module.weight, 0.0, 0.2)",
+           "convolutions start from N(0, 0.2) instead of the paper's N(0, 0.02)",
+           ("tests/test_models.py",)),
+    Mutant("epoch-permutation-ignores-epoch", "fastgan/pipeline_torch.py",
+           "np.random.SeedSequence([seed, epoch])",
+           "np.random.SeedSequence([seed])",
+           "every epoch reads the images in the same order",
+           ("tests/test_loader.py",)),
+    Mutant("shards-contiguous", "fastgan/pipeline_torch.py",
+           "return order.view(steps, world_size, batch_size)[:, rank].reshape(-1)",
+           "return order.view(world_size, steps, batch_size)[rank].reshape(-1)",
+           "ranks read contiguous blocks of the epoch: disjoint, but not the single process's batches",
+           ("tests/test_loader.py",)),
+    Mutant("checkpoint-not-atomic", "fastgan/checkpoint.py",
+           "    tmp = path.with_name(f\".{path.name}.tmp{os.getpid()}\")\n"
+           "    try:\n"
+           "        with open(tmp, \"wb\") as f:\n"
+           "            torch.save(payload, f)\n"
+           "            f.flush()\n"
+           "            os.fsync(f.fileno())\n"
+           "        os.replace(tmp, path)\n"
+           "    finally:\n"
+           "        tmp.unlink(missing_ok=True)\n",
+           "    torch.save(payload, path)  # in place: a crash mid-write leaves half a file\n",
+           "a checkpoint is written in place, so a crash mid-write destroys the previous one",
+           ("tests/test_checkpoint.py",)),
+    Mutant("nonfinite-losses-ignored", "fastgan/interval.py",
+           "problem = self.nonfinite(values, first_step)",
+           "problem = None",
+           "non-finite losses do not stop the run",
+           ("tests/test_resume.py",)),
+    Mutant("nonfinite-weights-saved", "fastgan/loop.py",
+           "if ranks.vote(not state.all_finite(netG, netD, optimizerG, optimizerD)):",
+           "if ranks.vote(False):",
+           "a checkpoint is written with non-finite weights",
+           ("tests/test_resume.py",)),
+    Mutant("resume-restarts-epoch", "fastgan/loop.py",
+           "start = position.iteration if epoch == position.epoch else 0",
+           "start = 0",
+           "a run resumed mid-epoch trains that epoch's first batches again",
+           ("tests/test_resume.py",)),
+    Mutant("generator-size-off-by-one", "fastgan/checkpoint.py",
+           "\"image_size\": 2 ** (len(convs) + 1)}",
+           "\"image_size\": 2 ** len(convs)}",
+           "a generator file's image size is read off its weights as half the real one",
+           ("tests/test_checkpoint.py",)),
+
+    # --- the parts changed most recently ---------------------------------------------------------------------
+    Mutant("prepared-table-in-half", "fastgan/prepared.py",
+           "self.values = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(self.device, dtype)",
+           "self.values = (torch.arange(256, dtype=dtype) / 127.5 - 1).to(self.device)",
+           "the prepared loader's [-1, 1] table is computed in half precision, rounding twice",
+           ("tests/test_graphs.py", "tests/test_prepared.py")),
+    Mutant("graph-feed-stands-still", "fastgan/prepared.py",
+           "        self.position.add_(1)\n",
+           "        pass\n",
+           "the in-graph feed gathers the same batch at every step",
+           ("tests/test_graphs.py",)),
+    Mutant("set-epoch-keeps-graph-feed", "fastgan/prepared.py",
+           "            self.graph_feed.load(*self.epoch_plan(), start)\n",
+           "            pass\n",
+           "set_epoch leaves the in-graph feed on the previous epoch's order and position",
+           ("tests/test_graphs.py",)),
+    Mutant("stop-vote-every-step", "fastgan/loop.py",
+           "if interval_end or not ranks.launched:",
+           "if True:",
+           "under torchrun the ranks vote on a stop after every step (a host all-reduce per step)",
+           ("tests/test_distributed.py",)),
+    Mutant("loader-threads-whole-machine", "fastgan/distributed.py",
+           "return max(1, default_workers() // local_processes - 1)",
+           "return max(1, default_workers() - 1)",
+           "each torchrun process takes the whole machine's cores for its loader (LOCAL_WORLD_SIZE ignored)",
+           ("tests/test_distributed.py",)),
+    Mutant("syncbn-no-between-rank-variance", "fastgan/syncbn.py",
+           "var = variances.mean(0) + (means - mean).square().mean(0)",
+           "var = variances.mean(0)",
+           "--sync-bn's global variance leaves out the spread of the ranks' means",
+           ("tests/test_syncbn.py",)),
+    Mutant("syncbn-backward-local", "fastgan/syncbn.py",
+           "            dist.all_reduce(sums, group=ctx.process_group)",
+           "            pass",
+           "--sync-bn's backward uses this rank's gradient sums only (no all_reduce)",
+           ("tests/test_syncbn.py",)),
+    Mutant("dali-next-epoch-from-batch-1", "fastgan/pipeline_dali.py",
+           "if self.batch + 1 < self.steps else (self.epoch + 1, 0)",
+           "if self.batch + 1 < self.steps else (self.epoch + 1, 1)",
+           "DALI's plan starts every epoch after the first at its second batch",
+           ("tests/test_dali.py",)),
+    Mutant("restore-keeps-saved-capturable", "fastgan/state.py",
+           "    return {**saved, \"param_groups\": groups}\n",
+           "    return saved\n",
+           "a restored optimizer steps with the checkpoint's capturable/fused, not this run's",
+           ("tests/test_resume.py",)),
+    Mutant("interval-not-carried", "fastgan/loop.py",
+           "carried = state.unfinished_interval(resumed)",
+           "carried = None",
+           "a resumed run drops the log interval its checkpoint cut short",
+           ("tests/test_resume.py",)),
+    Mutant("ctrl-c-acts-in-workers", "fastgan/interrupt.py",
+           "if os.getpid() != self._owner_pid:",
+           "if False:",
+           "a Ctrl-C to the process group is announced and acted on in every forked loader worker too",
+           ("tests/test_resume.py",)),
+    Mutant("empty-checkpoint-message", "fastgan/checkpoint.py",
+           "    if size == 0:\n",
+           "    if False:\n",
+           "an empty checkpoint file is called 'not a PyTorch file' instead of empty",
+           ("tests/test_messages.py",)),
+]
