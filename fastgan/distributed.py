@@ -100,6 +100,16 @@ def environment() -> Optional[tuple[int, int, int]]:
     return rank, world_size, local_rank
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: auto is CUDA when torch sees a GPU; cuda without one is refused (the one place that says so)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastganError("--device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() "
+                           "is False); use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """Each rank's share of the global --batch-size, which must split evenly."""
     if batch_size % world_size:
@@ -126,17 +136,13 @@ def start(device_choice: str, batch_size: int, cuda_graphs: bool, sync_bn: bool)
     if cuda_graphs:
         raise FastganError("--cuda-graphs is not supported under torchrun yet (the gradient all-reduce would "
                            "have to be captured in the graph); leave it out")
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise FastganError("--device cuda asked for, but torch sees no CUDA GPU")
+    device = resolve_device(device_choice)
+    if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise FastganError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
                                "lower --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
     # the votes (stop requests, failures) go over gloo on the host, so that they never wait for the GPU

@@ -22,6 +22,7 @@ from rich.progress import Progress
 
 from . import checkpoint, distributed, state
 from .config import Config
+from .distributed import resolve_device
 from .errors import FastganError, TrainingStopped
 from .files import FileIndex, index_images, write_skipped
 from .interrupt import StopRequests
@@ -40,15 +41,6 @@ FIXED_NOISE_SIZE = 64  # the tutorial's 8x8 progress grid
 
 # ---------------------------------------------------------------------------------------------------------
 # decided once, before the loop
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastganError("--device cuda asked for, but torch sees no CUDA GPU (torch.cuda.is_available() "
-                           "is False); use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
 
 def cpu_has_native_bf16() -> Optional[bool]:
     """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX); None where /proc/cpuinfo is absent.
