@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import FastganError
+from .atomic import atomic_link, atomic_write
 
 FORMAT = "fastgan-checkpoint"
 VERSION = 2  # 2: the position inside the epoch, the noise generator, the data size (1 still resumes, at its epoch)
@@ -44,29 +45,13 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a crash mid-write leaves the
     previous file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Make `target` (atomically) the same file as `source`: a hard link, or a copy where links fail."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic_link(source, target)
 
 
 def load(path: str | os.PathLike) -> Any:

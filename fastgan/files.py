@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import FastganError
+from .atomic import atomic_write
 
 # torchvision's IMG_EXTENSIONS, matched case-insensitively
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -149,10 +150,8 @@ def _read_cache(path: Path, root: Path) -> dict:
 
 def _write_cache(path: Path, root: Path, entries: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "root": str(root.resolve()), "entries": entries}))
-        os.replace(tmp, path)
+        with atomic_write(path, "w", durable=False) as f:  # a cache: losing it to a power cut costs a re-check
+            f.write(json.dumps({"version": CACHE_VERSION, "root": str(root.resolve()), "entries": entries}))
     except OSError:
         pass  # an unwritable cache folder only costs a re-check next time
 

@@ -3,11 +3,11 @@ drawn with Pillow only so that the package does not need matplotlib."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_write
 
 W, H = 1000, 500                                # the tutorial's figsize=(10, 5) at 100 dpi
 LEFT, TOP, RIGHT, BOTTOM = 75, 45, 975, 445     # plot box in output pixels
@@ -166,16 +166,5 @@ def plot_losses(steps, loss_g, loss_d, path, title: str = "Generator and Discrim
             draw.line((bx + 8, cy, bx + 36, cy), fill=color, width=2)
             _text(draw, (bx + 44, cy), name, f_label, "lm")
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # write next to the target and rename: readers never see a half-written PNG
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is meant to be looked at
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:  # readers never see a half-written PNG
+        img.save(f, format="PNG")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import FastganError
+from .atomic import atomic_write
 from .files import FileIndex, default_workers, load_image
 from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 
@@ -89,17 +90,9 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
     header = json.dumps(manifest).encode()
     head = MAGIC + struct.pack("<Q", len(header)) + header
     head += b"\0" * (-len(head) % ALIGN)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            f.write(pixels.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out) as f:
+        f.write(head)
+        f.write(pixels.data)
     return out
 
 

@@ -20,6 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from torchvision.utils import make_grid
 
 from .errors import FastganError
+from .atomic import atomic_write
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines stay whole in files
 
@@ -51,9 +52,8 @@ def prepare_run_folder(out: Optional[str], resuming: bool) -> Path:
 
 
 def write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(payload, indent=2) + "\n")
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
@@ -66,10 +66,8 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
 
 
 def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    image.save(tmp, **kwargs)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        image.save(f, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)
 
 
 def save_animation(frames: Sequence[Path], path: Path, ms_per_frame: int = 400) -> None:
@@ -78,9 +76,8 @@ def save_animation(frames: Sequence[Path], path: Path, ms_per_frame: int = 400) 
         return
     images = [Image.open(f).convert("RGB").quantize(256) for f in frames]
     first, rest = images[0], images[1:]
-    tmp = path.with_name(f".{path.name}.tmp.gif")
-    first.save(tmp, save_all=True, append_images=rest, duration=ms_per_frame, loop=0)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        first.save(f, format="GIF", save_all=True, append_images=rest, duration=ms_per_frame, loop=0)
 
 
 def format_stats(stats: dict) -> str:

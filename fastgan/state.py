@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .atomic import atomic_write
 from .config import MODEL_FIELDS, Config
 from .errors import FastganError
 
@@ -280,7 +281,6 @@ def trim_metrics(path: Path, step: int, aside: Optional[str] = None) -> int:
     if later:
         with open(path.with_name(aside or f"metrics.after-{step}.jsonl"), "a") as f:
             f.write("\n".join(later) + "\n")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
     return len(later)

@@ -26,6 +26,8 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .atomic import atomic_write
+
 IMAGE_WIDTH = 178
 IMAGE_HEIGHT = 218
 
@@ -269,9 +271,9 @@ def _check_seed(seed) -> int:
 def _write_range(job) -> int:
     out_dir, seed, lo, hi = job
     for i in range(lo, hi):
-        tmp = out_dir / f".{i + 1:06d}.jpg.{os.getpid()}.tmp"
-        draw_face(seed, i).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, out_dir / f"{i + 1:06d}.jpg")  # never a half-written JPEG under the final name
+        # never a half-written JPEG under the final name; no flush to the disk per face (thousands of them)
+        with atomic_write(out_dir / f"{i + 1:06d}.jpg", durable=False) as f:
+            draw_face(seed, i).save(f, format="JPEG", quality=JPEG_QUALITY)
     return hi - lo
 
 

@@ -106,4 +106,4 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_readable(tmp_path)
     payload = checkpoint.load(path)
     assert payload["step"] == 1 and torch.equal(payload["weights"], torch.zeros(16))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.tmp")  # the killed write's temporary
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.") and leftovers[0].endswith(".tmp")  # the killed write's temporary
