@@ -11,9 +11,10 @@ import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -156,6 +157,22 @@ def _write_cache(path: Path, root: Path, entries: dict) -> None:
         pass  # an unwritable cache folder only costs a re-check next time
 
 
+@contextmanager
+def parallel_map(function: Callable, items: list, workers: int) -> Iterator:
+    """function(item) for every item, in order, in `workers` processes; in this process when there is one
+    worker or too few items (under 64) to be worth starting processes. Work not yet done is cancelled when the
+    block ends early (an error, Ctrl-C)."""
+    if workers <= 1 or len(items) < 64:
+        yield map(function, items)
+        return
+    executor = ProcessPoolExecutor(workers)
+    try:
+        # chunks of up to 256 items, at least 8 per worker: few round trips, and the work stays balanced
+        yield executor.map(function, items, chunksize=max(1, min(256, len(items) // (8 * workers))))
+    finally:
+        executor.shutdown(cancel_futures=True)
+
+
 def index_images(root: str | os.PathLike, workers: Optional[int] = None,
                  progress: Optional[Callable[[int, int], None]] = None, use_cache: bool = True) -> FileIndex:
     """Find the images under root and check that each decodes; `progress(done, total)` is called as it goes.
@@ -180,21 +197,11 @@ def index_images(root: str | os.PathLike, workers: Optional[int] = None,
         progress(0, total)
     workers = default_workers() if workers is None else workers
     if todo:
-        todo_paths = [t[1] for t in todo]
-        if workers <= 1 or total < 64:
-            results = map(inspect_image, todo_paths)
-            executor = None
-        else:
-            executor = ProcessPoolExecutor(workers)
-            results = executor.map(inspect_image, todo_paths, chunksize=max(1, min(256, total // (8 * workers))))
-        try:
+        with parallel_map(inspect_image, [t[1] for t in todo], workers) as results:
             for done, ((key, _, size, mtime), (reason, image_format)) in enumerate(zip(todo, results), 1):
                 verdicts[key] = [size, mtime, reason, image_format]
                 if progress and (done % 256 == 0 or done == total):
                     progress(done, total)
-        finally:
-            if executor is not None:
-                executor.shutdown(cancel_futures=True)
         if use_cache:
             _write_cache(cache_file, root, verdicts)  # files gone since are dropped
     good = [p for p, k in zip(paths, keys) if verdicts[k][2] is None]

@@ -14,7 +14,6 @@ import json
 import os
 import struct
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -23,7 +22,7 @@ import torch
 
 from .errors import FastganError
 from .atomic import atomic_write
-from .files import FileIndex, default_workers, load_image
+from .files import FileIndex, default_workers, load_image, parallel_map
 from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 
 MAGIC = b"FASTGAN-DATA\n"
@@ -44,17 +43,11 @@ def _pixels(job: tuple[str, int, int]) -> np.ndarray:
 def decode_with_pil(paths, pixels: np.ndarray, image_size: int, nc: int, workers: int, progress) -> None:
     """Fill `pixels` with the images, decoded by PIL in `workers` processes: the torch loader's exact pixels."""
     jobs = [(str(p), image_size, nc) for p in paths]
-    executor = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
-    try:
-        results = (executor.map(_pixels, jobs, chunksize=max(1, min(256, len(jobs) // (8 * workers))))
-                   if executor else map(_pixels, jobs))
+    with parallel_map(_pixels, jobs, workers) as results:
         for i, image in enumerate(results):
             pixels[i] = image
             if progress:
                 progress(1)
-    finally:
-        if executor:
-            executor.shutdown(cancel_futures=True)
 
 
 def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
