@@ -146,18 +146,19 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=run_train, parser=p)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def read_resumed(args: argparse.Namespace) -> dict:
+    """--resume's checkpoint, read once: its options are the run's, and train() continues from it."""
+    from .state import find_resume_checkpoint, read_resumable
+    return read_resumable(find_resume_checkpoint(Config(resume=args.resume, out=args.out)))
+
+
+def config_from_args(args: argparse.Namespace, resumed: Optional[dict] = None) -> Config:
     """The preset (demo without --root, the tutorial's otherwise, or the resumed run's), then the flags given."""
     from dataclasses import fields
     given = {f.name: getattr(args, f.name) for f in fields(Config)
              if getattr(args, f.name, None) is not None}
     if args.resume:
-        from . import checkpoint
-        from .state import find_resume_checkpoint, load_checkpoint
-        path = find_resume_checkpoint(Config(resume=args.resume, out=args.out))
-        payload = load_checkpoint(path)
-        if not checkpoint.is_fastgan_checkpoint(payload):
-            raise FastganError(f"{path} is not a fastgan training checkpoint; it cannot be resumed")
+        payload = resumed if resumed is not None else read_resumed(args)
         # the run's own options, then the flags given; train() refuses flags that change the model's shape
         base = {**Config.from_dict(payload["config"]).to_dict(), "out": None, "dry_run": False, "quiet": False}
         from .distributed import environment
@@ -177,7 +178,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def run_train(args: argparse.Namespace) -> int:
     from .loop import train
-    train(config_from_args(args).validate(flags=True))  # errors name the flags, not Config's fields
+    resumed = read_resumed(args) if args.resume else None
+    train(config_from_args(args, resumed).validate(flags=True), resumed)  # errors name the flags
     return 0
 
 

@@ -190,22 +190,24 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
 # ---------------------------------------------------------------------------------------------------------
 # the run
 
-def train(cfg: Config) -> Optional[Path]:
+def train(cfg: Config, resumed: Optional[dict] = None) -> Optional[Path]:
     """Train as cfg says; return the run folder (None for a dry run, which writes nothing, and on ranks other
-    than 0 under torchrun, which write nothing either)."""
+    than 0 under torchrun, which write nothing either). `resumed`: cfg.resume's checkpoint when the caller has
+    read it already (the CLI does, for the run's options), so that it is read once."""
     cfg.validate()
     ranks, device = distributed.start(cfg.device, cfg.batch_size, cfg.cuda_graphs, cfg.sync_bn)
     quiet_before = console.quiet
     console.quiet = quiet_before or not ranks.is_main  # under torchrun, rank 0 speaks for all
     try:
-        run = train_ranked(cfg, ranks, device or resolve_device(cfg.device))
+        run = train_ranked(cfg, ranks, device or resolve_device(cfg.device), resumed)
         return run.resolve() if run else None  # absolute: the caller may change directory after
     finally:
         console.quiet = quiet_before
         distributed.stop()
 
 
-def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) -> Optional[Path]:
+def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
+                 resumed: Optional[dict] = None) -> Optional[Path]:
     if cfg.cuda_graphs and device.type != "cuda":
         raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
@@ -214,7 +216,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device) ->
     if cfg.tensorboard:
         summary_writer_class()  # without the package: one line naming the extra, before anything is written
     resume_path = find_resume_checkpoint(cfg)
-    resumed = load_resume(resume_path, cfg) if resume_path else None
+    resumed = load_resume(resume_path, cfg, resumed) if resume_path else None
 
     if cfg.dry_run:
         return dry_run(cfg, device, precision, loader_name, decoder)

@@ -98,11 +98,18 @@ def check_model_shape(cfg: Config, saved: dict, path: Path) -> None:
                            + ", ".join(mismatched))
 
 
-def load_resume(path: Path, cfg: Config) -> dict:
+def read_resumable(path: Path) -> dict:
+    """The checkpoint at `path`, read once, if it is one a run can continue from."""
     payload = load_checkpoint(path)
     if not checkpoint.is_fastgan_checkpoint(payload):
         raise FastganError(f"{path} is not a fastgan training checkpoint (a plain state dict can be used "
                            "with `fastgan generate`, not resumed)")
+    return payload
+
+
+def load_resume(path: Path, cfg: Config, payload: Optional[dict] = None) -> dict:
+    """The checkpoint to resume (`payload` when the caller has read it already), checked against cfg."""
+    payload = read_resumable(path) if payload is None else payload
     check_model_shape(cfg, payload["config"], path)
     if payload["config"].get("seed") != cfg.seed:
         raise FastganError(f"checkpoint {path} was trained with --seed {payload['config'].get('seed')}, which "

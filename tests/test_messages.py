@@ -115,3 +115,17 @@ def test_the_python_api_returns_the_run_folder_absolute(image_folder, tmp_path, 
                            workers=0, epochs=1, quiet=True, device="cpu"))
     assert run.is_absolute() and run == run.resolve(), run
     assert run.parent.parent == tmp_path.resolve() and (run / "netG.pth").is_file()
+
+
+def test_a_resume_reads_its_checkpoint_once(image_folder, tmp_path, monkeypatch, capfd):
+    """The CLI takes the run's options from the checkpoint and train() continues from the same read: one load."""
+    from fastgan import checkpoint
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--epochs", "1"]) == 0
+    reads, real_load = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path: (reads.append(path), real_load(path))[1])
+    assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
+    assert len(reads) == 1, reads
+    # and a generator's plain state dict gets the message that says what it can be used for
+    assert main(["train", "--resume", str(run / "netG.pth"), "--out", str(tmp_path / "other")]) == 2
+    assert "fastgan generate" in capfd.readouterr().err.split("not a fastgan training checkpoint")[1]
