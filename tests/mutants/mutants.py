@@ -47,7 +47,7 @@ MUTANTS = [
            "manual_seed(torch.seed())",
            "fastgan generate --seed is ignored: every call draws fresh noise",
            ("tests/test_cli.py",)),
-    Mutant("auto-loader-never-dali", "fastgan/loop.py",
+    Mutant("auto-loader-never-dali", "fastgan/data.py",
            "loader = \"dali\" if device.type == \"cuda\" and dali_available() else \"torch\"",
            "loader = \"torch\"",
            "--loader auto never chooses DALI, not even on CUDA with DALI installed",
@@ -95,18 +95,26 @@ MUTANTS = [
            "ranks read contiguous blocks of the epoch: disjoint, but not the single process's batches",
            ("tests/test_loader.py",)),
     Mutant("checkpoint-not-atomic", "fastgan/checkpoint.py",
-           "    tmp = path.with_name(f\".{path.name}.tmp{os.getpid()}\")\n"
-           "    try:\n"
-           "        with open(tmp, \"wb\") as f:\n"
-           "            torch.save(payload, f)\n"
-           "            f.flush()\n"
-           "            os.fsync(f.fileno())\n"
-           "        os.replace(tmp, path)\n"
-           "    finally:\n"
-           "        tmp.unlink(missing_ok=True)\n",
-           "    torch.save(payload, path)  # in place: a crash mid-write leaves half a file\n",
+           "    with atomic_write(path) as f:\n",
+           "    with open(path, \"wb\") as f:  # in place: a crash mid-write leaves half a file\n",
            "a checkpoint is written in place, so a crash mid-write destroys the previous one",
            ("tests/test_checkpoint.py",)),
+    Mutant("atomic-write-shared-temporary", "fastgan/atomic.py",
+           "    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f\".{path.name}.\", suffix=\".tmp\")\n",
+           "    tmp = path.parent / f\".{path.name}.tmp\"\n"
+           "    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)\n",
+           "every writer of a file uses the same temporary name, so two writers mix their bytes",
+           ("tests/test_atomic.py",)),
+    Mutant("atomic-write-no-fsync", "fastgan/atomic.py",
+           "                os.fsync(f.fileno())\n",
+           "                pass\n",
+           "a durable write renames a file whose bytes may still be only in the page cache",
+           ("tests/test_atomic.py",)),
+    Mutant("parallel-map-drops-chunk", "fastgan/files.py",
+           "        yield executor.map(function, items, chunksize=max(1, min(256, len(items) // (8 * workers))))\n",
+           "        yield executor.map(function, items[:-1], chunksize=max(1, min(256, len(items) // (8 * workers))))\n",
+           "the process pool loses the last item of a large job (the file check or prepare)",
+           ("tests/test_files.py", "tests/test_prepared.py")),
     Mutant("nonfinite-losses-ignored", "fastgan/interval.py",
            "problem = self.nonfinite(values, first_step)",
            "problem = None",

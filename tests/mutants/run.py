@@ -77,7 +77,10 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
     with tempfile.TemporaryDirectory(prefix=f"fastgan-mutant-{mutant.name}-") as folder:
         copy = Path(folder)
         copy_repository(copy)
-        plant(mutant, copy)
+        try:
+            plant(mutant, copy)
+        except RuntimeError as e:  # the code changed under the running list
+            return "error", time.perf_counter() - start, str(e)
         env = environment(copy)
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
         # its own session: on a time-out the whole tree (torchrun, loader workers) is killed
@@ -135,7 +138,9 @@ def main(argv=None) -> int:
         verdict, seconds, output = run(m, args.timeout)
         results.append((m, verdict, seconds))
         print(f"{verdict:9} {seconds:6.1f} s  {m.name}", flush=True)
-        if verdict != "killed" or args.verbose:
+        if verdict == "killed" and not args.verbose:  # which test caught it, to judge whether for its bug
+            print("\n".join("    " + line for line in output.splitlines() if line.startswith("FAILED")), flush=True)
+        else:
             print(tail(output, 15 if verdict == "error" else 4), flush=True)
 
     print(f"\n{'mutant':34} {'result':9} {'time':>8}  tests")
