@@ -102,6 +102,24 @@ def test_sigint_mid_epoch_checkpoints_there_and_resume_is_bit_exact(image_folder
     assert_same_training(uninterrupted, run)
 
 
+def test_an_fp16_run_resumes_with_its_grad_scaler(image_folder, tmp_path, monkeypatch, capfd):
+    """The GradScaler's scale and growth tracker are training state: a fresh scaler after resume rescales the
+    losses differently (and skips other steps) from the run left alone. fp16 autocast runs on the CPU too."""
+    straight, run = tmp_path / "straight", tmp_path / "stopped"
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3, "--amp", "fp16") == 0
+    on_call(monkeypatch, {5: lambda args: os.kill(os.getpid(), signal.SIGINT)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 3, "--amp", "fp16") == 128 + signal.SIGINT
+    saved = load(run / "checkpoints" / "last.pt")["scaler"]
+    # after 5 steps the scaler has backed off from 2**16 and counted its good steps: a fresh one differs
+    assert saved["scale"] < 2.0 ** 16 and saved["_growth_tracker"] > 0
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
+    assert "resumed from" in capfd.readouterr().err
+    a, b = (load(r / "checkpoints" / "last.pt")["scaler"] for r in (straight, run))
+    assert (a["scale"], a["_growth_tracker"]) == (b["scale"], b["_growth_tracker"])
+    assert_same_training(straight, run)
+
+
 def test_a_crash_loses_only_the_steps_after_the_last_ckpt_every(image_folder, tmp_path, monkeypatch, capfd):
     run = tmp_path / "crashed"
 
@@ -321,9 +339,14 @@ def test_fp16_skips_non_finite_steps_and_stops_when_they_persist(image_folder, t
         assert not torch.isfinite(load(run / "checkpoints" / "last.pt")["loss_history"][1]).all()
     else:
         assert code == 2
-        assert ("the losses became non-finite at iteration 4 (Loss_D nan, Loss_G 0.7023) for 3 steps in a row, "
-                "each skipped by the GradScaler; training stopped. The last good checkpoint is "
-                f"{run / 'checkpoints' / 'last.pt'}. Lower --lr.") in err
+        # the message's Loss_G is the stopped step's own: the same run with patience to spare logs the same
+        monkeypatch.setattr(fastgan.interval, "NONFINITE_PATIENCE", 100)
+        assert train("--root", image_folder, "--out", tmp_path / "patient", "--epochs", 3, "--amp", "fp16",
+                     "--log-every", 1) == 0
+        loss_G = load(tmp_path / "patient" / "checkpoints" / "last.pt")["loss_history"][3, 1].item()
+        assert ("the losses became non-finite at iteration 4 (Loss_D nan, Loss_G "
+                f"{loss_G:.4f}) for 3 steps in a row, each skipped by the GradScaler; training stopped. The last "
+                f"good checkpoint is {run / 'checkpoints' / 'last.pt'}. Lower --lr.") in err
 
 
 # ---- broken checkpoints -------------------------------------------------------------------------------------
@@ -368,11 +391,23 @@ def test_a_stop_during_the_last_step_lets_the_run_finish(image_folder, tmp_path,
 def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_path):
     run = tmp_path / "run"
     assert train("--root", image_folder, "--out", run, "--epochs", 1) == 0
-    old = load(run / "checkpoints" / "last.pt")
+    current = load(run / "checkpoints" / "last.pt")
+    old = {**current, "rng": dict(current["rng"]), "version": 1}
     del old["iteration"], old["images"], old["rng"]["noise"]
-    torch.save({**old, "version": 1}, tmp_path / "v1.pt")
+    torch.save(old, tmp_path / "v1.pt")
     assert main(["train", "--resume", str(tmp_path / "v1.pt"), "--epochs", "2", "--out", str(tmp_path / "on")]) == 0
-    assert load(tmp_path / "on" / "checkpoints" / "last.pt")["step"] == 6
+    resumed = load(tmp_path / "on" / "checkpoints" / "last.pt")
+    assert resumed["step"] == 6
+    # the state came back, not only the step number: Adam counts the first epoch's 3 steps too, and the loss
+    # history goes on from the file's
+    assert all(s["step"].item() == 6 for opt in ("optimizerG", "optimizerD") for s in resumed[opt]["state"].values())
+    assert torch.equal(resumed["loss_history"][:3], current["loss_history"])
+    # and it trains on exactly as the current format does once its noise generator state is unusable (version 1
+    # has none: both restart the noise stream the same way): same weights, optimizers, losses and samples
+    current["rng"]["noise"] = torch.zeros(1, dtype=torch.uint8)
+    torch.save(current, tmp_path / "v2.pt")
+    assert main(["train", "--resume", str(tmp_path / "v2.pt"), "--epochs", "2", "--out", str(tmp_path / "on2")]) == 0
+    assert_same_training(tmp_path / "on2", tmp_path / "on")
 
 
 # ---- what a checkpoint restores into this run's objects ------------------------------------------------------
@@ -380,7 +415,7 @@ def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_pat
 def run_objects(capturable: bool, lr: float = 2e-4, device=torch.device("cpu")):
     """The objects train() saves and restores, built as the loop builds them (on the CPU: none needs a GPU)."""
     from fastgan.config import Config
-    from fastgan.loop import make_fixed_noise
+    from fastgan.sampling import make_fixed_noise
     from fastgan.trainer import build_models, build_optimizers
     from fastgan.state import noise_generator
     cfg = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=4, lr=lr, device="cpu")
