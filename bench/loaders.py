@@ -39,7 +39,7 @@ from epoch_gap import commit, epoch_boundary_gap  # noqa: E402,F401 (commit: als
 from fastgan.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.files import default_workers, find_images  # noqa: E402
-from fastgan.loop import resolve_device  # noqa: E402
+from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
 from fastgan.pipeline_torch import TorchLoader  # noqa: E402
 from fastgan.tutorial import tutorial_loader  # noqa: E402

@@ -18,7 +18,7 @@ Three tables:
      The best row is named, and on a GPU whether it meets the targets (DESIGN.md: 45,000 images/s end to
      end and 25x the tutorial; stretch 85,000).
 On a GPU each row also reports its peak device memory and its share of the FLOP floor (--peak-tflops).
-fastgan's loaders and steps are built by the functions `fastgan train` builds them with (loop.open_data and
+fastgan's loaders and steps are built by the functions `fastgan train` builds them with (data.open_data and
 trainer.build_trainer), so the bench measures what users run. Every row warms up, synchronizes, and reports
 the median of --repeats timings; rows that cannot run here say why. Device, versions and commit are printed
 beside the numbers and written with them to --json.
@@ -48,7 +48,8 @@ from fastgan.config import Config  # noqa: E402
 from fastgan.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.files import default_workers, index_images  # noqa: E402
-from fastgan.loop import open_data, resolve_device, resolve_loader  # noqa: E402
+from fastgan.data import open_data, resolve_loader  # noqa: E402
+from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.pipeline_dali import dali_available, dali_version  # noqa: E402
 from fastgan.prepared import prepare  # noqa: E402
 from fastgan.trainer import build_trainer, resolve_precision  # noqa: E402

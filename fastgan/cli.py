@@ -274,7 +274,7 @@ def add_prepare_parser(sub) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from .loop import index_data
+    from .data import index_data
     from .prepared import prepare
     from .report import console
     import torch

@@ -9,7 +9,8 @@ import torch
 
 from . import checkpoint
 from .errors import FastganError
-from .loop import resolve_device, sample
+from .distributed import resolve_device
+from .sampling import sample
 from .models import Generator
 from .report import image_grid, save_image_atomic
 

@@ -455,7 +455,7 @@ def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch,
 def test_auto_loader_choice(monkeypatch):
     import fastgan.pipeline_dali
     from fastgan import Config
-    from fastgan.loop import resolve_loader
+    from fastgan.data import resolve_loader
     cpu = torch.device("cpu")
     for installed in (False, True):
         monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)

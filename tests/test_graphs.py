@@ -58,8 +58,8 @@ def test_half_batches_are_the_float32_batches_rounded_once(dtype):
 
 
 def test_the_run_feeds_prepared_batches_in_the_precisions_dtype(tmp_path, monkeypatch):
-    """loop.open_data builds the prepared loader with the precision's dtype (bf16 on the CPU under --amp)."""
-    from fastgan import loop
+    """data.open_data builds the prepared loader with the precision's dtype (bf16 on the CPU under --amp)."""
+    from fastgan import data as run_data
     seen = {}
     real_init = PreparedLoader.__init__
 
@@ -74,7 +74,7 @@ def test_the_run_feeds_prepared_batches_in_the_precisions_dtype(tmp_path, monkey
     data_file = prepare(index_images(tmp_path / "imgs", 0), tmp_path / "d.fgd", 16, 3, workers=0)
     cfg = Config(data=str(data_file), image_size=16, batch_size=4, amp="bf16", device="cpu")
     precision = resolve_precision(cfg.amp, CPU)
-    loop.open_data(cfg, CPU, precision, "prepared", "")
+    run_data.open_data(cfg, CPU, precision, "prepared", "")
     assert seen["dtype"] == torch.bfloat16
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from fastgan import Config
 from fastgan import train as train_api
 from fastgan.cli import main
-from fastgan.loop import sample
+from fastgan.sampling import sample
 from fastgan.models import Generator, init_weights
 
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",

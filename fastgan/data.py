@@ -1,0 +1,122 @@
+"""The run's data: the file index (or a prepared file) and the loader the run asked for, over this rank's shard.
+
+Every loader keeps one contract (len, set_epoch, iteration over fixed-size [-1, 1] batches, NCHW with
+channels_last memory when asked, on the training device), so the training loop does not know which it has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import Progress
+
+from . import distributed
+from .config import Config
+from .errors import FastganError
+from .files import FileIndex, index_images
+from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
+from .report import console
+from .trainer import Precision
+
+
+def index_data(cfg: Config) -> FileIndex:
+    if cfg.root is None:
+        from .demo import demo_faces
+        root = demo_faces(cfg.demo_images, quiet=cfg.quiet)
+    else:
+        root = Path(cfg.root).expanduser()
+    # no bar without a terminal: rich would leave a blank line behind
+    with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
+        task = bar.add_task("checking images", total=None)
+        index = index_images(root, cfg.workers, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                          total=total))
+    return index
+
+
+def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """(loader, DALI decoder): --loader auto is DALI on CUDA when it is installed, torch otherwise."""
+    from .pipeline_dali import INSTALL_HINT, dali_available
+    if cfg.data is not None:
+        if cfg.loader != "auto":
+            raise FastganError(f"--loader {cfg.loader} decodes image files; --data is decoded already: "
+                               "leave --loader out")
+        return "prepared", ""
+    loader = cfg.loader
+    if loader == "auto":
+        loader = "dali" if device.type == "cuda" and dali_available() else "torch"
+    if loader == "torch":
+        return loader, ""
+    if not dali_available():
+        raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+    decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
+    if decoder == "mixed" and device.type != "cuda":
+        raise FastganError("--dali-decoder mixed decodes on the GPU and needs --device cuda")
+    return loader, decoder
+
+
+def build_loader(cfg: Config, paths, device: torch.device, precision: Precision, loader: str, decoder: str,
+                 ranks: distributed.Ranks):
+    """The loader the run asked for, over this rank's shard; the loop only sees the shared contract (len,
+    set_epoch, iter)."""
+    share = distributed.loader_threads()
+    workers = share if cfg.workers is None else cfg.workers
+    batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
+    shard = dict(rank=ranks.rank, world_size=ranks.world_size)
+    if loader == "torch":
+        return TorchLoader(paths, cfg.image_size, cfg.nc, batch_size, device,
+                           channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
+            f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
+    from .pipeline_dali import DaliLoader
+    # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
+    # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
+    half = device.type == "cuda" and precision.name in ("fp16", "bf16")
+    threads = cfg.dali_threads or share
+    dali = DaliLoader(paths, cfg.image_size, cfg.nc, batch_size, device, channels_last=cfg.channels_last,
+                      seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
+                      dtype=torch.float16 if half else torch.float32, **shard)
+    detail = f", hw_decoder_load {cfg.hw_decoder_load}" if decoder == "mixed" else ""
+    return dali, f"loader dali (decoder {decoder}, {threads} threads{detail})"
+
+
+def check_enough_images(index: FileIndex, cfg: Config) -> None:
+    if len(index.good) < cfg.batch_size:
+        raise FastganError(f"batch size {cfg.batch_size} is larger than the {len(index.good):,} usable images "
+                           f"under {index.root}; lower --batch-size")
+
+
+@dataclass
+class Data:
+    loader: object          # len(), set_epoch(), iteration: the contract every loader shares
+    description: str        # which loader, for the run's first lines
+    summary: str            # how many images, from where, how many set aside
+    bad: list               # (path, reason) of the files set aside
+    preview: Callable[[int], torch.Tensor]  # the first n images of the first epoch, for samples/real.png
+    count: int              # images trained on: each epoch's order is a permutation of this many
+
+
+def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str,
+              ranks: distributed.Ranks = distributed.Ranks()) -> Data:
+    """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file."""
+    if loader_name == "prepared":
+        from .prepared import PreparedLoader, load_pixels
+        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc)
+        # batches in the dtype the networks compute in: autocast then has nothing to cast
+        loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
+                                channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,
+                                rank=ranks.rank, world_size=ranks.world_size, dtype=precision.dtype)
+        return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
+                    f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
+                    loader.preview, len(pixels))
+    index = index_data(cfg)
+    if loader_name == "dali":
+        from .pipeline_dali import readable_by_dali
+        index = readable_by_dali(index)
+    check_enough_images(index, cfg)
+    loader, description = build_loader(cfg, index.good, device, precision, loader_name, decoder, ranks)
+
+    def preview(count: int) -> torch.Tensor:
+        dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
+        return torch.stack([dataset[int(j)] for j in epoch_permutation(len(dataset), cfg.seed, 0)[:count]])
+    return Data(loader, description, index.summary(), index.bad, preview, len(index.good))
