@@ -106,7 +106,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     netG, netD, optimizerG, optimizerD = trainer.netG, trainer.netD, trainer.optimizerG, trainer.optimizerD
     loss_history, fixed_noise, carried = torch.zeros(0, 2), make_fixed_noise(cfg), None
     if resumed:
-        state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise, device)
+        state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise_generator, device)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
         carried = state.unfinished_interval(resumed)  # the log interval the checkpoint cut short: continued here
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
@@ -139,7 +139,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
         interval = stats.unfinished()
         losses = torch.cat([stats.loss_history(), interval["stats"][:, :2]])  # every step's, up to `at`
         path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
-                                             trainer.noise, fixed_noise, losses, device, data.count, interval)
+                                             trainer.noise_generator, fixed_noise, losses, device, data.count, interval)
                           ) if ranks.is_main else None
         return path, at
 

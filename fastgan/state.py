@@ -156,7 +156,8 @@ def all_finite(*modules_and_optimizers) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
+def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler,
+            noise_generator: torch.Generator,
             fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int,
             interval: Optional[dict] = None) -> dict:
     return {
@@ -169,7 +170,7 @@ def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD,
         "step": position.step,
         "images": images,  # the data's size: each epoch's order is a permutation of this many
         # the training device's CUDA RNG state only: every visible GPU's would not restore on a machine with fewer
-        "rng": {"noise": noise.get_state(), "torch": torch.get_rng_state(),
+        "rng": {"noise": noise_generator.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "fixed_noise": fixed_noise.cpu(),
         "loss_history": loss_history,  # (step, 2): Loss_D and Loss_G of every iteration, for the loss plot
@@ -204,7 +205,7 @@ def save(run: Path, state: dict) -> Path:
     return folder / "last.pt"
 
 
-def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise: torch.Generator,
+def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise_generator: torch.Generator,
             device: torch.device) -> None:
     """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
     netG.load_state_dict(resumed["netG"])
@@ -219,10 +220,10 @@ def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise: to
         cuda_state = training_device_rng(rng.get("cuda"), device)
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, device)
-    if "noise" in rng and rng["noise"].numel() == noise.get_state().numel():
-        noise.set_state(rng["noise"])
+    if "noise" in rng and rng["noise"].numel() == noise_generator.get_state().numel():
+        noise_generator.set_state(rng["noise"])
     else:  # a version 1 checkpoint, or one from another device type: a fresh stream, seeded by the step
-        noise.manual_seed(int(np.random.SeedSequence([resumed["config"]["seed"], 2, resumed["step"]])
+        noise_generator.manual_seed(int(np.random.SeedSequence([resumed["config"]["seed"], 2, resumed["step"]])
                               .generate_state(1)[0]))
 
 

@@ -75,7 +75,7 @@ class Trainer:
     optimizerG: torch.optim.Adam
     optimizerD: torch.optim.Adam
     scaler: torch.amp.GradScaler
-    noise: torch.Generator
+    noise_generator: torch.Generator
     step: Callable[[Optional[torch.Tensor]], torch.Tensor]
     description: str  # how the step runs, for the run's first lines
 
@@ -93,13 +93,13 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
-    noise = state.noise_generator(cfg.seed, device)
+    noise_generator = state.noise_generator(cfg.seed, device)
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
     rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)
 
     def draw_noise() -> torch.Tensor:
         # every rank draws the whole batch's noise and takes its rows: the single process's noise
-        return torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise)[rows]
+        return torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_generator)[rows]
 
     # The step runs the (possibly DDP-wrapped, compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
@@ -108,14 +108,14 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
         stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
     step = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
                              scaler=precision.scaler, netD_for_G=stepD_for_G)
-    parts = Trainer(netG, netD, optimizerG, optimizerD, precision.scaler, noise, None, "eager")
+    parts = Trainer(netG, netD, optimizerG, optimizerD, precision.scaler, noise_generator, None, "eager")
     if not cfg.cuda_graphs:
         parts.step = lambda real: step(real, draw_noise())
         return parts
 
     from .graphs import GraphedStep, StaticBatch
     graph_parts = dict(modules=(netG, netD), optimizers=(optimizerG, optimizerD), scaler=precision.scaler,
-                       generators=[noise])
+                       generators=[noise_generator])
     if hasattr(loader, "in_graph"):
         feed = loader.in_graph()
         graphed = GraphedStep(step, lambda: (feed(), draw_noise()), state=[feed.position], **graph_parts)

@@ -144,7 +144,7 @@ def test_cuda_graph_training_equals_eager_training(amp, in_graph):
         assert steps == {12.0}
     assert int(graphed.netD.main[3].num_batches_tracked) == int(eager.netD.main[3].num_batches_tracked) == 24
     # The same noise: the generator registered with the graph advanced exactly as the eager draws did
-    assert torch.equal(graphed.noise.get_state(), eager.noise.get_state())
+    assert torch.equal(graphed.noise_generator.get_state(), eager.noise_generator.get_state())
     moved = (weights(eager.netG) - torch.cat([p.float().flatten().cpu() for p in start])).abs()
     diff_g = (weights(graphed.netG) - weights(eager.netG)).abs()
     diff_d = (weights(graphed.netD) - weights(eager.netD)).abs()

@@ -423,8 +423,9 @@ def run_objects(capturable: bool, lr: float = 2e-4, device=torch.device("cpu")):
     netG, netD = build_models(cfg, torch.device("cpu"))
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=capturable)
     return dict(cfg=cfg, netG=netG, netD=netD, optimizerG=optimizerG, optimizerD=optimizerD,
-                scaler=torch.amp.GradScaler("cpu", enabled=False), noise=noise_generator(cfg.seed, torch.device("cpu")),
-                fixed_noise=make_fixed_noise(cfg), device=device)
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                noise_generator=noise_generator(cfg.seed, torch.device("cpu")), fixed_noise=make_fixed_noise(cfg),
+                device=device)
 
 
 def take_a_step(run: dict) -> None:
@@ -437,14 +438,14 @@ def take_a_step(run: dict) -> None:
 def save_payload(run: dict) -> dict:
     from fastgan import state
     return state.payload(run["cfg"], state.Position(0, 1, 1), run["netG"], run["netD"], run["optimizerG"],
-                         run["optimizerD"], run["scaler"], run["noise"], run["fixed_noise"], torch.zeros(1, 2),
+                         run["optimizerD"], run["scaler"], run["noise_generator"], run["fixed_noise"], torch.zeros(1, 2),
                          run["device"], images=24)
 
 
 def restore_into(run: dict, saved: dict) -> None:
     from fastgan import state
     state.restore(saved, run["netG"], run["netD"], run["optimizerG"], run["optimizerD"], run["scaler"],
-                  run["noise"], run["device"])
+                  run["noise_generator"], run["device"])
 
 
 @pytest.mark.parametrize("saved_capturable", [False, True])
