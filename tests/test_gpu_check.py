@@ -90,7 +90,9 @@ def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkey
     # what was left of the 15 s budget after the 2 s hang: the long part is cut there, and the last not started
     assert rows["long"][0].startswith("failed: timed out after ") and rows["long"][0].endswith(" s")
     assert rows["late"][0] == "failed: not started: the --budget of 15 s was spent"
-    assert elapsed < 30  # SIGTERM and, where ignored, SIGKILL 10 s later: never the parts' 60 s sleeps
+    # not a speed figure: proof that the parts were cut (the 15 s budget, then SIGTERM and SIGKILL 10 s later),
+    # which their 60 s sleeps would otherwise outlast; wide of 25 s so that a loaded machine cannot fail it
+    assert elapsed < 55
     grandchild = int(pid_file.read_text())
     try:
         state = Path(f"/proc/{grandchild}/status").read_text()
