@@ -45,6 +45,12 @@ positive_int = int_at_least(1, "a positive integer")
 non_negative_int = int_at_least(0, "0 or a positive integer")
 
 
+def one_of(choices) -> str:
+    """The metavar of a training option's choices: Config.validate checks them (one place for the command line
+    and the Python API), and --help lists them."""
+    return "{" + ",".join(choices) + "}"
+
+
 def add_train_parser(sub) -> None:
     from .distributed import loader_threads
     defaults, demo = Config(), Config.demo()
@@ -76,17 +82,17 @@ def add_train_parser(sub) -> None:
                            "and channels are the file's")
     data.add_argument("--mirror", action="store_true", default=None,
                       help="with --data: flip a random half of each epoch's images horizontally")
-    data.add_argument("--demo-images", type=positive_int, metavar="N",
+    data.add_argument("--demo-images", type=int, metavar="N",
                       help=f"demo set size [{defaults.demo_images}]")
-    data.add_argument("--workers", type=non_negative_int, metavar="N",
+    data.add_argument("--workers", type=int, metavar="N",
                       help=f"torch loader: DataLoader worker processes; 0 decodes in the training process "
                            f"{cores_less_one}")
-    data.add_argument("--loader", choices=LOADER_CHOICES,
+    data.add_argument("--loader", metavar=one_of(LOADER_CHOICES),
                       help="auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch otherwise "
                            "[auto]")
-    data.add_argument("--dali-decoder", choices=DALI_DECODER_CHOICES,
+    data.add_argument("--dali-decoder", metavar=one_of(DALI_DECODER_CHOICES),
                       help="DALI's JPEG decoding: mixed = on the GPU, cpu = on the CPU [auto: mixed on CUDA]")
-    data.add_argument("--dali-threads", type=positive_int, metavar="N", help=f"DALI's CPU threads {cores_less_one}")
+    data.add_argument("--dali-threads", type=int, metavar="N", help=f"DALI's CPU threads {cores_less_one}")
     data.add_argument("--hw-decoder-load", type=float, metavar="SHARE",
                       help="share of JPEGs for the GPU's hardware decoder (A100, H100), 0..1 "
                            f"[{defaults.hw_decoder_load}]")
@@ -94,16 +100,16 @@ def add_train_parser(sub) -> None:
     model.add_argument("--image-size", type=int, metavar="PX",
                        help=f"power of two, 16..256 [{defaults.image_size}; demo {demo.image_size}; --data: the "
                             "file's]")
-    model.add_argument("--nc", type=int, choices=(1, 3), help=f"image channels [{defaults.nc}; --data: the file's]")
-    model.add_argument("--nz", type=positive_int, metavar="N", help=f"latent size [{defaults.nz}]")
-    model.add_argument("--ngf", type=positive_int, metavar="N",
+    model.add_argument("--nc", type=int, metavar="{1,3}", help=f"image channels [{defaults.nc}; --data: the file's]")
+    model.add_argument("--nz", type=int, metavar="N", help=f"latent size [{defaults.nz}]")
+    model.add_argument("--ngf", type=int, metavar="N",
                        help=f"generator width [{defaults.ngf}; demo {demo.ngf}]")
-    model.add_argument("--ndf", type=positive_int, metavar="N",
+    model.add_argument("--ndf", type=int, metavar="N",
                        help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, metavar="N",
+    optim.add_argument("--epochs", type=int, metavar="N",
                        help=f"passes over the data [{defaults.epochs}; demo {demo.epochs}]")
-    optim.add_argument("--batch-size", type=positive_int, metavar="N",
+    optim.add_argument("--batch-size", type=int, metavar="N",
                        help="images per step; under torchrun the total over all processes "
                             f"[{defaults.batch_size}; demo {demo.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate, 0 < lr < 1 [{defaults.lr}]")
@@ -111,8 +117,8 @@ def add_train_parser(sub) -> None:
     optim.add_argument("--seed", type=int, metavar="N",
                        help=f"seed of the weights, the fixed noise and the data order [{defaults.seed}]")
     speed = p.add_argument_group("speed")
-    speed.add_argument("--device", choices=DEVICE_CHOICES, help="where to train [auto: cuda if available]")
-    speed.add_argument("--amp", nargs="?", const="auto", choices=[c for c in AMP_CHOICES],
+    speed.add_argument("--device", metavar=one_of(DEVICE_CHOICES), help="where to train [auto: cuda if available]")
+    speed.add_argument("--amp", nargs="?", const="auto", metavar=one_of(AMP_CHOICES),
                        help="mixed precision; --amp alone: fp16 + GradScaler on CUDA, bf16 on the CPU [off]")
     speed.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     speed.add_argument("--compile", action="store_true", default=None, help="torch.compile both networks")
@@ -127,12 +133,12 @@ def add_train_parser(sub) -> None:
                      help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
     run.add_argument("--resume", metavar="PATH|auto",
                      help="continue from a checkpoint exactly where it stopped; auto: --out's latest")
-    run.add_argument("--ckpt-every", type=non_negative_int, metavar="N",
+    run.add_argument("--ckpt-every", type=int, metavar="N",
                      help="also write a checkpoint (checkpoints/last.pt) every N iterations; 0: at epoch ends "
                           "only [0]")
-    run.add_argument("--log-every", type=positive_int, metavar="N",
+    run.add_argument("--log-every", type=int, metavar="N",
                      help=f"iterations per statistics line [{defaults.log_every}; demo {demo.log_every}]")
-    run.add_argument("--sample-every", type=positive_int, metavar="N",
+    run.add_argument("--sample-every", type=int, metavar="N",
                      help="iterations per fixed-noise grid, besides each epoch end "
                           f"[{defaults.sample_every}; demo {demo.sample_every}]")
     run.add_argument("--quiet", action="store_true", default=None,
@@ -261,7 +267,7 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--root", metavar="DIR", help="image folder [the built-in demo faces]")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help=f"power of two, 16..256 [{Config().image_size}; without --root the demo's {demo.image_size}]")
-    p.add_argument("--nc", type=int, choices=(1, 3), default=3, help="image channels [3]")
+    p.add_argument("--nc", type=int, metavar="{1,3}", default=3, help="image channels [3]")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.fgd); an existing file is refused")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="decoding processes (PIL) or threads (DALI) [one per core]")

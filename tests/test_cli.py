@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import write_images
 from fastgan.cli import main
-from fastgan.models import Generator
+from fastgan.models import Discriminator, Generator
 
 CPU = ["--device", "cpu"]  # every test names its device: "auto" would pick a GPU where there is one
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
@@ -156,6 +156,8 @@ def test_dry_run_prints_the_plan_on_stdout_and_writes_nothing(image_folder, tmp_
     workers = loader_threads()  # what the run would start on this machine
     assert plan["resolved"]["loader"] == f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
     assert plan["resolved"]["precision"] == "fp32" and plan["resolved"]["device"] == "cpu"
+    sizes = {"generator": Generator(8, 4, 3, 16), "discriminator": Discriminator(4, 3, 16)}  # TINY's shapes
+    assert plan["resolved"]["parameters"] == {k: sum(p.numel() for p in m.parameters()) for k, m in sizes.items()}
     assert "dry run: 2 steps on 4 images OK" in err and "{" not in err
     assert not run.exists()
     assert train("--root", image_folder, "--out", run, "--dry-run") == 0  # TINY: --workers 0
@@ -305,22 +307,24 @@ def error_cases(tmp_path, image_folder, trained_run):
     torch.save({**torch.load(last, weights_only=True), "iteration": 1, "step": 7}, mid_epoch)
     tiny_root = [*TINY, "--root", root]
     return [
-        # flags: each validated at the edge (argparse's own errors are one line too)
-        (["train", *tiny_root, "--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
-        (["train", *tiny_root, "--batch-size", "-8"], "argument --batch-size: expected a positive integer, got -8"),
-        (["train", *tiny_root, "--epochs", "0"], "argument --epochs: expected a positive integer, got 0"),
-        (["train", *tiny_root, "--ngf", "x"], "argument --ngf: expected a positive integer, got 'x'"),
-        (["train", *tiny_root, "--ckpt-every", "-1"], "argument --ckpt-every: expected 0 or a positive integer"),
-        (["train", *tiny_root, "--loader", "opencv"], "argument --loader: invalid choice: 'opencv'"),
-        (["train", *tiny_root, "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
-        (["train", *tiny_root, "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-        (["train", *tiny_root, "--nc", "2"], "argument --nc: invalid choice: 2"),
+        # flags: argparse reads the types, Config.validate alone checks the values and names the flag typed
+        (["train", *tiny_root, "--batch-size", "0"], "error: --batch-size must be a positive integer, got 0"),
+        (["train", *tiny_root, "--batch-size", "-8"], "error: --batch-size must be a positive integer, got -8"),
+        (["train", *tiny_root, "--epochs", "0"], "error: --epochs must be a positive integer, got 0"),
+        (["train", *tiny_root, "--ngf", "x"], "argument --ngf: invalid int value: 'x'"),
+        (["train", *tiny_root, "--ckpt-every", "-1"], "error: --ckpt-every must be 0 (epoch ends only) or a positive"),
+        (["train", *tiny_root, "--loader", "opencv"], "error: --loader must be one of auto, dali, torch, got 'opencv'"),
+        (["train", *tiny_root, "--amp", "fp8"], "error: --amp must be one of off, auto, fp16, bf16, got 'fp8'"),
+        (["train", *tiny_root, "--device", "tpu"], "error: --device must be one of auto, cpu, cuda, got 'tpu'"),
+        (["train", *tiny_root, "--nc", "2"], "error: --nc must be 1 (grayscale) or 3 (RGB), got 2"),
         (["train", *tiny_root, "--image-size", "sixty-four"], "argument --image-size: invalid int value"),
-        (["train", *tiny_root, "--workers", "-1"], "argument --workers: expected 0 or a positive integer, got -1"),
-        # Config.validate's errors name the flag the user typed
+        (["train", *tiny_root, "--workers", "-1"], "error: --workers must be 0 or more, got -1"),
+        (["train", *tiny_root, "--dali-threads", "0"], "error: --dali-threads must be a positive integer, got 0"),
         (["train", *tiny_root, "--beta1", "1"], "error: --beta1 must be in [0, 1), got 1.0"),
         (["train", *tiny_root, "--lr", "0"], "error: --lr must be in (0, 1), got 0.0"),
         (["train", *tiny_root, "--hw-decoder-load", "1.5"], "error: --hw-decoder-load must be in [0, 1], got 1.5"),
+        (["prepare", "--root", root, "--nc", "2", "--out", str(tmp_path / "p.fgd")],
+         "error: --nc must be 1 (grayscale) or 3 (RGB), got 2"),
         (["train", *tiny_root, "--frobnicate"],
          "fastgan train: error: unrecognized arguments: --frobnicate (see fastgan train --help)"),
         (["generate", "--checkpoint", "x.pt", "--frobnicate", "1"],
@@ -387,9 +391,9 @@ def test_a_real_process_exits_2_without_traceback(tmp_path):
 
 
 def test_argparse_errors_exit_2_and_help_exits_0(capsys):
-    assert main(["train", "--batch-size", "0"]) == 2
-    assert capsys.readouterr().err == ("fastgan train: error: argument --batch-size: expected a positive integer, "
-                                       "got 0 (see fastgan train --help)\n")
+    assert main(["train", "--batch-size", "x"]) == 2
+    assert capsys.readouterr().err == ("fastgan train: error: argument --batch-size: invalid int value: 'x' "
+                                       "(see fastgan train --help)\n")
     assert main(["train", "--help"]) == 0
     assert "--ckpt-every" in capsys.readouterr().out
 
@@ -422,6 +426,23 @@ def test_python_api_returns_the_run_folder(image_folder, tmp_path):
         train_api(Config(root=str(image_folder), nc=2, device="cpu"))
     with pytest.raises(FastganError, match=r"^hw_decoder_load \(--hw-decoder-load\) must be in \[0, 1\], got 2"):
         train_api(Config(root=str(image_folder), hw_decoder_load=2, device="cpu"))
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("batch_size", 0), ("epochs", -1), ("nz", 0), ("demo_images", 0), ("ckpt_every", -1), ("workers", -1),
+    ("dali_threads", 0), ("nc", 2), ("image_size", 48), ("lr", 1.5), ("beta1", -0.5), ("hw_decoder_load", 2.0),
+    ("loader", "opencv"), ("dali_decoder", "gpu"), ("amp", "fp8"), ("device", "tpu")])
+def test_one_rule_for_the_command_line_and_the_python_api(image_folder, field, bad, capsys):
+    """Each training option is checked in one place, Config.validate: the flag and the field are refused with
+    the same words (the flag's name alone on the command line, the field's and the flag's from Python)."""
+    from fastgan import Config, FastganError
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(FastganError) as refused:
+        Config(root=str(image_folder), **{field: bad}).validate()
+    api = str(refused.value)
+    assert api.startswith(f"{field} ({flag}) ")
+    assert main(["train", *CPU, "--root", str(image_folder), flag, str(bad)]) == 2
+    assert capsys.readouterr().err == "fastgan: error: " + api.replace(f"{field} ({flag})", flag) + "\n"
 
 
 @pytest.mark.gpu
