@@ -1,4 +1,5 @@
-"""Checkpoints: plain tensors and Python values, written atomically, read with `torch.load(weights_only=True)`.
+"""The checkpoint file format: one file of plain tensors and Python values, written atomically (write_file) and
+read with `torch.load(weights_only=True)` (read_file). What a training run puts in one is state.py's business.
 
 Also reads the generator files of pytorch/examples `dcgan/main.py` and the tutorial (`netG_epoch_24.pth`),
 including ones saved from DataParallel (`module.`) or torch.compile (`_orig_mod.`) modules, or on a GPU.
@@ -42,7 +43,7 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+def write_file(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename: a crash mid-write leaves the
     previous file whole."""
     with atomic_write(path) as f:
@@ -54,11 +55,11 @@ def link_or_copy(source: Path, target: Path) -> None:
     atomic_link(source, target)
 
 
-def load(path: str | os.PathLike) -> Any:
+def read_file(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError that says
     what the file is: empty, not a PyTorch file, a PyTorch file cut short or damaged, or one holding objects.
 
-    A broken PyTorch file's message says "corrupt or truncated": state.load_checkpoint then names the newest
+    A broken PyTorch file's message says "corrupt or truncated": state.read_checkpoint then names the newest
     readable checkpoint beside it."""
     path = Path(path).expanduser()
     if not path.is_file():

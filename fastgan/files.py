@@ -102,11 +102,6 @@ def inspect_image(path: str | os.PathLike) -> tuple[Optional[str], Optional[str]
         return f"{type(e).__name__}: {message}"[:200], None
 
 
-def check_image(path: str | os.PathLike) -> Optional[str]:
-    """None when the file decodes to a non-empty image, else the reason it cannot be used."""
-    return inspect_image(path)[0]
-
-
 def write_skipped(bad: list[tuple[Path, str]], path: str | os.PathLike) -> None:
     """List the skipped files, one 'path<TAB>reason' per line."""
     Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in bad))

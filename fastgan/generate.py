@@ -17,7 +17,7 @@ from .report import image_grid, save_image_atomic
 
 def load_generator(path: str | os.PathLike, device: torch.device = torch.device("cpu")) -> Generator:
     """The generator in `path`, its shape (nz, ngf, nc, image size) read off the weights."""
-    payload = checkpoint.load(path)
+    payload = checkpoint.read_file(path)
     state = checkpoint.generator_state(payload, path)
     shape = checkpoint.infer_generator_shape(state, path)
     netG = Generator(shape["nz"], shape["ngf"], shape["nc"], shape["image_size"])

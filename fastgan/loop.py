@@ -26,11 +26,12 @@ from .data import open_data, resolve_loader
 from .files import write_skipped
 from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
+from .models import count_parameters
 from .plot import plot_losses
 from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, prepare_run_folder,
                      save_animation, save_image_atomic, write_json)
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise, sample
-from .state import find_resume_checkpoint, load_resume, refuse_overwriting_later_epochs
+from .state import check_resumable, find_resume_checkpoint, refuse_overwriting_later_epochs
 from .step import STAT_NAMES
 from .tensorboard_log import TensorBoardLog, summary_writer_class
 from .trainer import Precision, build_trainer, resolve_precision
@@ -78,7 +79,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     if cfg.tensorboard:
         summary_writer_class()  # without the package: one line naming the extra, before anything is written
     resume_path = find_resume_checkpoint(cfg)
-    resumed = load_resume(resume_path, cfg, resumed) if resume_path else None
+    resumed = check_resumable(resume_path, cfg, resumed) if resume_path else None
 
     if cfg.dry_run:
         return dry_run(cfg, device, precision, loader_name, decoder)
@@ -138,7 +139,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
                                + last_good_checkpoint(run) + " Lower --lr.")
         interval = stats.unfinished()
         losses = torch.cat([stats.loss_history(), interval["stats"][:, :2]])  # every step's, up to `at`
-        path = state.save(run, state.payload(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
+        path = state.write_checkpoint(run, state.snapshot(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
                                              trainer.noise_generator, fixed_noise, losses, device, data.count, interval)
                           ) if ranks.is_main else None
         return path, at
@@ -251,7 +252,7 @@ def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
     save_animation(sorted((run / "samples").glob("fake_step*.png")), run / "progress.gif")
     # pytorch/examples format: a plain state dict of the unwrapped generator, on the CPU
     weights = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
-    checkpoint.save(run / "netG.pth", weights)
+    checkpoint.write_file(run / "netG.pth", weights)
 
 
 def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:
@@ -261,13 +262,14 @@ def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name
     # no bars without a terminal, where rich leaves a blank line for each
     trial = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), quiet=cfg.quiet or not console.is_interactive)
     data = open_data(trial, device, precision, loader_name, decoder)
+    trainer = build_trainer(trial, device, precision, loader=data.loader)
     plan = {**cfg.to_dict(), "resolved": {
         "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,
-        "skipped": len(data.bad)}}
+        "skipped": len(data.bad),
+        "parameters": {"generator": count_parameters(trainer.netG), "discriminator": count_parameters(trainer.netD)}}}
     where = distributed.environment()
     if where is None or where[0] == 0:  # under torchrun, one plan
         print(json.dumps(plan, indent=2), flush=True)
-    trainer = build_trainer(trial, device, precision, loader=data.loader)
     for epoch in range(2):  # the first batch of two epochs: one batch is enough data for any loader
         data.loader.set_epoch(epoch)
         stats = trainer(next(iter(data.loader)))

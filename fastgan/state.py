@@ -1,4 +1,5 @@
-"""A run's state and its checkpoints: what they hold, how a run finds, checks and restores one.
+"""A run's state: what its checkpoints hold (snapshot), where a run writes them (write_checkpoint), and how a
+run finds, checks (check_resumable) and restores one. The file format itself is checkpoint.py's.
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: both networks, both
 optimizers, the GradScaler, the epoch and the batch inside it, the step, the training noise's generator and
@@ -65,10 +66,10 @@ def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
     return last
 
 
-def load_checkpoint(path: Path):
-    """checkpoint.load, and when the file is broken, the error also names the newest readable one before it."""
+def read_checkpoint(path: Path):
+    """checkpoint.read_file, and when the file is broken, the error also names the newest readable one before it."""
     try:
-        return checkpoint.load(path)
+        return checkpoint.read_file(path)
     except FastganError as e:
         if "corrupt or truncated" not in str(e):
             raise
@@ -83,7 +84,7 @@ def readable_earlier_checkpoint(broken: Path) -> Optional[Path]:
     candidates = [p for p in broken.parent.glob("*.pt") if p.name != broken.name and not p.name.startswith(".")]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            if checkpoint.is_fastgan_checkpoint(checkpoint.load(path)):
+            if checkpoint.is_fastgan_checkpoint(checkpoint.read_file(path)):
                 return path
         except (FastganError, OSError):
             continue
@@ -100,14 +101,14 @@ def check_model_shape(cfg: Config, saved: dict, path: Path) -> None:
 
 def read_resumable(path: Path) -> dict:
     """The checkpoint at `path`, read once, if it is one a run can continue from."""
-    payload = load_checkpoint(path)
+    payload = read_checkpoint(path)
     if not checkpoint.is_fastgan_checkpoint(payload):
         raise FastganError(f"{path} is not a fastgan training checkpoint (a plain state dict can be used "
                            "with `fastgan generate`, not resumed)")
     return payload
 
 
-def load_resume(path: Path, cfg: Config, payload: Optional[dict] = None) -> dict:
+def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None) -> dict:
     """The checkpoint to resume (`payload` when the caller has read it already), checked against cfg."""
     payload = read_resumable(path) if payload is None else payload
     check_model_shape(cfg, payload["config"], path)
@@ -156,7 +157,7 @@ def all_finite(*modules_and_optimizers) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler,
+def snapshot(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler,
             noise_generator: torch.Generator,
             fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int,
             interval: Optional[dict] = None) -> dict:
@@ -183,7 +184,7 @@ def payload(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD,
 
 
 def unfinished_interval(resumed: dict) -> Optional[dict]:
-    """The log interval a checkpoint cut short (`payload`'s "interval"), or None where it has none."""
+    """The log interval a checkpoint cut short (`snapshot`'s "interval"), or None where it has none."""
     interval = resumed.get("interval")
     return interval if interval is not None and len(interval["stats"]) else None
 
@@ -193,15 +194,15 @@ def carried_steps(resumed: dict) -> int:
     return len(interval["stats"]) if interval else 0
 
 
-def save(run: Path, state: dict) -> Path:
-    """Write the checkpoint: epochNNN.pt and last.pt linked to it at an epoch's end, last.pt alone mid-epoch."""
+def write_checkpoint(run: Path, state: dict) -> Path:
+    """Write a snapshot into the run folder's checkpoints/: epochNNN.pt and last.pt linked to it at an epoch's end, last.pt alone mid-epoch."""
     folder = run / "checkpoints"
     if state["iteration"] == 0:
         epoch_file = folder / f"epoch{state['epoch']:03d}.pt"
-        checkpoint.save(epoch_file, state)
+        checkpoint.write_file(epoch_file, state)
         checkpoint.link_or_copy(epoch_file, folder / "last.pt")
         return epoch_file
-    checkpoint.save(folder / "last.pt", state)  # replaces the name only: an epoch file it linked stays whole
+    checkpoint.write_file(folder / "last.pt", state)  # replaces the name only: an epoch file it linked stays whole
     return folder / "last.pt"
 
 

@@ -39,15 +39,15 @@ def test_generator_shape_is_read_off_the_weights(nz, ngf, nc, size):
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save(path, {"step": 1})
+    checkpoint.write_file(path, {"step": 1})
 
     def broken_save(obj, f):  # a disk that fills up half-way through the write
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        checkpoint.save(path, {"step": 2})
-    assert checkpoint.load(path) == {"step": 1}  # the previous checkpoint is whole
+        checkpoint.write_file(path, {"step": 2})
+    assert checkpoint.read_file(path) == {"step": 1}  # the previous checkpoint is whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -87,7 +87,7 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_readable(tmp_path)
     import subprocess
     import sys
     path = tmp_path / "last.pt"
-    checkpoint.save(path, {"step": 1, "weights": torch.zeros(16)})
+    checkpoint.write_file(path, {"step": 1, "weights": torch.zeros(16)})
     writer = subprocess.Popen([sys.executable, "-c", (
         "import io, sys, time, torch\n"
         "from fastgan import checkpoint\n"
@@ -96,14 +96,14 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_readable(tmp_path)
         "    buffer = io.BytesIO(); real_save(obj, buffer); data = buffer.getvalue()\n"
         "    f.write(data[: len(data) // 2]); f.flush(); print('half', flush=True); time.sleep(600)\n"
         "torch.save = half_then_hang\n"
-        "checkpoint.save(sys.argv[1], {'step': 2, 'weights': torch.ones(2**20)})\n"), str(path)],
+        "checkpoint.write_file(sys.argv[1], {'step': 2, 'weights': torch.ones(2**20)})\n"), str(path)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "half"
     finally:
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait()
-    payload = checkpoint.load(path)
+    payload = checkpoint.read_file(path)
     assert payload["step"] == 1 and torch.equal(payload["weights"], torch.zeros(16))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.") and leftovers[0].endswith(".tmp")  # the killed write's temporary

@@ -12,7 +12,7 @@ from conftest import write_images
 from fastgan import files
 from fastgan.errors import FastganError
 from fastgan.synth import draw_face
-from fastgan.files import FileIndex, check_image, find_images, index_images, load_image, write_skipped
+from fastgan.files import FileIndex, find_images, index_images, inspect_image, load_image, write_skipped
 
 
 def names(paths, root):
@@ -239,15 +239,19 @@ def test_load_honours_exif_orientation(tmp_path, orientation, corner):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# check_image and index_images
+# inspect_image and index_images
 
-def test_check_image_reasons(tmp_path):
+def reason_of(path) -> str | None:
+    return inspect_image(path)[0]
+
+
+def test_inspect_image_reasons_and_format(tmp_path):
     bad = make_bad_files(tmp_path)
     good = write_images(tmp_path, 1)[0]
-    assert check_image(good) is None
-    assert check_image(tmp_path / "empty.jpg") == "empty file"
+    assert inspect_image(good) == (None, "JPEG")
+    assert reason_of(tmp_path / "empty.jpg") == "empty file"
     for name in bad:
-        reason = check_image(tmp_path / name)
+        reason = reason_of(tmp_path / name)
         assert isinstance(reason, str) and reason and "\n" not in reason and "\t" not in reason, name
 
 
@@ -269,7 +273,7 @@ def test_a_file_cut_inside_its_pixel_data_is_bad(tmp_path, fmt, name):
     path.write_bytes(face_cut_in_its_pixels(fmt))
     with Image.open(path) as opened:  # the header alone says nothing is wrong: only a full decode can tell
         assert opened.size == (178, 218)
-    reason = check_image(path)
+    reason = reason_of(path)
     assert reason is not None and "truncated" in reason.lower(), reason
     good = write_images(tmp_path, 1)
     index = index_images(tmp_path, workers=1)

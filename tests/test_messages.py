@@ -122,8 +122,8 @@ def test_a_resume_reads_its_checkpoint_once(image_folder, tmp_path, monkeypatch,
     from fastgan import checkpoint
     run = tmp_path / "run"
     assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--epochs", "1"]) == 0
-    reads, real_load = [], checkpoint.load
-    monkeypatch.setattr(checkpoint, "load", lambda path: (reads.append(path), real_load(path))[1])
+    reads, real_read = [], checkpoint.read_file
+    monkeypatch.setattr(checkpoint, "read_file", lambda path: (reads.append(path), real_read(path))[1])
     assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
     assert len(reads) == 1, reads
     # and a generator's plain state dict gets the message that says what it can be used for

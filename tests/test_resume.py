@@ -437,7 +437,7 @@ def take_a_step(run: dict) -> None:
 
 def save_payload(run: dict) -> dict:
     from fastgan import state
-    return state.payload(run["cfg"], state.Position(0, 1, 1), run["netG"], run["netD"], run["optimizerG"],
+    return state.snapshot(run["cfg"], state.Position(0, 1, 1), run["netG"], run["netD"], run["optimizerG"],
                          run["optimizerD"], run["scaler"], run["noise_generator"], run["fixed_noise"], torch.zeros(1, 2),
                          run["device"], images=24)
 
