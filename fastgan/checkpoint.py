@@ -124,10 +124,13 @@ def is_fastgan_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
-def generator_state(payload: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The generator's state dict from a fastgan checkpoint or a plain (pytorch/examples) state dict."""
+def generator_state(payload: Any, path: str | os.PathLike, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The generator's state dict from a fastgan checkpoint or a plain (pytorch/examples) state dict.
+
+    A checkpoint of a run with --ema holds G's moving average beside G ("netG_ema"; None or absent without
+    --ema): that one, unless ema=False. A plain state dict (netG.pth, netG_ema.pth) is what it is, either way."""
     if is_fastgan_checkpoint(payload):
-        payload = payload["netG"]
+        payload = payload["netG_ema"] if ema and payload.get("netG_ema") is not None else payload["netG"]
     if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise FastganError(f"{path} is neither a fastgan checkpoint nor a generator state dict")
     return strip_prefixes(payload)
