@@ -114,6 +114,10 @@ def add_train_parser(sub) -> None:
                             f"[{defaults.batch_size}; demo {demo.batch_size}]")
     optim.add_argument("--lr", type=float, help=f"Adam learning rate, 0 < lr < 1 [{defaults.lr}]")
     optim.add_argument("--beta1", type=float, help=f"Adam beta1, 0 <= beta1 < 1 [{defaults.beta1}]")
+    optim.add_argument("--ema", dest="ema_kimg", nargs="?", const=10.0, type=float, metavar="KIMG",
+                       help="keep an exponential moving average of G's weights (StyleGAN2-ADA's G_ema) with a "
+                            "half-life of KIMG thousand images, ramped up over the first images; samples, "
+                            "netG_ema.pth and fastgan generate then use it [off; --ema alone: 10]")
     optim.add_argument("--seed", type=int, metavar="N",
                        help=f"seed of the weights, the fixed noise and the data order [{defaults.seed}]")
     speed = p.add_argument_group("speed")
@@ -194,26 +198,47 @@ def add_generate_parser(sub) -> None:
                        description=paragraphs(
                            "Write a grid of generated images from a fastgan checkpoint (run/checkpoints/last.pt, "
                            "run/netG.pth) or a pytorch/examples netG_epoch_N.pth; the model's shape is read off the "
-                           "weights. Defaults are in [brackets]."))
+                           "weights. A checkpoint of a run trained with --ema gives its moving-average generator "
+                           "(netG_ema), unless --no-ema.",
+                           "With --interpolate STEPS: --n rows, each a spherical interpolation (slerp) from one "
+                           "random latent to the next in STEPS images, both ends included, written as a grid and "
+                           "as an animated GIF beside it (--out with .gif) that walks all rows there and back. "
+                           "Defaults are in [brackets]."))
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="fastgan checkpoint or generator state dict (.pth)")
-    p.add_argument("--n", type=positive_int, default=64, help="number of images [64]")
+    p.add_argument("--n", type=positive_int, help="number of images; rows with --interpolate [64; 8 rows]")
+    p.add_argument("--interpolate", type=int, metavar="STEPS",
+                   help="write rows of latent interpolations of STEPS images each (at least 2), and a GIF")
     p.add_argument("--seed", type=int, metavar="N", help="noise seed; the same seed gives the same images [random]")
-    p.add_argument("--out", metavar="FILE", default="generated.png",
-                   help="grid image to write (.png, .jpg, .webp, .bmp) [generated.png]")
+    p.add_argument("--out", metavar="FILE",
+                   help="grid image to write (.png, .jpg, .webp, .bmp) "
+                        "[generated.png; interpolation.png and .gif with --interpolate]")
     p.add_argument("--individual", metavar="DIR", help="also write one PNG per image into DIR")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw generator (netG) of a checkpoint that also holds an EMA one (netG_ema)")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="where to run the generator [auto: cuda if available]")
     p.set_defaults(func=run_generate, parser=p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import write_interpolation, write_samples
     from .report import console
-    out = generate(args.checkpoint, args.n, args.seed, args.out, args.individual, args.device)
+    if args.interpolate is not None:
+        if args.individual is not None:
+            raise FastganError("--individual goes with a grid of samples, not with --interpolate")
+        rows = args.n or 8
+        out, source = write_interpolation(args.checkpoint, rows, args.interpolate, args.seed,
+                                          args.out or "interpolation.png", args.device, not args.no_ema)
+        console.print(f"fastgan: wrote {rows} interpolations of {args.interpolate} images from {source} to {out} "
+                      f"and {out.with_suffix('.gif')}")
+        return 0
+    n = args.n or 64
+    out, source = write_samples(args.checkpoint, n, args.seed, args.out or "generated.png", args.individual,
+                                args.device, not args.no_ema)
     # Path drops a trailing slash the user typed; one separator is added back to say "a folder"
     each = f" and one PNG each to {Path(args.individual).expanduser()}{os.sep}" if args.individual else ""
-    console.print(f"fastgan: wrote {args.n} images to {out}{each}")
+    console.print(f"fastgan: wrote {n} images from {source} to {out}{each}")
     return 0
 
 

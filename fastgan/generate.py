@@ -47,7 +47,7 @@ def which_generator(payload, path: str | os.PathLike, ema: bool) -> str:
     if not checkpoint.is_fastgan_checkpoint(payload):  # a plain state dict (netG.pth, netG_ema.pth): as it is
         return f"the generator in {Path(path).name}"
     if payload.get("netG_ema") is None:
-        return "the raw generator (the checkpoint holds no EMA generator: trained without --ema)"
+        return "the raw generator (the checkpoint holds no EMA one)"
     return "the EMA generator" if ema else "the raw generator (--no-ema)"
 
 
