@@ -13,6 +13,11 @@ DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
+FLAGS = {"ema_kimg": "--ema"}  # fields whose flag is not --field-name
+
+
+def flag_of(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Config:
     lr: float = 2e-4
     beta1: float = 0.5                # Adam beta1; beta2 stays 0.999 as in the DCGAN paper
     seed: int = 999
+    ema_kimg: Optional[float] = None  # --ema: G's moving average, half-life in thousands of images; None: off
     # speed: each of these is checked against eager fp32 in the tests
     device: str = "auto"              # auto: cuda when available, else cpu
     amp: str = "off"                  # off | auto | fp16 | bf16
@@ -69,8 +75,7 @@ class Config:
         The line names the option as the user wrote it: its flag (--lr) for the command line (flags=True),
         the field and its flag (lr (--lr)) for the Python API."""
         def name(field: str) -> str:
-            flag = "--" + field.replace("_", "-")
-            return flag if flags else f"{field} ({flag})"
+            return flag_of(field) if flags else f"{field} ({flag_of(field)})"
         try:
             check_image_size(self.image_size)
         except (TypeError, ValueError):
@@ -93,6 +98,11 @@ class Config:
             raise FastganError(f"{name('lr')} must be in (0, 1), got {self.lr!r}")
         if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
             raise FastganError(f"{name('beta1')} must be in [0, 1), got {self.beta1!r}")
+        ema_kimg = self.ema_kimg
+        if ema_kimg is not None and (isinstance(ema_kimg, bool) or not isinstance(ema_kimg, (int, float))
+                                     or not 0 < ema_kimg < float("inf")):
+            raise FastganError(f"{name('ema_kimg')} must be a positive number of thousands of images, "
+                               f"got {self.ema_kimg!r}")
         if self.data is not None and self.root is not None:
             raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:

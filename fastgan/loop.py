@@ -107,7 +107,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     netG, netD, optimizerG, optimizerD = trainer.netG, trainer.netD, trainer.optimizerG, trainer.optimizerD
     loss_history, fixed_noise, carried = torch.zeros(0, 2), make_fixed_noise(cfg), None
     if resumed:
-        state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise_generator, device)
+        state.restore(resumed, netG, netD, optimizerG, optimizerD, trainer.scaler, trainer.noise_generator, device,
+                      trainer.ema)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
         carried = state.unfinished_interval(resumed)  # the log interval the checkpoint cut short: continued here
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
@@ -125,11 +126,12 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     images_seen = 0
 
     def save_samples(tag: str, batch_statistics: bool = False) -> None:
-        if ranks.is_main:
-            grid = image_grid(sample(netG, fixed_noise, batch_statistics), nrow=8)
-            save_image_atomic(grid, run / "samples" / f"fake_{tag}.png")
+        if ranks.is_main:  # with --ema the grids are the average's, and their names say so
+            grid = image_grid(sample(trainer.sampler, fixed_noise, batch_statistics), nrow=8)
+            path = run / "samples" / f"fake_{'ema_' if trainer.ema else ''}{tag}.png"
+            save_image_atomic(grid, path)
             if stats.tensorboard:
-                stats.tensorboard.sample(grid, run / "samples" / f"fake_{tag}.png")
+                stats.tensorboard.sample(grid, path)
 
     def save_checkpoint(at: state.Position, epoch: int, i: int) -> tuple[Optional[Path], state.Position]:
         """Refuse non-finite weights, write (rank 0). A log interval in progress is carried in the checkpoint, not
@@ -140,7 +142,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
         interval = stats.unfinished()
         losses = torch.cat([stats.loss_history(), interval["stats"][:, :2]])  # every step's, up to `at`
         path = state.write_checkpoint(run, state.snapshot(cfg, at, netG, netD, optimizerG, optimizerD, trainer.scaler,
-                                             trainer.noise_generator, fixed_noise, losses, device, data.count, interval)
+                                             trainer.noise_generator, fixed_noise, losses, device, data.count, interval,
+                                             trainer.ema)
                           ) if ranks.is_main else None
         return path, at
 
@@ -208,7 +211,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     elapsed = time.perf_counter() - stats.run_start
 
     if ranks.is_main:
-        finish(run, netG, stats.loss_history())
+        finish(run, netG, stats.loss_history(), trainer.ema)
     console.print(f"fastgan: trained {images_seen * ranks.world_size:,} images in {format_seconds(elapsed)}: "
                   f"{images_seen * ranks.world_size / max(elapsed, 1e-9):,.0f} images/s"
                   + (f" ({images_seen / max(elapsed, 1e-9):,.0f} per rank)" if ranks.launched else "")
@@ -245,14 +248,16 @@ def resume_command(run: Path, ranks: distributed.Ranks) -> str:
     return f"{launcher} --out {run} --resume auto"
 
 
-def finish(run: Path, netG, loss_history: torch.Tensor) -> None:
-    """The run's end products: the loss plot, the animation of the progress grids, netG.pth."""
+def finish(run: Path, netG, loss_history: torch.Tensor, ema=None) -> None:
+    """The run's end products: the loss plot, the animation of the progress grids, netG.pth (and netG_ema.pth)."""
     steps = torch.arange(1, loss_history.shape[0] + 1)
     plot_losses(steps, loss_history[:, 1], loss_history[:, 0], run / "loss.png")
-    save_animation(sorted((run / "samples").glob("fake_step*.png")), run / "progress.gif")
+    save_animation(state.sample_grids(run / "samples"), run / "progress.gif")
     # pytorch/examples format: a plain state dict of the unwrapped generator, on the CPU
     weights = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
     checkpoint.write_file(run / "netG.pth", weights)
+    if ema is not None:
+        checkpoint.write_file(run / "netG_ema.pth", ema.state_dict()["netG_ema"])
 
 
 def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:

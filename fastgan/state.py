@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,8 +161,10 @@ def all_finite(*modules_and_optimizers) -> bool:
 def snapshot(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD, scaler,
             noise_generator: torch.Generator,
             fixed_noise: torch.Tensor, loss_history: torch.Tensor, device: torch.device, images: int,
-            interval: Optional[dict] = None) -> dict:
+            interval: Optional[dict] = None, ema=None) -> dict:
     return {
+        # --ema: the generator's moving average and the images it has counted (absent before it, None when off)
+        **(ema.state_dict() if ema is not None else {"netG_ema": None}),
         "format": checkpoint.FORMAT, "version": checkpoint.VERSION,
         "netG": checkpoint.unwrap(netG).state_dict(), "netD": checkpoint.unwrap(netD).state_dict(),
         "optimizerG": optimizerG.state_dict(), "optimizerD": optimizerD.state_dict(),
@@ -207,10 +210,15 @@ def write_checkpoint(run: Path, state: dict) -> Path:
 
 
 def restore(resumed: dict, netG, netD, optimizerG, optimizerD, scaler, noise_generator: torch.Generator,
-            device: torch.device) -> None:
-    """Load a checkpoint's networks, optimizers, scaler and RNG states into this run's objects."""
+            device: torch.device, ema=None) -> None:
+    """Load a checkpoint's networks, optimizers, scaler, RNG states and --ema's average into this run's objects."""
     netG.load_state_dict(resumed["netG"])
     netD.load_state_dict(resumed["netD"])
+    if ema is not None:
+        if resumed.get("netG_ema") is not None:
+            ema.load_state_dict(resumed)
+        else:  # --ema added on resume: the average starts at the resumed G, its ramp-up over the images G has seen
+            ema.start_from_generator(resumed["step"] * resumed["config"]["batch_size"])
     optimizerG.load_state_dict(with_run_options(resumed["optimizerG"], optimizerG))
     optimizerD.load_state_dict(with_run_options(resumed["optimizerD"], optimizerD))
     if scaler.is_enabled() and resumed["scaler"]:  # a run that changes precision starts a fresh scaler
@@ -265,8 +273,21 @@ def set_aside_later_results(run: Path, step: int, carried: int = 0) -> tuple[int
             move_later_samples(run / "samples", step))
 
 
+SAMPLE_GRID = re.compile(r"fake_(?:ema_)?step(\d{7})")  # fake_step0000064.png, fake_ema_step0000064_epoch001.png
+
+
+def grid_step(path: Path) -> Optional[int]:
+    match = SAMPLE_GRID.match(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def sample_grids(folder: Path) -> list[Path]:
+    """The run's progress grids (the raw G's and --ema's), in the order of their steps."""
+    return sorted((p for p in folder.glob("fake_*.png") if grid_step(p) is not None), key=lambda p: (grid_step(p), p.name))
+
+
 def move_later_samples(folder: Path, step: int) -> int:
-    later = [p for p in folder.glob("fake_step*.png") if p.stem[9:16].isdigit() and int(p.stem[9:16]) > step]
+    later = [p for p in sample_grids(folder) if grid_step(p) > step]
     if later:
         aside = folder / f"after-{step}"
         aside.mkdir(exist_ok=True)

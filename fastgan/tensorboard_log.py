@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import FastganError
+from .state import grid_step, sample_grids
 
 INSTALL_HINT = 'pip install "fastgan[tensorboard]"'
 FOLDER = "tensorboard"  # inside the run folder: `tensorboard --logdir runs` shows every run
@@ -56,8 +57,8 @@ class TensorBoardLog:
             self.image(Image.open(run / "samples" / "real.png"), 0, REAL_TAG)
         if last is not None:
             # grids the first attempt kept (up to its checkpoint) but made after its last record: the purge hid them
-            for path in sorted((run / "samples").glob("fake_step*.png")):
-                if sample_step(path) > last:
+            for path in sample_grids(run / "samples"):
+                if grid_step(path) > last:
                     self.sample(Image.open(path), path)
 
     def write(self, record: dict) -> None:
@@ -68,8 +69,8 @@ class TensorBoardLog:
         self.writer.flush()  # once per log interval, as metrics.jsonl: a crash loses no record
 
     def sample(self, grid: Image.Image, path: Path) -> None:
-        """A fixed-noise grid, at the step its file is named after (samples/fake_step<N>...png)."""
-        self.image(grid, sample_step(path))
+        """A fixed-noise grid, at the step its file is named after (samples/fake_[ema_]step<N>...png)."""
+        self.image(grid, grid_step(path))
         self.writer.flush()
 
     def image(self, grid: Image.Image, step: int, tag: str = SAMPLES_TAG) -> None:
@@ -88,8 +89,3 @@ def last_record_step(path: Path) -> Optional[int]:
         except (ValueError, KeyError, TypeError):
             pass  # not a record of ours (state.trim_metrics leaves such lines in place too)
     return last
-
-
-def sample_step(path: Path) -> int:
-    """The step in a grid's name, fake_step<N>[_epoch<E>].png (the names loop.save_samples gives)."""
-    return int(path.stem[len("fake_step"):].split("_")[0])

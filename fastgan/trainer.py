@@ -18,6 +18,7 @@ import torch
 
 from . import distributed, state
 from .config import Config
+from .ema import GeneratorEMA
 from .errors import FastganError
 from .models import Discriminator, Generator, init_weights
 from .step import train_step
@@ -76,8 +77,14 @@ class Trainer:
     optimizerD: torch.optim.Adam
     scaler: torch.amp.GradScaler
     noise_generator: torch.Generator
+    ema: Optional[GeneratorEMA]  # --ema: G's moving average, updated after each step (in the graph with graphs)
     step: Callable[[Optional[torch.Tensor]], torch.Tensor]
     description: str  # how the step runs, for the run's first lines
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        """The generator that draws the run's samples: the moving average when there is one."""
+        return self.ema.model if self.ema is not None else self.netG
 
     def __call__(self, batch: Optional[torch.Tensor]) -> torch.Tensor:
         return self.step(batch)
@@ -108,7 +115,15 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
         stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
     step = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
                              scaler=precision.scaler, netD_for_G=stepD_for_G)
-    parts = Trainer(netG, netD, optimizerG, optimizerD, precision.scaler, noise_generator, None, "eager")
+    ema = GeneratorEMA(netG, cfg.ema_kimg, cfg.batch_size) if cfg.ema_kimg is not None else None
+    if ema is not None:
+        plain_step = step
+
+        def step(real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            stats = plain_step(real, noise)
+            ema.update()
+            return stats
+    parts = Trainer(netG, netD, optimizerG, optimizerD, precision.scaler, noise_generator, ema, None, "eager")
     if not cfg.cuda_graphs:
         parts.step = lambda real: step(real, draw_noise())
         return parts
@@ -116,14 +131,16 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
     from .graphs import GraphedStep, StaticBatch
     graph_parts = dict(modules=(netG, netD), optimizers=(optimizerG, optimizerD), scaler=precision.scaler,
                        generators=[noise_generator])
+    ema_state = ema.tensors() if ema is not None else []  # the average's update is captured with the step
     if hasattr(loader, "in_graph"):
         feed = loader.in_graph()
-        graphed = GraphedStep(step, lambda: (feed(), draw_noise()), state=[feed.position], **graph_parts)
+        graphed = GraphedStep(step, lambda: (feed(), draw_noise()), state=[feed.position, *ema_state],
+                              **graph_parts)
         parts.step = lambda _placeholder: graphed()
         parts.description = "one CUDA graph per step, the batch gathered inside it"
         return parts
     static = StaticBatch(draw_noise)
-    graphed = GraphedStep(step, static, **graph_parts)
+    graphed = GraphedStep(step, static, state=ema_state, **graph_parts)
 
     def step_on(real: torch.Tensor) -> torch.Tensor:
         static.feed(real)

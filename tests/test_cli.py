@@ -431,12 +431,13 @@ def test_python_api_returns_the_run_folder(image_folder, tmp_path):
 @pytest.mark.parametrize("field, bad", [
     ("batch_size", 0), ("epochs", -1), ("nz", 0), ("demo_images", 0), ("ckpt_every", -1), ("workers", -1),
     ("dali_threads", 0), ("nc", 2), ("image_size", 48), ("lr", 1.5), ("beta1", -0.5), ("hw_decoder_load", 2.0),
-    ("loader", "opencv"), ("dali_decoder", "gpu"), ("amp", "fp8"), ("device", "tpu")])
+    ("loader", "opencv"), ("dali_decoder", "gpu"), ("amp", "fp8"), ("device", "tpu"), ("ema_kimg", 0.0)])
 def test_one_rule_for_the_command_line_and_the_python_api(image_folder, field, bad, capsys):
     """Each training option is checked in one place, Config.validate: the flag and the field are refused with
     the same words (the flag's name alone on the command line, the field's and the flag's from Python)."""
     from fastgan import Config, FastganError
-    flag = "--" + field.replace("_", "-")
+    from fastgan.config import flag_of
+    flag = flag_of(field)
     with pytest.raises(FastganError) as refused:
         Config(root=str(image_folder), **{field: bad}).validate()
     api = str(refused.value)

@@ -164,6 +164,26 @@ def test_cuda_graph_training_equals_eager_training(amp, in_graph):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("in_graph", [True, False])
+def test_the_ema_update_inside_the_graph_equals_eager(in_graph):
+    """--ema under --cuda-graphs: the average's update is captured with the step (its images counter on the
+    device), undone after the warm-up like the weights, and replayed once per step."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = Config(image_size=16, ngf=8, ndf=8, nz=16, batch_size=8, channels_last=True, device="cuda",
+                 ema_kimg=0.05)  # a 50-image half-life: after its ramp-up it moves visibly in 12 steps
+    data = pixels(n=48, size=16)
+    _, eager = train_some(cfg, data, 2, in_graph)
+    _, graphed = train_some(dataclasses.replace(cfg, cuda_graphs=True), data, 2, in_graph)
+    assert float(eager.ema.images) == float(graphed.ema.images) == 12 * 8  # counted once per step, warm-up undone
+    # fp32 as in the test above: float rounding only; a step's update more or fewer moves the average by ~lr/2
+    diff = (weights(graphed.ema.model) - weights(eager.ema.model)).abs()
+    assert diff.max() < 2e-5
+    assert (weights(eager.ema.model) - weights(eager.netG)).abs().max() > 1e-4  # an average, not G
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_graphed_steps_on_prepared_data_never_sync(amp):
     """After capture, a graphed step on prepared data is one replay: no host sync at all, for 20 steps, with the
