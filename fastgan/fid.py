@@ -54,7 +54,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics of different sizes: mu {mu1.shape} and {mu2.shape}, "
+        raise FastganError(f"FID of statistics of different sizes: mu {mu1.shape} and {mu2.shape}, "
                          f"sigma {sigma1.shape} and {sigma2.shape}")
     diff = mu1 - mu2
     root1 = sqrtm_psd(sigma1)

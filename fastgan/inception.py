@@ -150,8 +150,8 @@ def hub_weights(progress: bool) -> dict[str, torch.Tensor]:
                            f"be downloaded from {FID_WEIGHTS_URL} ({reason}): put the file in that folder, or "
                            "pass --inception PATH") from None
     except RuntimeError as e:  # torch.hub's "invalid hash value" for a download that arrived damaged
-        raise FastganError(f"the FID Inception weights downloaded from {FID_WEIGHTS_URL} are not the published "
-                           f"file: {e}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FastganError(f"the FID Inception weights from {FID_WEIGHTS_URL} do not load: {reason}") from None
 
 
 def check_hash(path: Path) -> None:

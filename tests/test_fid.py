@@ -133,8 +133,9 @@ def test_inception_features_scales_to_unit_range_repeats_grayscale_and_keeps_ord
     rng = np.random.default_rng(6)
     rgb = [torch.from_numpy(rng.integers(0, 256, (n, 3, 5, 7), dtype=np.uint8)) for n in (4, 3)]
     gray = torch.from_numpy(rng.integers(0, 256, (2, 1, 5, 7), dtype=np.uint8))
-    model, seen = StandIn(), []
+    model, seen = StandIn().train(), []
     features = inception_features(model, rgb + [gray], "cpu", progress=seen.append)
+    assert not model.training  # BatchNorm in training mode would mix the images of a batch
 
     assert seen == [4, 3, 2]
     assert features.dtype == np.float64 and features.shape == (9, 3)
@@ -289,6 +290,22 @@ def test_no_file_and_no_network_names_the_file_the_folder_and_the_flag(offline_h
     message = str(error.value)
     assert FID_WEIGHTS_FILE in message and str(offline_hub.parent) in message and "--inception PATH" in message
     assert "\n" not in message
+
+
+def test_a_damaged_download_is_refused_in_one_line(offline_hub, monkeypatch):
+    def damaged(url, path, hash_prefix, progress=True):
+        assert hash_prefix == "6726825d"  # torch.hub was asked to check the download's hash
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "0b1c2d...")')
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", damaged)
+    with pytest.raises(FastganError, match="invalid hash value") as error:
+        load_inception()
+    assert "\n" not in str(error.value)
+
+
+def test_statistics_of_different_sizes_are_refused():
+    with pytest.raises(FastganError, match="different sizes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 
 def test_the_hub_caches_the_file_under_the_name_fastgan_names():
