@@ -145,6 +145,13 @@ def add_train_parser(sub) -> None:
     run.add_argument("--sample-every", type=int, metavar="N",
                      help="iterations per fixed-noise grid, besides each epoch end "
                           f"[{defaults.sample_every}; demo {demo.sample_every}]")
+    run.add_argument("--eval-every", type=int, metavar="N",
+                     help="every N epochs, measure the generator (the EMA one with --ema) against the data as fastgan "
+                          "eval does: SWD, and FID/KID where their Inception weights are at hand (--inception or "
+                          "torch.hub's cache; never downloaded mid-run); recorded in metrics.jsonl [0: never]")
+    run.add_argument("--eval-images", type=int, metavar="N",
+                     help=f"images each --eval-every measurement compares [{defaults.eval_images}, or all the data's]")
+    run.add_argument("--inception", metavar="PATH", help="FID's Inception weights file for --eval-every")
     run.add_argument("--quiet", action="store_true", default=None,
                      help="log lines only, no progress bar (the default when stderr is not a terminal)")
     run.add_argument("--tensorboard", action="store_true", default=None,
@@ -340,6 +347,83 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    from .evaluate import DEFAULT_METRICS, METRICS
+    from .swd import DEFAULT_IMAGES
+    p = sub.add_parser(
+        "eval", formatter_class=HelpFormatter, help="measure a trained generator against real images (SWD, FID, KID)",
+        description=paragraphs(
+            "Measure generated images against real ones. PATH is a run folder (each epoch's checkpoint is measured, "
+            "or those of --epochs; the records are appended to PATH/eval.jsonl and PATH/eval.png plots each metric "
+            "over training) or one checkpoint or generator file (a table only). The real images are --root's or "
+            "--data's, decoded as training decodes them, else the run's own data. A checkpoint of an --ema run is "
+            "measured through its moving average unless --no-ema.",
+            "SWD is ProGAN's sliced Wasserstein distance (x 1e3, per Laplacian pyramid level and their mean), "
+            "needing no download. FID and KID use pytorch-fid's Inception weights (pt_inception-2015-12-05): "
+            "downloaded once into torch.hub's cache where there is internet, or read from --inception PATH. The "
+            "real images' pixels and features are cached (~/.cache/fastgan/eval), so a second eval of the same "
+            "data costs only the generated side. Defaults are in [brackets]."),
+        epilog="examples:\n  fastgan eval runs/demo\n  fastgan eval runs/celeba --root ~/celeba --metrics swd,fid,kid\n"
+               "  fastgan eval runs/celeba/checkpoints/epoch005.pt --data celeba64.fgd --metrics fid "
+               "--inception pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("path", metavar="PATH", help="run folder, or a checkpoint or generator file")
+    p.add_argument("--root", metavar="DIR", help="real images: an image folder [the run's own data]")
+    p.add_argument("--data", metavar="FILE", help="real images: a prepared file (fastgan prepare)")
+    p.add_argument("--n", type=int_at_least(2, "at least 2"), default=DEFAULT_IMAGES, metavar="N",
+                   help=f"real and generated images compared (all the real ones where there are fewer) "
+                        f"[{DEFAULT_IMAGES}]")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="LIST",
+                   help=f"comma-separated, of {', '.join(METRICS)} [{','.join(DEFAULT_METRICS)}]")
+    p.add_argument("--epochs", metavar="LIST", help="with a run folder: the epochs to measure, e.g. 1,5,10 [all]")
+    p.add_argument("--inception", metavar="PATH", help="the FID Inception weights file [torch.hub's cache]")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="measure the raw generator of checkpoints that also hold an EMA one")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                   help="seed of the real images drawn, the noise and SWD's random draws [0]")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where the generator and Inception run [auto: cuda if available]")
+    p.add_argument("--workers", type=positive_int, metavar="N", help="decoding processes [one per core]")
+    p.set_defaults(func=run_eval, parser=p)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .evaluate import evaluate
+    from .report import console
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    try:
+        epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
+    except ValueError:
+        raise FastganError(f"--epochs takes a comma-separated list of epoch numbers, got {args.epochs!r}") from None
+    with Progress(console=console, transient=True, disable=not console.is_interactive) as bar:
+        tasks: dict[str, list] = {}  # task name -> [bar's task id, work done]
+
+        def progress(task: str, advance: int, total) -> None:
+            if task not in tasks:
+                tasks[task] = [bar.add_task(task, total=total), 0]
+            bar.advance(tasks[task][0], advance)
+            tasks[task][1] += advance
+            if total is not None and tasks[task][1] >= total:  # done: the next checkpoint's starts anew
+                bar.remove_task(tasks.pop(task)[0])
+        records = evaluate(args.path, args.root, args.data, args.n, metrics, epochs, args.inception, args.seed,
+                           args.device, args.ema, args.workers, progress)
+    names = [k for k in records[0] if k.startswith("swd") or k in ("fid", "kid")]
+    table = Table(title=f"fastgan eval: {records[0]['real']}, {records[0]['n']:,} generated")
+    for column in ["checkpoint", "epoch", "generator", *names, "seconds"]:
+        table.add_column(column, justify="left" if column in ("checkpoint", "generator") else "right")
+    for r in records:
+        table.add_row(Path(r["checkpoint"]).name, "" if r["epoch"] is None else str(r["epoch"]), r["generator"],
+                      *[f"{r[k]:.4f}" if k == "kid" else f"{r[k]:.2f}" for k in names], f"{r['seconds']:.0f}")
+    console.print(table)
+    folder = Path(args.path).expanduser()
+    if folder.is_dir():
+        console.print(f"fastgan: appended {len(records)} records to {folder / 'eval.jsonl'}; plot in "
+                      f"{folder / 'eval.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = Parser(prog="fastgan", description="Train DCGAN face generators fast: "
@@ -351,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_synth_parser(sub)
     add_prepare_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -60,6 +60,9 @@ class Config:
     quiet: bool = False               # log lines only, no progress bar
     tensorboard: bool = False         # also TensorBoard events in run/tensorboard/ (the tensorboard extra)
     ckpt_every: int = 0               # iterations between mid-epoch checkpoints (last.pt); 0: epoch ends only
+    eval_every: int = 0               # epochs between quality measurements (fastgan.evaluate) in metrics.jsonl; 0: none
+    eval_images: int = 16384          # real and generated images each measurement compares (SWD's ProGAN count)
+    inception: Optional[str] = None   # FID's Inception weights file for --eval-every; None: torch.hub's cache, if there
     resume: Optional[str] = None      # checkpoint path, or "auto" for the run folder's latest
     dry_run: bool = False             # a couple of steps on a tiny batch, nothing written
 
@@ -81,7 +84,8 @@ class Config:
         except (TypeError, ValueError):
             raise FastganError(f"{name('image_size')} must be a power of two from {MIN_IMAGE_SIZE} to "
                                f"{MAX_IMAGE_SIZE} (16, 32, 64, 128, 256), got {self.image_size!r}") from None
-        positive = ("nz", "ngf", "ndf", "epochs", "batch_size", "log_every", "sample_every", "demo_images")
+        positive = ("nz", "ngf", "ndf", "epochs", "batch_size", "log_every", "sample_every", "demo_images",
+                    "eval_images")
         for field in positive:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -91,6 +95,9 @@ class Config:
         if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:
             raise FastganError(f"{name('ckpt_every')} must be 0 (epoch ends only) or a positive integer, "
                                f"got {self.ckpt_every!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise FastganError(f"{name('eval_every')} must be 0 (no measurements) or a positive number of epochs, "
+                               f"got {self.eval_every!r}")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise FastganError(f"{name('workers')} must be 0 or more, got {self.workers!r}")

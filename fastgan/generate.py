@@ -18,7 +18,7 @@ from .errors import FastganError
 from .distributed import resolve_device
 from .sampling import sample
 from .models import Generator
-from .report import image_grid, save_image_atomic
+from .report import image_grid, save_image_atomic, single_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MS_PER_INTERPOLATION_FRAME = 120  # 8 steps there and back in under 2 s: slow enough to follow one face
@@ -30,7 +30,12 @@ def read_generator(path: str | os.PathLike, device: torch.device = torch.device(
                    ema: bool = True) -> tuple[Generator, str]:
     """The generator in `path`, its shape (nz, ngf, nc, image size) read off the weights, and which generator
     it is, worded for the final line: "the EMA generator", "the raw generator (...)" or "the generator in X"."""
-    payload = checkpoint.read_file(path)
+    return generator_from_payload(checkpoint.read_file(path), path, device, ema)
+
+
+def generator_from_payload(payload, path: str | os.PathLike, device: torch.device = torch.device("cpu"),
+                           ema: bool = True) -> tuple[Generator, str]:
+    """read_generator for a file already read (`path` names it in messages)."""
     state = checkpoint.generator_state(payload, path, ema=ema)
     shape = checkpoint.infer_generator_shape(state, path)
     netG = Generator(shape["nz"], shape["ngf"], shape["nc"], shape["image_size"])
@@ -103,9 +108,7 @@ def write_samples(checkpoint_path, n, seed, out, individual, device, ema) -> tup
             folder = Path(individual).expanduser()
             folder.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
-                save_image_atomic(image_grid(image[None], nrow=1).crop((2, 2, image.shape[-1] + 2,
-                                                                         image.shape[-2] + 2)),
-                                  folder / f"{i:05d}.png")
+                save_image_atomic(single_image(image), folder / f"{i:05d}.png")
     except OSError as e:
         raise FastganError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
     return out, source

@@ -43,6 +43,12 @@ class IntervalStats:
         self.timed = 0  # of those, the steps this process trained, since interval_start: its images/s
         self.nonfinite_streak = carried["nonfinite_streak"] if carried else 0
         self.run_start = self.interval_start = time.perf_counter()
+        self.aside = 0.0  # seconds spent on other work than training (--eval-every): not in any images/s
+
+    def set_aside(self, seconds: float) -> None:
+        """Keep `seconds` of other work (between two steps) out of the interval's and the run's images/s."""
+        self.interval_start += seconds
+        self.aside += seconds
 
     def add(self, stats: torch.Tensor) -> None:
         """One step's statistics (a device tensor): a device copy, no host sync."""

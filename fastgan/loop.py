@@ -124,6 +124,29 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
                           MetricsLog(run / "metrics.jsonl") if ranks.is_main else None, run, loss_history, carried,
                           tensorboard=TensorBoardLog(run) if cfg.tensorboard and ranks.is_main else None)
     images_seen = 0
+    measure = None
+    if cfg.eval_every and ranks.is_main:
+        from .evaluate import DuringTraining
+        measure = DuringTraining(cfg.to_dict(), cfg.eval_images, device, cfg.inception)
+        console.print(f"fastgan: every {cfg.eval_every} epoch{'s' if cfg.eval_every > 1 else ''}: "
+                      f"{', '.join(m.upper() for m in measure.metrics)} of {cfg.eval_images:,} images into metrics.jsonl"
+                      + ("" if "fid" in measure.metrics else " (FID/KID: no Inception weights at hand, see --inception)"))
+
+    def evaluate_at(epoch: int, step: int) -> None:
+        """--eval-every: the epoch's generator measured (rank 0; the others wait at the next vote). Before the
+        epoch's checkpoint, so that a run resumed from an earlier one measures this epoch again."""
+        if measure is None or (epoch + 1) % cfg.eval_every:
+            return
+        started = time.perf_counter()
+        record = {"step": step, "epoch": epoch + 1, "generator": "ema" if trainer.ema else "raw",
+                  **measure(trainer.sampler)}
+        stats.set_aside(time.perf_counter() - started)
+        stats.metrics.write(record)
+        if stats.tensorboard:
+            stats.tensorboard.write(record)
+        console.print(f"[{epoch + 1}/{cfg.epochs}] eval: " + "  ".join(
+            f"{k.upper()}: {v:.4f}" if k == "kid" else f"{k.upper()}: {v:.2f}" for k, v in record.items()
+            if k.startswith("swd") or k in ("fid", "kid")))
 
     def save_samples(tag: str, batch_statistics: bool = False) -> None:
         if ranks.is_main:  # with --ema the grids are the average's, and their names say so
@@ -187,6 +210,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
                     break
                 save_samples(f"step{step:07d}_epoch{epoch + 1:03d}")
                 progress.epoch_end()
+                with ranks.together("measuring the generator (--eval-every)"):
+                    evaluate_at(epoch, step)
                 saved = save_checkpoint(state.Position(epoch + 1, 0, step), epoch, steps_per_epoch - 1)
                 if stop:
                     break
@@ -208,13 +233,14 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
         raise TrainingStopped(f"stopped by {why} at iteration {step} ({at.describe(steps_per_epoch)})"
                               + (f"; checkpoint {path}. Continue with: {resume_command(run, ranks)}"
                                  if path else ""), stops.signum or signal.SIGTERM)
-    elapsed = time.perf_counter() - stats.run_start
+    elapsed = time.perf_counter() - stats.run_start - stats.aside
 
     if ranks.is_main:
         finish(run, netG, stats.loss_history(), trainer.ema)
     console.print(f"fastgan: trained {images_seen * ranks.world_size:,} images in {format_seconds(elapsed)}: "
                   f"{images_seen * ranks.world_size / max(elapsed, 1e-9):,.0f} images/s"
                   + (f" ({images_seen / max(elapsed, 1e-9):,.0f} per rank)" if ranks.launched else "")
+                  + (f", and {format_seconds(stats.aside)} measuring (--eval-every)" if stats.aside else "")
                   + f"; results in {run}")
     return run
 

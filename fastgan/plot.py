@@ -14,6 +14,7 @@ LEFT, TOP, RIGHT, BOTTOM = 75, 45, 975, 445     # plot box in output pixels
 SS = 2                                          # data lines are drawn 2x and box-reduced: antialiasing
 LINE_W = 3                                      # at SS scale, i.e. 1.5 px like matplotlib's 1.5 pt
 SERIES = (("G", (0x1F, 0x77, 0xB4)), ("D", (0xFF, 0x7F, 0x0E)))  # matplotlib's C0, C1; G first
+MORE_COLORS = ((0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28), (0x94, 0x67, 0xBD), (0x8C, 0x56, 0x4B))  # C2..C5
 BLACK, GRID, LEGEND_EDGE = (0, 0, 0), (225, 225, 225), (204, 204, 204)
 
 
@@ -98,24 +99,50 @@ def plot_losses(steps, loss_g, loss_d, path, title: str = "Generator and Discrim
     """Write a PNG line plot of the G and D losses against the iteration numbers `steps` to `path`.
     Accepts Python sequences, numpy arrays or 1-D torch tensors (convert via numpy.asarray)."""
     x = _as_array(steps, "steps")
-    losses = [_as_array(loss_g, "loss_g"), _as_array(loss_d, "loss_d")]
-    if not len(x) == len(losses[0]) == len(losses[1]):
-        raise ValueError(f"lengths differ: steps {len(x)}, loss_g {len(losses[0])}, loss_d {len(losses[1])}")
-    order = np.argsort(x, kind="stable")  # tolerate logs that were appended out of order
-    x = x[order]
-    # a point with a non-finite step cannot be placed: treat its losses as missing
-    losses = [np.where(np.isfinite(x), l[order], np.nan) for l in losses]
-    losses = [np.where(np.isfinite(l), l, np.nan) for l in losses]  # inf breaks the line like NaN
-    has = np.isfinite(losses[0]) | np.isfinite(losses[1])
-    empty = not has.any()
+    g, d = _as_array(loss_g, "loss_g"), _as_array(loss_d, "loss_d")
+    if not len(x) == len(g) == len(d):
+        raise ValueError(f"lengths differ: steps {len(x)}, loss_g {len(g)}, loss_d {len(d)}")
+    _save(draw_lines([("G", x, g), ("D", x, d)], title, "iterations", "Loss"), path)
+
+
+def plot_panels(panels, xlabel: str, path) -> None:
+    """Write charts stacked in one PNG: panels is a list of (title, [(label, x, y), ...]), one chart each, the
+    y axis of each its own (fastgan eval's metrics over training, each on its scale)."""
+    charts = [draw_lines(series, title, xlabel, "") for title, series in panels] or [draw_lines([], "", xlabel, "")]
+    sheet = Image.new("RGB", (W, H * len(charts)), "white")
+    for i, chart in enumerate(charts):
+        sheet.paste(chart, (0, H * i))
+    _save(sheet, path)
+
+
+def _save(img: Image.Image, path) -> None:
+    with atomic_write(path) as f:  # readers never see a half-written PNG
+        img.save(f, format="PNG")
+
+
+def draw_lines(series, title: str, xlabel: str, ylabel: str) -> Image.Image:
+    """A matplotlib-like line chart of series [(label, x, y), ...], colours C0, C1, ... in order, a legend in
+    the upper right; NaN or inf in y breaks a line, one point is a marker."""
+    prepared = []
+    for label, x, y in series:
+        x, y = _as_array(x, f"{label} x"), _as_array(y, f"{label} y")
+        order = np.argsort(x, kind="stable")  # tolerate logs that were appended out of order
+        x = x[order]
+        # a point with a non-finite x cannot be placed: treat its value as missing; inf breaks the line like NaN
+        y = np.where(np.isfinite(x), y[order], np.nan)
+        prepared.append((label, x, np.where(np.isfinite(y), y, np.nan)))
+    colors = [color for _, color in SERIES] + list(MORE_COLORS)
+    placed = [x[np.isfinite(y)] for _, x, y in prepared]
+    values = [y[np.isfinite(y)] for _, _, y in prepared]
+    empty = not any(len(v) for v in values)
     if empty:
         (x0, x1), (y0, y1) = (0.0, 1.0), (0.0, 1.0)
     else:
-        x0, x1 = float(x[has].min()), float(x[has].max())
+        all_x = np.concatenate(placed)
+        x0, x1 = float(all_x.min()), float(all_x.max())
         if x0 == x1:
             x0, x1 = x0 - 1, x1 + 1
-        ally = np.concatenate(losses)
-        y0, y1 = _y_range(ally[np.isfinite(ally)])
+        y0, y1 = _y_range(np.concatenate(values))
 
     def fx(v):
         return LEFT + (np.asarray(v) - x0) / (x1 - x0) * (RIGHT - LEFT)
@@ -134,9 +161,8 @@ def plot_losses(steps, loss_g, loss_d, path, title: str = "Generator and Discrim
         py = round(fy(v)) * SS
         draw.rectangle((LEFT * SS, py, RIGHT * SS, py + SS - 1), fill=GRID)
     if not empty:
-        cols = np.rint(fx(x) * SS).astype(np.int64)
-        for (_, color), l in zip(SERIES, losses):
-            _draw_series(draw, cols, fy(l) * SS, color)
+        for (_, x, y), color in zip(prepared, colors):
+            _draw_series(draw, np.rint(fx(x) * SS).astype(np.int64), fy(y) * SS, color)
     img = img.reduce(SS)
 
     draw = ImageDraw.Draw(img)
@@ -151,20 +177,20 @@ def plot_losses(steps, loss_g, loss_d, path, title: str = "Generator and Discrim
         draw.line((LEFT - 4, py, LEFT, py), fill=BLACK)
         _text(draw, (LEFT - 7, py), s, f_tick, "rm")
     # axis labels just outside the tick labels, as matplotlib places them
-    _text(draw, ((LEFT + RIGHT) // 2, BOTTOM + 30), "iterations", f_label, "mt")
+    _text(draw, ((LEFT + RIGHT) // 2, BOTTOM + 30), xlabel, f_label, "mt")
     ytw = max((draw.textbbox((0, 0), s, font=f_tick)[2] for _, s in yt), default=0)
-    _text_up(img, (LEFT - 7 - ytw - 16, (TOP + BOTTOM) // 2), "Loss", f_label)
+    if ylabel:
+        _text_up(img, (LEFT - 7 - ytw - 16, (TOP + BOTTOM) // 2), ylabel, f_label)
     _text(draw, ((LEFT + RIGHT) // 2, TOP // 2), title, f_title, "mm")
     if empty:
         _text(draw, ((LEFT + RIGHT) // 2, (TOP + BOTTOM) // 2), "no data", f_title, "mm", (110, 110, 110))
     else:  # legend in the upper right corner, styled like matplotlib's
-        lw = max(draw.textbbox((0, 0), n, font=f_label)[2] for n, _ in SERIES) + 50
+        names = [(label, color) for (label, _, _), color in zip(prepared, colors)]
+        lw = max(draw.textbbox((0, 0), n, font=f_label)[2] for n, _ in names) + 50
         bx, by = RIGHT - 10 - lw, TOP + 10
-        draw.rounded_rectangle((bx, by, bx + lw, by + 12 + 22 * len(SERIES)), 4, fill="white", outline=LEGEND_EDGE)
-        for i, (name, color) in enumerate(SERIES):
+        draw.rounded_rectangle((bx, by, bx + lw, by + 12 + 22 * len(names)), 4, fill="white", outline=LEGEND_EDGE)
+        for i, (name, color) in enumerate(names):
             cy = by + 17 + 22 * i
             draw.line((bx + 8, cy, bx + 36, cy), fill=color, width=2)
             _text(draw, (bx + 44, cy), name, f_label, "lm")
-
-    with atomic_write(path) as f:  # readers never see a half-written PNG
-        img.save(f, format="PNG")
+    return img

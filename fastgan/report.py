@@ -65,6 +65,17 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
     return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images as uint8 pixels, rounded as image_grid rounds them (the PNGs fastgan writes)."""
+    return images.detach().float().cpu().add(1).div(2).clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def single_image(image: torch.Tensor) -> Image.Image:
+    """One [-1, 1] image (C, H, W) as a picture of its own, without a grid's padding."""
+    array = to_uint8(image).permute(1, 2, 0).numpy()
+    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+
+
 def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> None:
     with atomic_write(path) as f:
         image.save(f, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)

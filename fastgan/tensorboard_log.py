@@ -25,6 +25,7 @@ TAGS = {
     "d_x": "D_output/real",                   # D(x)
     "d_g_z1": "D_output/fake_before_D_step",  # D(G(z)) before D's update
     "d_g_z2": "D_output/fake_after_D_step",   # D(G(z)) after it, as G sees it
+    "swd": "Quality/SWD", "fid": "Quality/FID", "kid": "Quality/KID",  # --eval-every's records
     "images_per_second": "Speed/images_per_second",
     "images_per_second_per_rank": "Speed/images_per_second_per_rank",
     "loss_scale": "AMP/loss_scale",

@@ -105,6 +105,10 @@ def test_generate_from_a_run(trained, tmp_path, source):
     assert Image.open(out).size == (4 * 18 + 2, 3 * 18 + 2)  # 10 images: 4 a row, 3 rows
     each = sorted((tmp_path / "each").iterdir())
     assert len(each) == 10 and Image.open(each[0]).size == (16, 16)
+    grid = np.asarray(Image.open(out))
+    for i, path in enumerate(each):  # each file is its grid tile, pixel for pixel (2-pixel padding, 4 a row)
+        top, left = 2 + 18 * (i // 4), 2 + 18 * (i % 4)
+        assert np.array_equal(np.asarray(Image.open(path)), grid[top:top + 16, left:left + 16]), path.name
 
 
 def test_generate_never_overwrites(trained, tmp_path, capsys):
