@@ -376,7 +376,7 @@ def add_eval_parser(sub) -> None:
                    help=f"comma-separated, of {', '.join(METRICS)} [{','.join(DEFAULT_METRICS)}]")
     p.add_argument("--epochs", metavar="LIST", help="with a run folder: the epochs to measure, e.g. 1,5,10 [all]")
     p.add_argument("--inception", metavar="PATH", help="the FID Inception weights file [torch.hub's cache]")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
+    p.add_argument("--no-ema", action="store_true",
                    help="measure the raw generator of checkpoints that also hold an EMA one")
     p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
                    help="seed of the real images drawn, the noise and SWD's random draws [0]")
@@ -408,7 +408,7 @@ def run_eval(args: argparse.Namespace) -> int:
             if total is not None and tasks[task][1] >= total:  # done: the next checkpoint's starts anew
                 bar.remove_task(tasks.pop(task)[0])
         records = evaluate(args.path, args.root, args.data, args.n, metrics, epochs, args.inception, args.seed,
-                           args.device, args.ema, args.workers, progress)
+                           args.device, not args.no_ema, args.workers, progress)
     names = [k for k in records[0] if k.startswith("swd") or k in ("fid", "kid")]
     table = Table(title=f"fastgan eval: {records[0]['real']}, {records[0]['n']:,} generated")
     for column in ["checkpoint", "epoch", "generator", *names, "seconds"]:

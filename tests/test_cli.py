@@ -252,7 +252,7 @@ def help_texts():
     return [("", parser), *subparsers.choices.items()]
 
 
-@pytest.mark.parametrize("command", ["", "train", "generate", "synth", "prepare"])
+@pytest.mark.parametrize("command", ["", "train", "generate", "synth", "prepare", "eval"])
 def test_help_gives_each_option_one_default_and_a_reason(command, capsys):
     from fastgan import Config
     assert main([*([command] if command else []), "--help"]) == 0
