@@ -18,8 +18,8 @@ transposed, a fixed permutation of the components that i.i.d. Gaussian direction
 
 Cost, on 16,384 64x64 images: 2.1 M descriptors per level and side, 3 levels x 512 directions x 2 sides = 3,072
 sorts of 2.1 M float32 plus 1.9 TFLOP of projections. The sorts (numpy's, which release the GIL) run on a thread
-pool as wide as torch's intra-op threads; projections are torch matmuls. Peak memory is about two levels of
-descriptors (2 x 1.2 GB) plus a block of projections (2 x 270 MB).
+pool as wide as torch's intra-op threads; projections are torch matmuls. Levels are done one at a time: the
+peak memory is one level's descriptors of both sets (2 x 1.2 GB) plus a block of projections (2 x 270 MB).
 """
 from __future__ import annotations
 

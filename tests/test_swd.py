@@ -156,18 +156,18 @@ def test_seed_draws_the_neighbourhoods_and_directions():
 def test_identical_sets_differ_only_by_the_neighbourhood_draws():
     # real and fake draw their own neighbourhoods (as the original does), so identical sets are not 0 but the
     # sampling noise of M = N x 128 descriptors, whose Wasserstein distance falls like 1 / sqrt(M): 4x the
-    # images, half the value (0.5; the band allows for the noise of one draw at these small M)
+    # images, half the value (measured 0.49 to 0.52 over three seeds; the band leaves room for other draws)
     small = sliced_wasserstein_distance(smooth_faces(16, seed=0), smooth_faces(16, seed=0))["swd"]
     large = sliced_wasserstein_distance(smooth_faces(64, seed=0), smooth_faces(64, seed=0))["swd"]
-    assert 0.35 < large / small < 0.7, (small, large)
+    assert 0.4 < large / small < 0.6, (small, large)
 
 
 def test_blur_is_farther_than_another_sample_and_the_finest_level_sees_it_most():
     real, other = smooth_faces(64, seed=0), smooth_faces(64, seed=1)
     same_distribution = sliced_wasserstein_distance(real, other)
     blur = sliced_wasserstein_distance(real, blurred(other))
-    # measured: swd 49 against 29, swd32 55 against 21, increases 34 (32 px) and 6 (16 px); the bounds sit well
-    # inside those, since a different seed moves each figure by a few units at 64 images
+    # measured over three seeds: swd 1.6x to 1.7x, swd32 2.6x, increases 33 to 34 (32 px) against 5 to 6 (16 px);
+    # the bounds sit well inside those, since another seed moves each figure by a few units at 64 images
     assert blur["swd"] > 1.4 * same_distribution["swd"], (blur, same_distribution)
     assert blur["swd32"] > 2 * same_distribution["swd32"], (blur, same_distribution)
     increase = {key: blur[key] - same_distribution[key] for key in ("swd32", "swd16")}
