@@ -2,14 +2,15 @@
 
     PROBE_DIR=/tmp/x torchrun --standalone --nproc_per_node 2 tests/ddp_probe.py train ...
 
-Writes PROBE_DIR/rank<R>.pt: {"batches": [real batch of each step], "netG": ..., "netD": ...} (this rank's own
-modules, not rank 0's checkpoint). PROBE_FAIL="<rank>:<step>" makes that rank raise at that step.
+Writes PROBE_DIR/rank<R>.pt: {"batches": [real batch of each step], "netG": ..., "netD": ..., and with --ema
+"netG_ema": ...} (this rank's own modules, not rank 0's checkpoint). PROBE_FAIL="<rank>:<step>" makes that rank raise at that step.
 """
 import os
 import sys
 
 import torch
 
+import fastgan.ema
 import fastgan.trainer
 from fastgan.checkpoint import unwrap
 from fastgan.cli import main
@@ -29,6 +30,15 @@ def step(netG, netD, optimizerG, optimizerD, real, noise, *args, **kwargs):
 
 
 fastgan.trainer.train_step = step
+real_update = fastgan.ema.GeneratorEMA.update
+
+
+def update(self):
+    modules["netG_ema"] = self.model
+    real_update(self)
+
+
+fastgan.ema.GeneratorEMA.update = update
 code = main(sys.argv[1:])
 if "PROBE_DIR" in os.environ and modules:
     torch.save({"batches": seen, **{k: unwrap(m).state_dict() for k, m in modules.items()}},

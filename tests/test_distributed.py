@@ -37,12 +37,12 @@ def finish(child, timeout=240):
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """Two ranks, global batch 8 (4 each), 24 images: 3 steps per epoch, 2 epochs."""
+    """Two ranks, global batch 8 (4 each), 24 images: 3 steps per epoch, 2 epochs, with G's moving average."""
     tmp = tmp_path_factory.mktemp("ddp")
     from conftest import write_images
     write_images(tmp / "data" / "faces", 24)
     (tmp / "probe").mkdir()
-    code, output = finish(torchrun("--root", tmp / "data", "--out", tmp / "run", "--epochs", 2,
+    code, output = finish(torchrun("--root", tmp / "data", "--out", tmp / "run", "--epochs", 2, "--ema", 0.01,
                                    env={"XDG_CACHE_HOME": str(tmp / "cache")}, probe_dir=tmp / "probe"))
     assert code == 0, output
     return tmp, output
@@ -76,6 +76,12 @@ def test_both_ranks_end_with_the_same_weights_and_rank_0_saves_them(ddp_run):
                 continue  # BatchNorm statistics: each rank keeps its own (no --sync-bn)
             assert torch.equal(value, ranks[1][net][name]), (net, name)
             assert torch.equal(value, saved[net][name]), (net, name)
+    # --ema: every rank averages the same G, counting the global batch's images; rank 0's average is saved
+    assert saved["ema_images"] == 6 * 8
+    for name, value in ranks[0]["netG_ema"].items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, ranks[1]["netG_ema"][name]), name
+        assert torch.equal(value, saved["netG_ema"][name]), name
     # BatchNorm running statistics do differ: each rank normalised its own half of the batch
     assert not torch.equal(ranks[0]["netD"]["main.3.running_mean"], ranks[1]["netD"]["main.3.running_mean"])
     assert torch.equal(ranks[0]["netD"]["main.3.running_mean"], saved["netD"]["main.3.running_mean"])
