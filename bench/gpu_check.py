@@ -419,6 +419,34 @@ def part_throughput(check: Check) -> Result:
     return Result("passed", key=key or "throughput.json written", figures={"json": str(out)})
 
 
+def part_ema_eval(check: Check) -> Result:
+    """--ema inside the CUDA graph (--cpu: eager), then fastgan eval of the run's epoch against its data (SWD)."""
+    run_dir = check.work / "runs" / "ema-eval"
+    graphs = [] if check.cpu else ["--cuda-graphs", "--amp", "bf16"]
+    output = check.fastgan("train", *train_flags(check, "prepared", run_dir), "--ema", *graphs)
+    figures = check_run(run_dir, output, ["CUDA graphs off" if check.cpu else "CUDA graphs on"])
+    if not (run_dir / "netG_ema.pth").is_file():
+        raise PartFailed(f"the --ema run wrote no {run_dir / 'netG_ema.pth'}")
+    check.fastgan("eval", run_dir, "--n", 64 if check.cpu else 2048, "--device", check.device)
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    if not records or records[-1].get("generator") != "ema" or "swd" not in records[-1]:
+        raise PartFailed(f"fastgan eval wrote no EMA record with an SWD in {run_dir / 'eval.jsonl'}")
+    figures["eval"] = records[-1]
+    return Result("passed", key=f"{rate_key(figures)}; SWD {records[-1]['swd']:.1f} of "
+                                f"{records[-1]['n']:,} images in {records[-1]['seconds']:.0f} s", figures=figures)
+
+
+def part_fid_speed(check: Check) -> Result:
+    out = check.out / "fid_speed.json"
+    sizes = ["--n", 2, "--image-size", 16, "--device", "cpu"] if check.cpu else ["--n", 50_000]
+    code, output = check.sh([sys.executable, "bench/fid_speed.py", "--json", out, *sizes])
+    if code != 0 or not out.is_file():
+        raise PartFailed(f"bench/fid_speed.py exited with {code}: {last_line(output)}")
+    figures = json.loads(out.read_text())
+    return Result("passed", key=f"FID of {figures['n']:,} images in {figures['total_s']:.1f} s "
+                                f"(Inception {figures['inception_images_per_second']:,.0f} images/s)", figures=figures)
+
+
 GRAPHS = ["--cuda-graphs"]
 PARTS = [
     Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 60),
@@ -459,6 +487,11 @@ PARTS = [
          part_tests, 360),
     Part("throughput", "bench/throughput.py --steps 50 --json OUTDIR/throughput.json (64x64, batch 128)",
          part_throughput, 300, needs=("synth",)),
+    # image quality (issue 12), last: in a short budget the parts above matter more
+    Part("ema-eval", "train --data --ema --cuda-graphs --amp bf16 (--cpu: eager), then fastgan eval of it (SWD)",
+         part_ema_eval, 180, needs=("prepare",), groups=("train", "graphs", "quality")),
+    Part("fid-speed", "bench/fid_speed.py: FID of 50,000 generated 64x64 images (random Inception weights)",
+         part_fid_speed, 150, groups=("quality",)),
 ]
 DALI_PARTS = {p.name for p in PARTS if "dali" in p.groups}
 
