@@ -180,11 +180,13 @@ def test_eval_every_records_quality_without_changing_training(image_folder, tmp_
 
 
 def test_the_python_api(ema_run, tmp_path):
-    import fastgan
-    records = fastgan.evaluate(ema_run, n=8, epochs=[2], device="cpu", workers=1)
+    """As the README's Python section writes it."""
+    from fastgan.evaluate import evaluate as evaluate_api
+    from fastgan.generate import generate, interpolate
+    records = evaluate_api(ema_run, n=8, epochs=[2], device="cpu", workers=1)
     assert [(r["epoch"], r["generator"], r["n"]) for r in records] == [(2, "ema", 8)]
-    grid = fastgan.generate(ema_run / "netG_ema.pth", 4, seed=1, out=tmp_path / "faces.png", device="cpu")
+    grid = generate(ema_run / "netG_ema.pth", 4, seed=1, out=tmp_path / "faces.png", device="cpu")
     assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)
-    walk = fastgan.interpolate(ema_run / "checkpoints" / "last.pt", rows=2, steps=3, seed=3,
-                               out=tmp_path / "walk.png", device="cpu")
+    walk = interpolate(ema_run / "checkpoints" / "last.pt", rows=2, steps=3, seed=3, out=tmp_path / "walk.png",
+                       device="cpu")
     assert Image.open(walk).size == (3 * 18 + 2, 2 * 18 + 2) and walk.with_suffix(".gif").exists()
