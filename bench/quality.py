@@ -184,6 +184,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=demo.image_size, help="image side in px (the demo's)")
     parser.add_argument("--width", type=int, default=demo.ngf, help="ngf = ndf (the demo's)")
     parser.add_argument("--batch-size", type=int, default=demo.batch_size, help="(the demo's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader worker processes (fastgan train's --workers) [its default: the cores less one]")
     parser.add_argument("--out", help="a new folder for every run folder and the prepared file "
                                       "[runs/quality-<date>-<time>]")
     parser.add_argument("--json", help="write every figure here (after each run)")
@@ -192,7 +194,8 @@ def main() -> int:
         device = resolve_device(args.device)
         modes = chosen_modes(args.modes, device)
         base = Config.demo(epochs=args.epochs, demo_images=args.demo_images, image_size=args.image_size,
-                           ngf=args.width, ndf=args.width, batch_size=args.batch_size, device=device.type,
+                           ngf=args.width, ndf=args.width, batch_size=args.batch_size, workers=args.workers,
+                           device=device.type,
                            loader="torch", quiet=True).validate(flags=True)
         out = fresh_out_folder(Path(args.out or f"runs/quality-{time.strftime('%Y%m%d-%H%M%S')}").expanduser())
     except FastganError as e:

@@ -120,3 +120,49 @@ def test_distributed_bench_runs_both_ways(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["nproc"] == 2 and figures["batch_size"] == 8
     assert figures["single_images_per_second"] > 0 and figures["ddp_images_per_second_per_rank"] > 0
+
+
+def test_quality_bench_sets_each_mode_beside_the_band_of_three_reference_seeds(tmp_path):
+    out, figures_file = tmp_path / "quality", tmp_path / "quality.json"
+    # the smallest runs that still train: a 16x16 model of width 8, one epoch of 64 images in 2 steps, no loader
+    # worker processes (their start costs more than the training here)
+    command = [sys.executable, str(BENCH / "quality.py"), "--epochs", "1", "--demo-images", "64", "--batch-size", "32",
+               "--image-size", "16", "--width", "8", "--workers", "0", "--modes", "channels_last,ema,fp16",
+               "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(command + ["--json", str(figures_file)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(figures_file.read_text())
+    assert {"device", "torch", "commit", "date", "band", "rows", "outside"} <= set(figures)
+    rows = figures["rows"]
+    assert [(r["mode"], r["seed"]) for r in rows] == [("reference", 999), ("reference", 1), ("reference", 2),
+                                                      ("channels_last", 999), ("ema", 999), ("fp16", 999)]
+    trained, fp16 = rows[:5], rows[5]
+    # each run was trained as its row says: the options its own config.json records
+    plain = {"device": "cpu", "amp": "off", "channels_last": False, "compile": False, "cuda_graphs": False,
+             "loader": "torch", "dali_decoder": "auto", "data": None, "ema_kimg": None}
+    mode_options = {"channels_last": {"channels_last": True}, "ema": {"ema_kimg": 10.0}}
+    for r in trained:
+        assert r["settings"] == {**plain, "seed": r["seed"], **mode_options.get(r["mode"], {})}, r["mode"]
+        assert Path(r["run"]).parent == out and r["swd"] > 0 and r["train_s"] > 0
+        assert r["generator"] == ("ema" if r["mode"] == "ema" else "raw")
+    assert fp16["note"].startswith("skipped: ") and "swd" not in fp16 and fp16["inside"] is None
+
+    # the band: the three reference seeds (different seeds, different GANs), and each mode judged against it
+    reference = [r["swd"] for r in rows[:3]]
+    band = figures["band"]
+    assert band["seeds"] == [999, 1, 2] and len(set(reference)) == 3
+    assert band["swd"]["min"] == min(reference) and band["swd"]["max"] == max(reference)
+    assert band["swd"]["mean"] == pytest.approx(sum(reference) / 3, abs=1e-4)  # the figures are rounded to 1e-4
+    assert all(r["inside"] is None for r in rows[:3])
+    for r in trained[3:]:
+        assert r["inside"] == (min(reference) <= r["swd"] <= max(reference)), r["mode"]
+    assert figures["outside"] == [r["mode"] for r in rows if r["inside"] is False]
+    # --ema only reads G's weights, so its raw G is the reference's at seed 999 (the CPU trains bit for bit alike)
+    assert rows[4]["raw_swd"] == rows[0]["swd"]
+    for cell in ("band (3 seeds)", "channels_last", "--ema 10.0", "skipped: "):
+        assert cell in result.stdout, cell
+    assert "inside the band" in result.stdout or "OUTSIDE the band" in result.stdout
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # never over an earlier bench
+    assert again.returncode == 2 and len(again.stderr.splitlines()) == 1
+    assert again.stderr.startswith(f"bench: --out {out} already holds files")
