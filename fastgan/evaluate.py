@@ -172,7 +172,7 @@ class Metrics:
             from .swd import DIRECTION_REPEATS, sliced_wasserstein_distance, swd_resolutions
             total = len(swd_resolutions(fake.shape[-1])) * DIRECTION_REPEATS
             step = (lambda k: self.progress("SWD", k, total)) if self.progress else None
-            results.update(sliced_wasserstein_distance(self.real.pixels, fake, self.seed, step))
+            results.update(sliced_wasserstein_distance(self.real.pixels, fake, self.seed, step, self.device))
         if self.inception is not None:
             from .fid import feature_statistics, frechet_distance, kernel_inception_distance
             real = self.real_features()

@@ -169,9 +169,12 @@ def _row_distance(real_rows: np.ndarray, fake_rows: np.ndarray, row: int) -> flo
 
 
 def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, pool: ThreadPoolExecutor,
-                        progress: Callable[[int], None]) -> float:
+                        progress: Callable[[int], None], device: torch.device = torch.device("cpu")) -> float:
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
-    descriptors and directions; real and fake (M, D) are projected on the same directions."""
+    descriptors and directions; real and fake (M, D) are projected on the same directions. On a GPU (`device`)
+    the projections and their sorts run there (torch.sort), the draws staying numpy's on the CPU."""
+    if device.type != "cpu":
+        return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
     # few large matmuls: each parallel torch op costs a thread wake-up, which a loaded machine makes dear
     block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
@@ -189,15 +192,38 @@ def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.G
     return float(np.mean(means))
 
 
+def _sliced_wasserstein_on(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator,
+                           progress: Callable[[int], None]) -> float:
+    """_sliced_wasserstein with real and fake on a GPU: the same draws, the same sums (in float64)."""
+    count = len(real)
+    block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
+    means = []
+    for _ in range(DIRECTION_REPEATS):
+        directions = _unit_directions(rng, real.shape[1]).to(real.device)
+        total = torch.zeros((), dtype=torch.float64, device=real.device)
+        for start in range(0, DIRECTIONS_PER_REPEAT, block):
+            chosen = directions[:, start:start + block].T
+            real_rows = torch.mm(chosen, real.T).sort(dim=1).values
+            fake_rows = torch.mm(chosen, fake.T).sort(dim=1).values
+            total += real_rows.sub_(fake_rows).abs_().sum(dtype=torch.float64)
+        means.append(float(total) / (count * DIRECTIONS_PER_REPEAT))  # note: a sync per repeat, for progress
+        progress(1)
+    return float(np.mean(means))
+
+
 def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
-                                progress: Optional[Callable[[int], None]] = None) -> dict[str, float]:
+                                progress: Optional[Callable[[int], None]] = None,
+                                device: str | torch.device = "cpu") -> dict[str, float]:
     """SWD x 1e3 of two uint8 (N, C, H, W) CPU image sets of equal shape: {"swd64": ..., "swd32": ...,
     "swd16": ..., "swd": their mean} for 64x64 images (keys named by the resolutions present).
 
     `seed` seeds numpy's default_rng, which draws every neighbourhood and direction (the module docstring gives
     the order). progress(1) is called after each repeat of each level: len(swd_resolutions(H)) x
-    DIRECTION_REPEATS calls in all (12 for 64x64), about equal amounts of work."""
+    DIRECTION_REPEATS calls in all (12 for 64x64), about equal amounts of work. With a CUDA `device` the
+    projections and sorts run on the GPU (the descriptors are cut on the CPU): the same figures to float rounding,
+    in seconds instead of minutes."""
     _check_images(real, fake)
+    device = torch.device(device)
     real, fake = real.cpu(), fake.cpu()
     n, c, h, w = real.shape
     resolutions = swd_resolutions(h)
@@ -212,6 +238,6 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
                 xs = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
                 ys = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
                 descriptors.append(_descriptors(images, level, len(resolutions), xs, ys))
-            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress) * 1e3
+            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device) * 1e3
     results["swd"] = float(np.mean(list(results.values())))
     return results

@@ -199,3 +199,31 @@ def test_bad_inputs_are_refused_in_one_line(real, fake, words):
     with pytest.raises(FastganError, match=words) as refused:
         sliced_wasserstein_distance(real, fake)
     assert "\n" not in str(refused.value)
+
+
+def test_the_torch_path_of_a_gpu_gives_the_numpy_paths_figure():
+    """The GPU's path (torch.mm and torch.sort on the device) run here on CPU tensors: the same draws and sums as
+    the numpy path's, so float32 rounding apart (the same sorted values, summed in another order) the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastgan.swd import _sliced_wasserstein, _sliced_wasserstein_on
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(3000, 147, generator=g), torch.randn(3000, 147, generator=g) * 1.1
+    with ThreadPoolExecutor(1) as pool:
+        numpy_path = _sliced_wasserstein(real, fake, np.random.default_rng(5), pool, lambda k: None)
+    torch_path = _sliced_wasserstein_on(real, fake, np.random.default_rng(5), lambda k: None)
+    assert torch_path == pytest.approx(numpy_path, rel=1e-6)
+    other_draws = _sliced_wasserstein_on(real, fake, np.random.default_rng(6), lambda k: None)
+    assert abs(other_draws - numpy_path) > 1e-4 * numpy_path  # other directions give another figure
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_swd_on_the_gpu_equals_the_cpu():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    fake = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    on_cpu = sliced_wasserstein_distance(real, fake, seed=2)
+    on_gpu = sliced_wasserstein_distance(real, fake, seed=2, device="cuda")
+    for key, value in on_cpu.items():  # cuBLAS and MKL round the projections differently: float32, ~1e-6
+        assert on_gpu[key] == pytest.approx(value, rel=1e-4), key
