@@ -447,6 +447,17 @@ def part_fid_speed(check: Check) -> Result:
                                 f"(Inception {figures['inception_images_per_second']:,.0f} images/s)", figures=figures)
 
 
+def part_swd_speed(check: Check) -> Result:
+    out = check.out / "swd_speed.json"
+    sizes = ["--n", 64, "--size", 32] if check.cpu else ["--device", "cuda"]
+    code, output = check.sh([sys.executable, "bench/swd_speed.py", "--json", out, *sizes])
+    if code != 0 or not out.is_file():
+        raise PartFailed(f"bench/swd_speed.py exited with {code}: {last_line(output)}")
+    figures = json.loads(out.read_text())
+    return Result("passed", key=f"SWD of {figures['images_per_set']:,} + {figures['images_per_set']:,} images in "
+                                f"{figures['seconds']:.1f} s", figures=figures)
+
+
 GRAPHS = ["--cuda-graphs"]
 PARTS = [
     Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 60),
@@ -492,6 +503,8 @@ PARTS = [
          part_ema_eval, 180, needs=("prepare",), groups=("train", "graphs", "quality")),
     Part("fid-speed", "bench/fid_speed.py: FID of 50,000 generated 64x64 images (random Inception weights)",
          part_fid_speed, 150, groups=("quality",)),
+    Part("swd-speed", "bench/swd_speed.py --device cuda: SWD of 16,384 + 16,384 64x64 images (--cpu: 64, CPU)",
+         part_swd_speed, 150, groups=("quality",)),
 ]
 DALI_PARTS = {p.name for p in PARTS if "dali" in p.groups}
 

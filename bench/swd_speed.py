@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in px")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads and sort threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the projections and sorts run: cpu or cuda [cpu]")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -62,7 +63,8 @@ def main() -> None:
     real, fake = random_images(args.n, args.size, seed=1), random_images(args.n, args.size, seed=2)
     stamps = []
     start = time.perf_counter()
-    figures = sliced_wasserstein_distance(real, fake, seed=args.seed, progress=lambda k: stamps.append(time.perf_counter()))
+    figures = sliced_wasserstein_distance(real, fake, seed=args.seed, device=args.device,
+                                          progress=lambda k: stamps.append(time.perf_counter()))
     seconds = time.perf_counter() - start
 
     resolutions = swd_resolutions(args.size)
@@ -72,7 +74,8 @@ def main() -> None:
     result = {
         "images_per_set": args.n, "size": args.size, "seconds": round(seconds, 1), "level_seconds": level_seconds,
         "figures": {key: round(value, 3) for key, value in figures.items()},
-        "device": f"{cpu_name()}, {torch.get_num_threads()} threads (of {torch.multiprocessing.cpu_count()} CPUs)",
+        "device": (f"{torch.cuda.get_device_name()} (descriptors on {cpu_name()})" if args.device != "cpu" else
+                   f"{cpu_name()}, {torch.get_num_threads()} threads (of {torch.multiprocessing.cpu_count()} CPUs)"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "commit": commit(),
     }

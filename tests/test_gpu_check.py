@@ -15,7 +15,7 @@ sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
 
 CPU_CLI_PARTS = ["env", "synth", "prepare", "train-fp32", "train-bf16", "train-fp16", "resume-graphs", "loader-torch",
-                 "torchrun", "tests", "throughput", "ema-eval", "fid-speed"]
+                 "torchrun", "tests", "throughput", "ema-eval", "fid-speed", "swd-speed"]
 
 
 def summary_rows(out: Path) -> dict:
