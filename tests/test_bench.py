@@ -159,6 +159,9 @@ def test_quality_bench_sets_each_mode_beside_the_band_of_three_reference_seeds(t
     assert figures["outside"] == [r["mode"] for r in rows if r["inside"] is False]
     # --ema only reads G's weights, so its raw G is the reference's at seed 999 (the CPU trains bit for bit alike)
     assert rows[4]["raw_swd"] == rows[0]["swd"]
+    # (after 2 steps the EMA's images equal G's, so which generator each figure came from is read from the run)
+    records = (Path(rows[4]["run"]) / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["generator"] for line in records] == ["ema", "raw"]
     for cell in ("band (3 seeds)", "channels_last", "--ema 10.0", "skipped: "):
         assert cell in result.stdout, cell
     assert "inside the band" in result.stdout or "OUTSIDE the band" in result.stdout
