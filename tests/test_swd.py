@@ -227,3 +227,25 @@ def test_swd_on_the_gpu_equals_the_cpu():
     on_gpu = sliced_wasserstein_distance(real, fake, seed=2, device="cuda")
     for key, value in on_cpu.items():  # cuBLAS and MKL round the projections differently: float32, ~1e-6
         assert on_gpu[key] == pytest.approx(value, rel=1e-4), key
+
+
+@pytest.mark.parametrize("case", ["one Gaussian", "shifted", "tiny", "ties", "identical", "one value", "spread"])
+def test_gap_sum_is_the_sum_of_sorted_differences(case):
+    """gap_sum integrates the area between the step functions instead of sorting: it must give the sorted
+    differences' sum to float32 rounding (the values are moved to bin units in float32: ~1e-7 relative)."""
+    from fastgan.swd import gap_sum
+    rng = np.random.default_rng(3)
+    n = 5 if case == "tiny" else 200_000
+    a = rng.standard_normal(n).astype(np.float32)
+    b = {"one Gaussian": rng.standard_normal(n), "shifted": rng.standard_normal(n) * 1.2 + 0.3,
+         "tiny": rng.standard_normal(n), "ties": None, "identical": a.copy(), "one value": None,
+         "spread": rng.standard_cauchy(n)}[case]
+    if case == "ties":  # many equal values on both sides, and bins holding nothing but ties
+        a, b = rng.integers(0, 5, n).astype(np.float32), rng.integers(0, 6, n)
+    if case == "one value":
+        a, b = np.full(n, 2.5, np.float32), np.full(n, 2.5)
+    b = np.asarray(b, np.float32)
+    expected = float(np.abs(np.sort(a).astype(np.float64) - np.sort(b)).sum())
+    got = gap_sum(a.copy(), b.copy())
+    assert got == pytest.approx(expected, rel=2e-6, abs=1e-6 * n)
+    assert got == pytest.approx(gap_sum(b.copy(), a.copy()), rel=1e-9, abs=1e-9)  # symmetric
