@@ -21,10 +21,11 @@ than the one they span. A mode outside the band is a flag to investigate (train 
 bug; a mode inside it is consistent with training the same GAN, not proof that it does. Modes that keep the
 arithmetic (prepared data: the same pixels) may land on the reference's seed-999 figure exactly.
 
-Cost on the 2-core AMD EPYC CPU (shared, busy) at the demo preset: each run trains 10 epochs of 4,096 images
-(about 2 to 4 minutes; bf16 and compile take longer) and its SWD takes seconds, so the 9 CPU runs take about
-half an hour; the test runs it at 16x16, width 8, one epoch of 128 images. Device, versions and commit are
-printed beside the numbers and written with them to --json, after every run (a stopped bench keeps its rows).
+Cost at the demo preset on the 2-core AMD EPYC CPU: each run trains 10 epochs of 4,096 images, then SWD takes
+about a minute. Idle, the demo trains at about 440 images/s (1.5 minutes a run, 9 CPU runs in about 25 minutes);
+shared with other jobs (2026-11-27) the reference trained at 67-69 images/s, 10 minutes a run, 1.7 hours for all.
+The test runs it at 16x16, width 8, one epoch of 64 images. Device, versions and commit are printed beside the
+numbers and written with them to --json, after every run (a stopped bench keeps the rows it has).
 """
 from __future__ import annotations
 
@@ -118,7 +119,9 @@ def chosen_modes(asked: Optional[str], device: torch.device) -> list[Mode]:
 
 
 def fresh_out_folder(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FastganError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
         raise FastganError(f"--out {out} already holds files; choose a new folder (the bench overwrites nothing)")
     out.mkdir(parents=True, exist_ok=True)
     return out
