@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def epoch_boundary_gap(loader, epochs: int = 3, device: torch.device = torch.dev
     interval, gap = statistics.median(intervals), statistics.median(gaps)
     return {"gap_ms": round(gap * 1e3, 2), "interval_ms": round(interval * 1e3, 2),
             "gap_batches": round(gap / interval, 2), "gaps_ms": [round(g * 1e3, 2) for g in gaps]}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the device line beside a bench's figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def commit() -> str:

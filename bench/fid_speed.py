@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from epoch_gap import commit, cpu_name  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.evaluate import batches_of, fake_images  # noqa: E402
 from fastgan.fid import feature_statistics, frechet_distance, inception_features  # noqa: E402
@@ -43,14 +43,6 @@ def timed(device: torch.device, work):
     result = work()
     synchronize(device)
     return result, time.perf_counter() - start
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -74,7 +66,7 @@ def main(argv=None) -> int:
     fid, fid_s = timed(torch.device("cpu"), lambda: frechet_distance(*feature_statistics(features),
                                                                      *feature_statistics(other)))
     total = generate_s + inception_s + fid_s
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     figures = {"device": f"{device.type}: {name}", "n": args.n, "image_size": args.image_size,
                "generate_s": round(generate_s, 2), "inception_s": round(inception_s, 2),
                "inception_images_per_second": round(args.n / inception_s, 1), "frechet_s": round(fid_s, 2),

@@ -56,7 +56,7 @@ from fastgan.evaluate import evaluate  # noqa: E402
 from fastgan.files import default_workers, index_images  # noqa: E402
 from fastgan.pipeline_dali import dali_available, dali_version  # noqa: E402
 from fastgan.prepared import prepare  # noqa: E402
-from loaders import commit  # noqa: E402
+from epoch_gap import commit, cpu_name  # noqa: E402
 
 REFERENCE_SEEDS = (999, 1, 2)  # 999 first: the seed every other mode trains at (Config's default)
 EMA_KIMG = 10.0                # what --ema alone means on the command line
@@ -161,16 +161,6 @@ def band_of(rows: list[dict]) -> dict:
         values = [r[k] for r in rows]
         band[k] = {"min": min(values), "max": max(values), "mean": round(float(np.mean(values)), 4)}
     return band
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> int:
