@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,7 @@ def fake_part(name, code=None, timeout_s=60, needs=(), raises=None):
 
 
 def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkeypatch, capsys):
-    pid_file = tmp_path / "grandchild.pid"
+    pid_file, long_pid = tmp_path / "grandchild.pid", tmp_path / "long.pid"
     # a command that starts a child of its own and then hangs: a timeout must stop both
     hang = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
@@ -74,13 +73,12 @@ def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkey
              fake_part("crash", raises=KeyError("oops")),
              fake_part("hang", hang, timeout_s=2),
              fake_part("after-bad", "print('x')", needs=("bad",)),
-             fake_part("long", "import time; time.sleep(60)", timeout_s=60),
+             fake_part("long", f"import os, time; open({str(long_pid)!r}, 'w').write(str(os.getpid())); "
+                               "time.sleep(60)", timeout_s=60),
              fake_part("late", "print('never')")]
     monkeypatch.setattr(gpu_check, "PARTS", parts)
     out = tmp_path / "out"
-    start = time.monotonic()
     code = gpu_check.main([str(out), "--budget", "15", "--work", str(tmp_path / "work")])
-    elapsed = time.monotonic() - start
     assert code == 1
     rows = summary_rows(out)
     assert rows["env"][0] == "passed" and rows["env"][2] == "fine"
@@ -91,15 +89,13 @@ def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkey
     # what was left of the 15 s budget after the 2 s hang: the long part is cut there, and the last not started
     assert rows["long"][0].startswith("failed: timed out after ") and rows["long"][0].endswith(" s")
     assert rows["late"][0] == "failed: not started: the --budget of 15 s was spent"
-    # not a speed figure: proof that the parts were cut (the 15 s budget, then SIGTERM and SIGKILL 10 s later),
-    # which their 60 s sleeps would otherwise outlast; wide of 25 s so that a loaded machine cannot fail it
-    assert elapsed < 55
-    grandchild = int(pid_file.read_text())
-    try:
-        state = Path(f"/proc/{grandchild}/status").read_text()
-        assert "\nState:\tZ" in state  # killed, not yet reaped by its new parent
-    except FileNotFoundError:
-        pass  # killed and reaped
+    # the cut parts' processes are gone (their 60 s sleeps would still run): the hung part's grandchild too
+    for pid in (int(pid_file.read_text()), int(long_pid.read_text())):
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+            assert "\nState:\tZ" in state, pid  # killed, not yet reaped
+        except FileNotFoundError:
+            pass  # killed and reaped
     result = json.loads((out / "bad.result.json").read_text())
     assert result["status"] == "failed" and result["commands"][0].endswith("sys.exit(3)")
     assert "broken" in (out / "bad.log").read_text()
