@@ -26,8 +26,9 @@ projections and sorts run on the GPU.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import numpy as np
@@ -43,13 +44,26 @@ DIRECTION_REPEATS = 4
 DIRECTIONS_PER_REPEAT = 128
 DEFAULT_IMAGES = 16384  # ProGAN's count for CelebA-HQ and LSUN tables
 
-IMAGES_PER_CHUNK = 256  # pyramid and patch gathering, per chunk: 256 x 128 x 147 int64 indices = 39 MB
-PROJECTIONS_PER_BLOCK = 2 ** 26  # float32 projections held at once per side: 270 MB (32 of 128 directions at
-                                 # 16,384 images, all 128 below 4,096 images)
+PYRAMID_IMAGES_PER_CHUNK = 32  # 32 x 3 x 68 x 68 padded floats, 1.8 MB: the blur's passes stay in the caches
+                               # (3.8x faster than 256 images a chunk on the 2-core CPU)
+PATCH_IMAGES_PER_CHUNK = 2048  # patch gathering: 2048 x 128 x 3 x 7 int64 run indices = 44 MB
+PROJECTION_ROWS = 4096  # descriptors projected at once: a (4096, 128) product, 2 MB, transposed while cached
+PROJECTIONS_PER_BLOCK = 2 ** 28  # float32 projections held at once per side: 1 GB (all 128 directions up to
+                                 # 16,384 images, fewer above)
 
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
 GAUSSIAN_FILTER = torch.outer(_BINOMIAL, _BINOMIAL) / 256  # 5x5, sums to 1: cv2.pyrDown's kernel
-_TAPS = (_BINOMIAL / 16).tolist()  # GAUSSIAN_FILTER is their outer product: the blur runs as two 5-tap passes
+
+
+def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -> torch.Tensor:
+    """The 5-tap binomial (1 4 6 4 1) / 16 x gain along `dim` of a tensor padded by 2 there: `size` outputs, every
+    `stride`-th kept. Written as (x0 + x4) + 4 (x1 + x3) + 6 x2, five passes over the data instead of nine."""
+    def tap(k: int) -> torch.Tensor:
+        index = [slice(None)] * x.ndim
+        index[dim] = slice(k, k + size, stride)
+        return x[tuple(index)]
+    out = tap(0) + tap(4)
+    return out.add_(tap(1) + tap(3), alpha=4.0).add_(tap(2), alpha=6.0).mul_(gain / 16)
 
 
 def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
@@ -59,9 +73,8 @@ def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch
     Two 1-D passes of shifted slices: a single-channel 5x5 conv2d is several times slower on the CPU."""
     h, w = images.shape[-2:]
     padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
-    taps = [tap * gain ** 0.5 for tap in _TAPS]  # gain 4: 2 per pass, exact in binary
-    across = sum(tap * padded[..., k:k + w:stride] for k, tap in enumerate(taps))
-    return sum(tap * across[..., k:k + h:stride, :] for k, tap in enumerate(taps))
+    across = _blur_pass(padded, -1, w, stride, gain ** 0.5)  # gain 4: 2 per pass, exact in binary
+    return _blur_pass(across, -2, h, stride, gain ** 0.5)
 
 
 def pyr_down(images: torch.Tensor) -> torch.Tensor:
@@ -122,39 +135,40 @@ def _check_images(real: torch.Tensor, fake: torch.Tensor) -> None:
                            f"divisible by {2 ** (levels - 1)}")
 
 
-def _patch_offsets(channels: int, height: int, width: int) -> torch.Tensor:
-    """(C, 7, 7) offsets into one flattened (C, H, W) image of a neighbourhood around its centre."""
-    half = PATCH_SIZE // 2
-    steps = torch.arange(-half, half + 1)
-    return (torch.arange(channels).view(-1, 1, 1) * height * width + steps.view(1, -1, 1) * width
-            + steps.view(1, 1, -1))
-
-
 def _pyramids(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
     """uint8 (N, C, H, W) -> the Laplacian pyramid of every image, `levels` float32 tensors, finest first; built
     chunk by chunk, once: 16,384 64x64 RGB images hold 1.1 GB (each level's descriptors are as large)."""
     n = len(images)
     pyramid = [torch.empty(n, images.shape[1], images.shape[2] >> k, images.shape[3] >> k) for k in range(levels)]
-    for start in range(0, n, IMAGES_PER_CHUNK):
-        chunk = images[start:start + IMAGES_PER_CHUNK].float()
+    for start in range(0, n, PYRAMID_IMAGES_PER_CHUNK):
+        chunk = images[start:start + PYRAMID_IMAGES_PER_CHUNK].float()
         for whole, part in zip(pyramid, laplacian_pyramid(chunk, levels)):
             whole[start:start + len(chunk)] = part
     return pyramid
 
 
 def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
-    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32."""
+    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32.
+
+    A neighbourhood is C x 7 runs of 7 consecutive values of the flattened level, one per channel and row: they are
+    gathered as rows of an overlapping view of the level (index_select of runs, 7 values per index), five times
+    faster than gathering single values by an index each."""
     n, c, size = laplacian.shape[:3]
-    offsets = _patch_offsets(c, size, size)
+    half = PATCH_SIZE // 2
+    flat = laplacian.reshape(-1)
+    runs = flat.as_strided((flat.numel() - PATCH_SIZE + 1, PATCH_SIZE), (1, 1))  # a view: run i is flat[i:i + 7]
+    # where each of a neighbourhood's C x 7 runs starts, relative to its centre: channel, then row
+    run_starts = (torch.arange(c).view(-1, 1) * size * size + torch.arange(-half, half + 1).view(1, -1) * size
+                  - half).view(-1)
     centres = torch.from_numpy(ys * size + xs)  # flat (y, x) of each neighbourhood's centre, (N x 128,)
     descriptors = torch.empty(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE)
-    flat_images = laplacian.reshape(-1)
-    for start in range(0, n, IMAGES_PER_CHUNK):  # in chunks: the gather's int64 indices are 8x the values
-        count = min(IMAGES_PER_CHUNK, n - start)
+    for start in range(0, n, PATCH_IMAGES_PER_CHUNK):  # in chunks: the int64 run indices are 3.4x the values
+        count = min(PATCH_IMAGES_PER_CHUNK, n - start)
         rows = slice(start * PATCHES_PER_IMAGE, (start + count) * PATCHES_PER_IMAGE)
         image_index = start + torch.arange(count * PATCHES_PER_IMAGE) // PATCHES_PER_IMAGE
-        flat = image_index * (c * size * size) + centres[rows]
-        descriptors[rows] = flat_images[flat.view(-1, 1, 1, 1) + offsets]
+        first = image_index * (c * size * size) + centres[rows]
+        torch.index_select(runs, 0, (first.view(-1, 1) + run_starts).view(-1),
+                           out=descriptors[rows].view(-1, PATCH_SIZE))
     # per channel over all neighbourhoods and their 7x7 pixels; correction=0: numpy's population std
     std, mean = torch.std_mean(descriptors, dim=(0, 2, 3), correction=0, keepdim=True)
     if not bool((std > 0).all()):
@@ -169,83 +183,172 @@ def _unit_directions(rng: np.random.Generator, dims: int) -> torch.Tensor:
     return torch.from_numpy(directions.astype(np.float32))
 
 
-def _row_distance(real_rows: np.ndarray, fake_rows: np.ndarray, row: int) -> float:
-    """Sum of |sorted real - sorted fake| of one direction's projections (gap_sum, in place on the rows); rows
-    run in parallel on a thread pool."""
-    return gap_sum(real_rows[row], fake_rows[row])
+_workspace = threading.local()  # each sorting thread's index and sign buffers, kept between calls
 
 
-def gap_sum(a: np.ndarray, b: np.ndarray, per_bin: int = 32) -> float:
-    """sum |sort(a) - sort(b)| of two float32 arrays of equal length, without sorting most of their values
-    (a and b are overwritten).
+def _buffers(n: int) -> list[torch.Tensor]:
+    """Two int32 and two float32 buffers of n values for this thread, made once: fresh 8 MB arrays each call would
+    cost their page faults, a third of gap_sum's time."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None or len(buffers[0]) < n:
+        buffers = _workspace.buffers = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32),
+                                        torch.empty(n), torch.empty(n))
+    return [buffer[:n] for buffer in buffers]
+
+
+def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin: int = 16) -> float:
+    """sum |sort(a) - sort(b)| of two 1-D float32 arrays (numpy or torch, CPU) of equal length, without sorting
+    most of their values (a and b are overwritten).
 
     For equal counts that sum is the area between the two step functions #a<=t and #b<=t (the 1-D Wasserstein
-    distance, times n). Bin the values (about `per_bin` a bin): where the difference D(t) = #a<=t - #b<=t keeps
-    one sign across a bin, its area there follows from the bin's counts and sums alone; only the few bins where
-    D may cross zero (where the two sets' quantiles meet; 0.2% of the values for two samples of one Gaussian) are
-    sorted and integrated point by point. Exact but for rounding: the values are moved to bin units in float32
-    (a relative 1e-7, as the original's own float32 projections), the sums kept in float64. Measured 2.5-3.5x
-    faster than two numpy sorts on 2 M values."""
+    distance, times n). Bin the values (about `per_bin` of each array a bin): where the difference
+    D(t) = #a<=t - #b<=t keeps one sign across a bin, its area there follows from the bin's counts and the sum of
+    its values' places inside it (a dot product with each value's bin sign); only the few bins where D may cross
+    zero (where the two sets' quantiles meet: about 1% of the values for two samples of one Gaussian) are sorted
+    and integrated point by point. Exact but for rounding: the values are moved to bin units in float32 (a
+    relative 1e-7, as the original's own float32 projections). torch ops, which let other threads run: about
+    20 ms for 2 x 2.1 M values on one core, 4x less than two numpy sorts."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
     n = len(a)
-    lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+    (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)
+    lo, hi = min(float(a_min), float(b_min)), max(float(a_max), float(b_max))
     if hi <= lo:
         return 0.0
-    bins = max(1, 2 * n // per_bin)
-    scale = np.float32(bins / (hi - lo))
-    for values in (a, b):  # bin k holds the values in [k, k + 1): bin edges are the integers
-        values -= np.float32(lo)
-        values *= scale
-    ia, ib = a.astype(np.int32), b.astype(np.int32)
-    np.minimum(ia, bins - 1, out=ia)  # hi itself, in the last bin
-    np.minimum(ib, bins - 1, out=ib)
-    count_a, count_b = np.bincount(ia, minlength=bins), np.bincount(ib, minlength=bins)
+    bins = max(2, n // per_bin)
+    scale = float(np.float32((bins - 1) / (hi - lo)))  # hi lands in bin bins - 1, rounding apart
+    index_a, index_b, sign_a, sign_b = _buffers(n)
+    for values, index in ((a, index_a), (b, index_b)):  # bin k holds the values in [k, k + 1)
+        values.sub_(lo).mul_(scale)
+        index.copy_(values)  # >= 0, so truncation is the floor: the bin
+        values.frac_()  # the place inside it, exact
+    count_a = torch.bincount(index_a, minlength=bins)
+    count_b = torch.bincount(index_b, minlength=len(count_a))  # longer only if rounding put a value past bins - 1
+    count_a = F.pad(count_a, (0, len(count_b) - len(count_a)))
     net = count_a - count_b
-    left = np.cumsum(net) - net  # D at each bin's left edge: exact integers
-    # the area of D over bin k, signed: D(t) = left + #a in the bin <= t - #b in the bin <= t, integrated on [k, k+1)
-    signed = (left + net * np.arange(1, bins + 1, dtype=np.float64)
-              - np.bincount(ia, weights=a, minlength=bins) + np.bincount(ib, weights=b, minlength=bins))
+    left = torch.cumsum(net, 0) - net  # D at each bin's left edge: exact integers
     positive = left - count_b >= 0  # D >= 0 across the bin whatever the order inside it
     negative = ~positive & (left + count_a <= 0)
-    total = signed[positive].sum() - signed[negative].sum()
-    mixed = ~(positive | negative)
-    if mixed.any():  # D may change sign inside: integrate |D| between the bin's sorted values
-        in_a, in_b = mixed[ia], mixed[ib]
-        values = np.concatenate([a[in_a], b[in_b]]).astype(np.float64)
-        order = np.argsort(values, kind="stable")  # bins follow the values' order: the bin index is monotone
-        values = values[order]
-        steps = np.concatenate([np.ones(np.count_nonzero(in_a), np.int64),
-                                -np.ones(np.count_nonzero(in_b), np.int64)])[order]
-        k = np.concatenate([ia[in_a], ib[in_b]])[order]
-        first, last = np.r_[True, k[1:] != k[:-1]], np.r_[k[1:] != k[:-1], True]
-        running = np.cumsum(steps)
-        starts = np.flatnonzero(first)
-        before_bin = np.repeat(running[starts] - steps[starts], np.diff(np.r_[starts, len(k)]))
-        after = left[k] + running - before_bin  # D just after each value
-        following = np.where(last, k + 1.0, np.r_[values[1:], 0.0])  # the next value, or the bin's right edge
-        total += np.abs(after * (following - values)).sum()
-        total += np.abs(left[k[first]] * (values[first] - k[first])).sum()  # from the left edge to the first value
-    return float(total / scale)
+    sign = positive.float() - negative.float()  # 0: mixed, D may change sign inside the bin
+    # D's area over bin k: left + #a in the bin <= t - #b in the bin <= t, integrated on [k, k + 1), is
+    # left + net - (sum of a's places in the bin) + (sum of b's); signed by the bin's sign, summed over the bins
+    total = float(((left + net) * (positive.long() - negative.long())).sum())
+    torch.index_select(sign, 0, index_a, out=sign_a)
+    torch.index_select(sign, 0, index_b, out=sign_b)
+    total -= float(torch.dot(sign_a, a)) - float(torch.dot(sign_b, b))
+    mixed = sign == 0
+    in_a = torch.from_numpy(np.flatnonzero(sign_a.numpy() == 0))  # the values of mixed bins
+    in_b = torch.from_numpy(np.flatnonzero(sign_b.numpy() == 0))
+    if len(in_a) + len(in_b):
+        compact = torch.cumsum(mixed, 0) - 1  # the mixed bins numbered 0, 1, ... in their order
+        total += _mixed_area(compact[index_a[in_a].long()], a[in_a].double(),
+                             compact[index_b[in_b].long()], b[in_b].double(), left[mixed])
+    return total / scale
+
+
+SUBDIVISIONS = 16  # a mixed bin is cut in 16 and settled again, until few values are left to sort
+SORT_AT_MOST = 4096  # values sorted point by point at once; above, bins are subdivided (at most MAX_DEPTH times)
+MAX_DEPTH = 3  # 16^3 parts of a bin: ties, which no subdivision separates, are sorted after three rounds
+
+
+def _mixed_area(bin_a: torch.Tensor, place_a: torch.Tensor, bin_b: torch.Tensor, place_b: torch.Tensor,
+                left: torch.Tensor, depth: int = 0) -> float:
+    """The area of |D| over the bins that hold these values, in bin units: bin k (int64, 0 .. len(left) - 1)
+    spans [k, k + 1), D is left[k] at its left edge and steps +1 at each a and -1 at each b, at its place (float64,
+    [0, 1)) inside the bin. Each bin is cut in SUBDIVISIONS equal parts, the parts where D keeps one sign settled
+    from their counts and places as gap_sum settles its bins, and the rest subdivided again, or sorted when few
+    values or MAX_DEPTH rounds remain: two samples of one distribution leave 5% of their values in mixed bins, which
+    one sort of them all took longer than the rest of gap_sum."""
+    if len(bin_a) + len(bin_b) <= SORT_AT_MOST or depth == MAX_DEPTH:
+        return _sorted_area(bin_a, place_a, bin_b, place_b, left)
+    parts = SUBDIVISIONS
+    part_a, part_b = bin_a * parts + (place_a * parts).long(), bin_b * parts + (place_b * parts).long()
+    place_a, place_b = (place_a * parts).frac(), (place_b * parts).frac()  # exact: parts is a power of 2
+    count_a = torch.bincount(part_a, minlength=len(left) * parts)
+    count_b = torch.bincount(part_b, minlength=len(left) * parts)
+    net = count_a - count_b
+    before = (torch.cumsum(net, 0) - net).view(-1, parts)
+    part_left = (left.view(-1, 1) + before - before[:, :1]).view(-1)  # D at each part's left edge
+    positive = part_left - count_b >= 0
+    negative = ~positive & (part_left + count_a <= 0)
+    settled = positive.long() - negative.long()
+    total = float(((part_left + net) * settled).sum())
+    sign = settled.double()
+    total -= float(torch.dot(sign[part_a], place_a)) - float(torch.dot(sign[part_b], place_b))
+    mixed = settled == 0
+    if bool(mixed.any()):
+        compact = torch.cumsum(mixed, 0) - 1
+        keep_a, keep_b = mixed[part_a], mixed[part_b]
+        total += _mixed_area(compact[part_a[keep_a]], place_a[keep_a], compact[part_b[keep_b]], place_b[keep_b],
+                             part_left[mixed], depth + 1)
+    return total / parts  # in the parts' units above: a part is 1 / parts of a bin
+
+
+def _sorted_area(bin_a: torch.Tensor, place_a: torch.Tensor, bin_b: torch.Tensor, place_b: torch.Tensor,
+                 left: torch.Tensor) -> float:
+    """_mixed_area point by point: |D| integrated between the bins' sorted values."""
+    k = torch.cat([bin_a, bin_b])
+    values = k + torch.cat([place_a, place_b])  # bin units, exactly (float64)
+    steps = torch.cat([torch.ones(len(bin_a), dtype=torch.long), -torch.ones(len(bin_b), dtype=torch.long)])
+    values, order = torch.sort(values, stable=True)  # bins follow the values' order: the bin index is monotone
+    steps, k = steps[order], k[order]
+    change = k[1:] != k[:-1]
+    edge = torch.ones(1, dtype=torch.bool)
+    first, last = torch.cat([edge, change]), torch.cat([change, edge])
+    running = torch.cumsum(steps, 0)
+    starts = torch.nonzero(first).view(-1)
+    before_bin = torch.repeat_interleave(running[starts] - steps[starts],
+                                         torch.diff(starts, append=torch.tensor([len(k)])))
+    after = left[k] + running - before_bin  # D just after each value
+    following = torch.where(last, k + 1.0, torch.cat([values[1:], values.new_zeros(1)]))  # the next value, or the bin's right edge
+    total = float((after * (following - values)).abs().sum())
+    return total + float((left[k[first]] * (values[first] - k[first])).abs().sum())  # from the left edge to the first value
+
+
+@contextmanager
+def _one_torch_thread():
+    """torch ops run on one thread inside: the sorting threads' own ops must not each start a team of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Tensor) -> None:
+    """out (k, M) = the projections of descriptors (M, D) on directions (D, k), each direction's contiguous (a row,
+    for gap_sum). In chunks of PROJECTION_ROWS descriptors, each transposed into `out` while cached: MKL runs
+    (R, D) @ (D, k) 1.35x faster than (k, D) @ (D, M) here, and the same products (bit for bit)."""
+    chunk = torch.empty(PROJECTION_ROWS, directions.shape[1])
+    for start in range(0, len(descriptors), PROJECTION_ROWS):
+        rows = descriptors[start:start + PROJECTION_ROWS]
+        product = torch.mm(rows, directions, out=chunk[:len(rows)])
+        out[:, start:start + len(rows)].copy_(product.T)
 
 
 def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, pool: ThreadPoolExecutor,
                         progress: Callable[[int], None], device: torch.device = torch.device("cpu")) -> float:
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
-    descriptors and directions; real and fake (M, D) are projected on the same directions. On a GPU (`device`)
-    the projections and their sorts run there (torch.sort), the draws staying numpy's on the CPU."""
+    descriptors and directions; real and fake (M, D) are projected on the same directions. The projections use
+    all of torch's threads; then each direction's sliced distance (gap_sum) is a task for the pool, torch held to
+    one thread per task. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws
+    staying numpy's on the CPU."""
     if device.type != "cpu":
         return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
-    # few large matmuls: each parallel torch op costs a thread wake-up, which a loaded machine makes dear
     block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
+    real_rows, fake_rows = torch.empty(block, count), torch.empty(block, count)
     means = []
     for _ in range(DIRECTION_REPEATS):
         directions = _unit_directions(rng, real.shape[1])
         total = 0.0
         for start in range(0, DIRECTIONS_PER_REPEAT, block):
-            chosen = directions[:, start:start + block].T  # (k, D)
-            # (k, M): each direction's projections contiguous, for numpy's in-place row sorts
-            real_rows, fake_rows = torch.mm(chosen, real.T).numpy(), torch.mm(chosen, fake.T).numpy()
-            total += sum(pool.map(_row_distance, repeat(real_rows), repeat(fake_rows), range(len(chosen))))
+            chosen = directions[:, start:start + block].contiguous()  # (D, k)
+            k = chosen.shape[1]
+            _project(real, chosen, real_rows[:k])
+            _project(fake, chosen, fake_rows[:k])
+            with _one_torch_thread():
+                total += sum(pool.map(gap_sum, real_rows[:k], fake_rows[:k]))
         means.append(total / (count * DIRECTIONS_PER_REPEAT))
         progress(1)
     return float(np.mean(means))
@@ -298,6 +401,7 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
                 xs = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
                 ys = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
                 descriptors.append(_descriptors(pyramid[level], xs, ys))
+                pyramid[level] = None  # cut: the level's memory goes back before its projections are made
             results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device) * 1e3
     results["swd"] = float(np.mean(list(results.values())))
     return results
