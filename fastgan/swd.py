@@ -46,7 +46,8 @@ DEFAULT_IMAGES = 16384  # ProGAN's count for CelebA-HQ and LSUN tables
 
 PYRAMID_IMAGES_PER_CHUNK = 32  # 32 x 3 x 68 x 68 padded floats, 1.8 MB: the blur's passes stay in the caches
                                # (3.8x faster than 256 images a chunk on the 2-core CPU)
-PATCH_IMAGES_PER_CHUNK = 2048  # patch gathering: 2048 x 128 x 3 x 7 int64 run indices = 44 MB
+PATCH_IMAGES_PER_CHUNK = 256  # patch gathering: 256 x 128 x 3 x 7 int64 run indices, 5.5 MB (small enough to be
+                              # reused from the heap: 44 MB chunks were mapped and faulted in afresh each time)
 PROJECTION_ROWS = 4096  # descriptors projected at once: a (4096, 128) product, 2 MB, transposed while cached
 PROJECTIONS_PER_BLOCK = 2 ** 28  # float32 projections held at once per side: 1 GB (all 128 directions up to
                                  # 16,384 images, fewer above)
@@ -147,8 +148,10 @@ def _pyramids(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return pyramid
 
 
-def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
-    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32.
+def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32, in `out` when given
+    (every level's have that shape: one buffer serves them all, its pages touched once).
 
     A neighbourhood is C x 7 runs of 7 consecutive values of the flattened level, one per channel and row: they are
     gathered as rows of an overlapping view of the level (index_select of runs, 7 values per index), five times
@@ -161,7 +164,8 @@ def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray) -> tor
     run_starts = (torch.arange(c).view(-1, 1) * size * size + torch.arange(-half, half + 1).view(1, -1) * size
                   - half).view(-1)
     centres = torch.from_numpy(ys * size + xs)  # flat (y, x) of each neighbourhood's centre, (N x 128,)
-    descriptors = torch.empty(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE)
+    descriptors = (torch.empty(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE) if out is None else
+                   out.view(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE))
     for start in range(0, n, PATCH_IMAGES_PER_CHUNK):  # in chunks: the int64 run indices are 3.4x the values
         count = min(PATCH_IMAGES_PER_CHUNK, n - start)
         rows = slice(start * PATCHES_PER_IMAGE, (start + count) * PATCHES_PER_IMAGE)
@@ -169,11 +173,30 @@ def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray) -> tor
         first = image_index * (c * size * size) + centres[rows]
         torch.index_select(runs, 0, (first.view(-1, 1) + run_starts).view(-1),
                            out=descriptors[rows].view(-1, PATCH_SIZE))
-    # per channel over all neighbourhoods and their 7x7 pixels; correction=0: numpy's population std
-    std, mean = torch.std_mean(descriptors, dim=(0, 2, 3), correction=0, keepdim=True)
+    std, mean = _channel_std_mean(descriptors)
     if not bool((std > 0).all()):
         raise FastganError(f"SWD is undefined for images without any variation at {size} px (a constant set)")
     return descriptors.sub_(mean).div_(std).view(len(descriptors), -1)
+
+
+def _channel_std_mean(descriptors: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C, 7, 7) -> the std and mean of each channel over all neighbourhoods and their 7x7 pixels, (1, C, 1, 1)
+    float32; the population std (numpy's, correction 0), from the squares about the mean (two passes, not
+    E[x^2] - mean^2, which cancels on low-contrast levels). Column sums of row chunks, totalled in float64: 5x
+    faster than torch.std_mean over dims (0, 2, 3)."""
+    m, c = descriptors.shape[:2]
+    flat = descriptors.view(m, -1)
+    per_channel = flat.shape[1] // c
+    sums = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for chunk in flat.split(rows):
+        sums += chunk.sum(0)
+    mean = sums.view(c, -1).sum(1) / (m * per_channel)
+    centre = mean.float().repeat_interleave(per_channel)
+    squares = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for chunk in flat.split(rows):
+        squares += (chunk - centre).square_().sum(0)
+    std = (squares.view(c, -1).sum(1) / (m * per_channel)).sqrt()
+    return std.float().view(1, c, 1, 1), mean.float().view(1, c, 1, 1)
 
 
 def _unit_directions(rng: np.random.Generator, dims: int) -> torch.Tensor:
@@ -235,13 +258,17 @@ def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin:
     torch.index_select(sign, 0, index_a, out=sign_a)
     torch.index_select(sign, 0, index_b, out=sign_b)
     total -= float(torch.dot(sign_a, a)) - float(torch.dot(sign_b, b))
-    mixed = sign == 0
     in_a = torch.from_numpy(np.flatnonzero(sign_a.numpy() == 0))  # the values of mixed bins
     in_b = torch.from_numpy(np.flatnonzero(sign_b.numpy() == 0))
     if len(in_a) + len(in_b):
+        mixed = sign == 0
         compact = torch.cumsum(mixed, 0) - 1  # the mixed bins numbered 0, 1, ... in their order
-        total += _mixed_area(compact[index_a[in_a].long()], a[in_a].double(),
-                             compact[index_b[in_b].long()], b[in_b].double(), left[mixed])
+        take = torch.index_select  # not x[index]: advanced indexing is 8x slower here
+        bins_ = take(compact, 0, torch.cat([take(index_a, 0, in_a), take(index_b, 0, in_b)]))
+        places = torch.cat([take(a, 0, in_a), take(b, 0, in_b)]).double()
+        steps = torch.ones(len(places), dtype=torch.float64)
+        steps[len(in_a):] = -1.0
+        total += _mixed_area(bins_, places, steps, left[mixed])
     return total / scale
 
 
@@ -250,21 +277,23 @@ SORT_AT_MOST = 4096  # values sorted point by point at once; above, bins are sub
 MAX_DEPTH = 3  # 16^3 parts of a bin: ties, which no subdivision separates, are sorted after three rounds
 
 
-def _mixed_area(bin_a: torch.Tensor, place_a: torch.Tensor, bin_b: torch.Tensor, place_b: torch.Tensor,
-                left: torch.Tensor, depth: int = 0) -> float:
+def _mixed_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, left: torch.Tensor,
+                depth: int = 0) -> float:
     """The area of |D| over the bins that hold these values, in bin units: bin k (int64, 0 .. len(left) - 1)
-    spans [k, k + 1), D is left[k] at its left edge and steps +1 at each a and -1 at each b, at its place (float64,
-    [0, 1)) inside the bin. Each bin is cut in SUBDIVISIONS equal parts, the parts where D keeps one sign settled
-    from their counts and places as gap_sum settles its bins, and the rest subdivided again, or sorted when few
-    values or MAX_DEPTH rounds remain: two samples of one distribution leave 5% of their values in mixed bins, which
-    one sort of them all took longer than the rest of gap_sum."""
-    if len(bin_a) + len(bin_b) <= SORT_AT_MOST or depth == MAX_DEPTH:
-        return _sorted_area(bin_a, place_a, bin_b, place_b, left)
+    spans [k, k + 1), D is left[k] at its left edge and changes by each value's step (+1 for a, -1 for b; float64)
+    at its place (float64, [0, 1)) inside its bin. Each bin is cut in SUBDIVISIONS equal parts, the parts where D
+    keeps one sign settled from their counts and places as gap_sum settles its bins, and the rest subdivided
+    again, or sorted when few values or MAX_DEPTH rounds remain: two samples of one distribution leave 5% of their
+    values in mixed bins, which one sort of them all took longer than the rest of gap_sum."""
+    if len(bins) <= SORT_AT_MOST or depth == MAX_DEPTH:
+        return _sorted_area(bins, places, steps, left)
     parts = SUBDIVISIONS
-    part_a, part_b = bin_a * parts + (place_a * parts).long(), bin_b * parts + (place_b * parts).long()
-    place_a, place_b = (place_a * parts).frac(), (place_b * parts).frac()  # exact: parts is a power of 2
-    count_a = torch.bincount(part_a, minlength=len(left) * parts)
-    count_b = torch.bincount(part_b, minlength=len(left) * parts)
+    places = places * parts  # exact: parts is a power of 2
+    part = bins * parts + places.long()
+    places.frac_()
+    side = (steps < 0).long()  # counts of both sides from one bincount: part p's a-count at 2p, b-count at 2p + 1
+    counts = torch.bincount(part * 2 + side, minlength=len(left) * parts * 2).view(-1, 2)
+    count_a, count_b = counts[:, 0], counts[:, 1]
     net = count_a - count_b
     before = (torch.cumsum(net, 0) - net).view(-1, parts)
     part_left = (left.view(-1, 1) + before - before[:, :1]).view(-1)  # D at each part's left edge
@@ -272,25 +301,23 @@ def _mixed_area(bin_a: torch.Tensor, place_a: torch.Tensor, bin_b: torch.Tensor,
     negative = ~positive & (part_left + count_a <= 0)
     settled = positive.long() - negative.long()
     total = float(((part_left + net) * settled).sum())
-    sign = settled.double()
-    total -= float(torch.dot(sign[part_a], place_a)) - float(torch.dot(sign[part_b], place_b))
-    mixed = settled == 0
-    if bool(mixed.any()):
+    value_sign = torch.index_select(settled.double(), 0, part)
+    total -= float(torch.dot(value_sign, places * steps))  # a's places count -, b's +: -(step x place)
+    keep = torch.from_numpy(np.flatnonzero(value_sign.numpy() == 0))
+    if len(keep):
+        mixed = settled == 0
         compact = torch.cumsum(mixed, 0) - 1
-        keep_a, keep_b = mixed[part_a], mixed[part_b]
-        total += _mixed_area(compact[part_a[keep_a]], place_a[keep_a], compact[part_b[keep_b]], place_b[keep_b],
+        take = torch.index_select
+        total += _mixed_area(take(compact, 0, take(part, 0, keep)), take(places, 0, keep), take(steps, 0, keep),
                              part_left[mixed], depth + 1)
     return total / parts  # in the parts' units above: a part is 1 / parts of a bin
 
 
-def _sorted_area(bin_a: torch.Tensor, place_a: torch.Tensor, bin_b: torch.Tensor, place_b: torch.Tensor,
-                 left: torch.Tensor) -> float:
+def _sorted_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, left: torch.Tensor) -> float:
     """_mixed_area point by point: |D| integrated between the bins' sorted values."""
-    k = torch.cat([bin_a, bin_b])
-    values = k + torch.cat([place_a, place_b])  # bin units, exactly (float64)
-    steps = torch.cat([torch.ones(len(bin_a), dtype=torch.long), -torch.ones(len(bin_b), dtype=torch.long)])
-    values, order = torch.sort(values, stable=True)  # bins follow the values' order: the bin index is monotone
-    steps, k = steps[order], k[order]
+    values, order = torch.sort(bins + places, stable=True)  # bin units, exactly (float64); the bins follow the
+    steps, k = steps[order].long(), bins[order]             # values' order: the bin index is monotone
+
     change = k[1:] != k[:-1]
     edge = torch.ones(1, dtype=torch.bool)
     first, last = torch.cat([edge, change]), torch.cat([change, edge])
@@ -327,17 +354,19 @@ def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Ten
 
 
 def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, pool: ThreadPoolExecutor,
-                        progress: Callable[[int], None], device: torch.device = torch.device("cpu")) -> float:
+                        progress: Callable[[int], None], device: torch.device = torch.device("cpu"),
+                        rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
     descriptors and directions; real and fake (M, D) are projected on the same directions. The projections use
     all of torch's threads; then each direction's sliced distance (gap_sum) is a task for the pool, torch held to
-    one thread per task. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws
-    staying numpy's on the CPU."""
+    one thread per task; `rows`, two (k, M) buffers of at least the block's size, are reused from the last level
+    when given. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws staying
+    numpy's on the CPU."""
     if device.type != "cpu":
         return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
     block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
-    real_rows, fake_rows = torch.empty(block, count), torch.empty(block, count)
+    real_rows, fake_rows = rows if rows is not None else (torch.empty(block, count), torch.empty(block, count))
     means = []
     for _ in range(DIRECTION_REPEATS):
         directions = _unit_directions(rng, real.shape[1])
@@ -395,13 +424,16 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
     results = {}
     with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
         pyramids = [_pyramids(images, len(resolutions)) for images in (real, fake)]
+        descriptors: list[Optional[torch.Tensor]] = [None, None]  # buffers shared by the levels, as the rows are
+        count = n * PATCHES_PER_IMAGE
+        block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
+        rows = (torch.empty(block, count), torch.empty(block, count)) if device.type == "cpu" else None
         for level, size in enumerate(resolutions):
-            descriptors = []
-            for pyramid in pyramids:
-                xs = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
-                ys = rng.integers(half, size - half, size=n * PATCHES_PER_IMAGE)
-                descriptors.append(_descriptors(pyramid[level], xs, ys))
+            for side, pyramid in enumerate(pyramids):
+                xs = rng.integers(half, size - half, size=count)
+                ys = rng.integers(half, size - half, size=count)
+                descriptors[side] = _descriptors(pyramid[level], xs, ys, out=descriptors[side])
                 pyramid[level] = None  # cut: the level's memory goes back before its projections are made
-            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device) * 1e3
+            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device, rows) * 1e3
     results["swd"] = float(np.mean(list(results.values())))
     return results
