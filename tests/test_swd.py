@@ -249,3 +249,75 @@ def test_gap_sum_is_the_sum_of_sorted_differences(case):
     got = gap_sum(a.copy(), b.copy())
     assert got == pytest.approx(expected, rel=2e-6, abs=1e-6 * n)
     assert got == pytest.approx(gap_sum(b.copy(), a.copy()), rel=1e-9, abs=1e-9)  # symmetric
+
+
+@pytest.mark.parametrize("sort_at_most, per_bin", [(8, 16), (4096, 400)])
+def test_gap_sum_subdivides_mixed_bins_exactly(monkeypatch, sort_at_most, per_bin):
+    """Bins where D may cross zero are cut in 16 parts and settled again, down to MAX_DEPTH rounds: with almost
+    nothing left to the final sort (8 values), or with wide bins that leave most values mixed (400 a bin), every
+    round must still give the sorted differences' sum."""
+    import fastgan.swd as swd
+    monkeypatch.setattr(swd, "SORT_AT_MOST", sort_at_most)
+    sorted_sizes = []
+    sorted_area = swd._sorted_area
+    monkeypatch.setattr(swd, "_sorted_area", lambda *args: sorted_sizes.append(len(args[0])) or sorted_area(*args))
+    rng = np.random.default_rng(4)
+    n = 100_000
+    for b_scale, b_shift in ((1.0, 0.0), (1.05, 0.02)):
+        a = rng.standard_normal(n).astype(np.float32)
+        b = (rng.standard_normal(n) * b_scale + b_shift).astype(np.float32)
+        expected = float(np.abs(np.sort(a).astype(np.float64) - np.sort(b)).sum())
+        sorted_sizes.clear()
+        assert swd.gap_sum(a.copy(), b.copy(), per_bin=per_bin) == pytest.approx(expected, rel=2e-6)
+        # the subdivision did the work: what reached the sort is a small part of the 2 x 100,000 values
+        assert sum(sorted_sizes) < 0.05 * 2 * n, sorted_sizes
+
+
+def test_chunks_and_blocks_do_not_change_the_figure(monkeypatch):
+    """The pyramid, the patch gathering, the projections and the directions all go in chunks or blocks sized for
+    16,384 images; cut small and uneven (3 images, 5 images, 1,000 rows, blocks of 40 of 128 directions), the
+    figures must be the same but for float32 summation order."""
+    import fastgan.swd as swd
+    real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
+    whole = sliced_wasserstein_distance(real, fake, seed=2)
+    monkeypatch.setattr(swd, "PYRAMID_IMAGES_PER_CHUNK", 3)
+    monkeypatch.setattr(swd, "PATCH_IMAGES_PER_CHUNK", 5)
+    monkeypatch.setattr(swd, "PROJECTION_ROWS", 1000)
+    monkeypatch.setattr(swd, "PROJECTIONS_PER_BLOCK", 40 * 16 * swd.PATCHES_PER_IMAGE)
+    pieces = sliced_wasserstein_distance(real, fake, seed=2)
+    for key, value in whole.items():
+        assert pieces[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_channel_statistics_are_numpys_even_on_a_low_contrast_level():
+    """Per-channel mean and population std of the descriptors, from chunked column sums and the squares about the
+    mean: the same as float64 numpy on values whose mean is 400x their spread (E[x^2] - mean^2 in float32 would
+    lose the std there)."""
+    from fastgan.swd import _channel_std_mean
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((20_000, 3, 7, 7)) * [[[[0.5]], [[2.0]], [[30.0]]]] + 200).astype(np.float32)
+    std, mean = _channel_std_mean(torch.from_numpy(values), rows=3000)  # uneven chunks
+    assert std.shape == mean.shape == (1, 3, 1, 1)
+    exact = np.float64(values)
+    np.testing.assert_allclose(mean.view(-1).numpy(), exact.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(std.view(-1).numpy(), exact.std(axis=(0, 2, 3)), rtol=1e-5)
+
+
+def test_sliced_distances_run_on_one_torch_thread_each_and_the_count_comes_back(monkeypatch):
+    """The pool's threads each run gap_sum with torch held to one thread (so that they do not each start a team of
+    threads); torch's thread count is what it was afterwards, also when a task fails."""
+    import fastgan.swd as swd
+    before = torch.get_num_threads()
+    seen = []
+    gap_sum = swd.gap_sum
+    monkeypatch.setattr(swd, "gap_sum", lambda a, b: seen.append(torch.get_num_threads()) or gap_sum(a, b))
+    sliced_wasserstein_distance(smooth_faces(2, 0), smooth_faces(2, 1))
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+    def failing(a, b):
+        raise RuntimeError("planted")
+    monkeypatch.setattr(swd, "gap_sum", failing)
+    with pytest.raises(RuntimeError, match="planted"):
+        sliced_wasserstein_distance(smooth_faces(2, 0), smooth_faces(2, 1))
+    assert torch.get_num_threads() == before
