@@ -423,16 +423,20 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
     half = PATCH_SIZE // 2
     results = {}
     with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
-        pyramids = [_pyramids(images, len(resolutions)) for images in (real, fake)]
-        descriptors: list[Optional[torch.Tensor]] = [None, None]  # buffers shared by the levels, as the rows are
+        # the two sets' pyramids and patches side by side, a thread each: torch's own threads gain little there
+        with _one_torch_thread():
+            pyramids = list(pool.map(_pyramids, (real, fake), (len(resolutions),) * 2))
         count = n * PATCHES_PER_IMAGE
+        descriptors = [torch.empty(count, c * PATCH_SIZE ** 2) for _ in range(2)]  # shared by the levels
         block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
         rows = (torch.empty(block, count), torch.empty(block, count)) if device.type == "cpu" else None
         for level, size in enumerate(resolutions):
-            for side, pyramid in enumerate(pyramids):
-                xs = rng.integers(half, size - half, size=count)
-                ys = rng.integers(half, size - half, size=count)
-                descriptors[side] = _descriptors(pyramid[level], xs, ys, out=descriptors[side])
+            draws = [(rng.integers(half, size - half, size=count), rng.integers(half, size - half, size=count))
+                     for _ in range(2)]  # real's xs and ys, then fake's: the recipe's order
+            with _one_torch_thread():
+                list(pool.map(lambda side: _descriptors(pyramids[side][level], *draws[side], out=descriptors[side]),
+                              range(2)))
+            for pyramid in pyramids:
                 pyramid[level] = None  # cut: the level's memory goes back before its projections are made
             results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device, rows) * 1e3
     results["swd"] = float(np.mean(list(results.values())))
