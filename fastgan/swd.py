@@ -374,9 +374,8 @@ def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.G
         for start in range(0, DIRECTIONS_PER_REPEAT, block):
             chosen = directions[:, start:start + block].contiguous()  # (D, k)
             k = chosen.shape[1]
-            _project(real, chosen, real_rows[:k])
-            _project(fake, chosen, fake_rows[:k])
-            with _one_torch_thread():
+            with _one_torch_thread():  # each side's projections on a thread: the chunks' transposes overlap too
+                list(pool.map(_project, (real, fake), (chosen, chosen), (real_rows[:k], fake_rows[:k])))
                 total += sum(pool.map(gap_sum, real_rows[:k], fake_rows[:k]))
         means.append(total / (count * DIRECTIONS_PER_REPEAT))
         progress(1)
