@@ -332,14 +332,25 @@ def _sorted_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, 
 
 
 @contextmanager
-def _one_torch_thread():
-    """torch ops run on one thread inside: the sorting threads' own ops must not each start a team of threads."""
+def _threads_restored():
+    """Yields torch's thread count, and sets it back on leaving: the pool's tasks set their own (_map), which is
+    the whole process's count too while they run."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+def _map(pool: ThreadPoolExecutor, threads: int, function: Callable, *iterables) -> list:
+    """pool.map with torch on `threads` threads in each task. The pool's threads run their tasks side by side, so
+    each gets its share of the cores rather than a team of all of them (2 x 2 threads on 2 cores, each spinning
+    while it waits for the other). Each task sets the count itself: OpenMP keeps a count per thread, and a pool
+    thread goes on with the one it first ran with, whatever the caller sets afterwards."""
+    def task(*args):
+        torch.set_num_threads(threads)
+        return function(*args)
+    return list(pool.map(task, *iterables))
 
 
 def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Tensor) -> None:
@@ -355,30 +366,33 @@ def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Ten
 
 def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, pool: ThreadPoolExecutor,
                         progress: Callable[[int], None], device: torch.device = torch.device("cpu"),
-                        rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> float:
+                        rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                        threads: Optional[int] = None) -> float:
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
-    descriptors and directions; real and fake (M, D) are projected on the same directions. The projections use
-    all of torch's threads; then each direction's sliced distance (gap_sum) is a task for the pool, torch held to
-    one thread per task; `rows`, two (k, M) buffers of at least the block's size, are reused from the last level
-    when given. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws staying
+    descriptors and directions; real and fake (M, D) are projected on the same directions. The pool projects the
+    two sides side by side (half of torch's threads each: one side's chunk transposes overlap the other's
+    matmuls), then measures each direction's sliced distance (gap_sum) as a task, on one torch thread each; `rows`,
+    two (k, M) buffers of at least the block's size, are reused from the last level when given; `threads`:
+    torch's thread count to share out, by default what it is now. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws staying
     numpy's on the CPU."""
     if device.type != "cpu":
         return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
+    halves = max(1, (threads or torch.get_num_threads()) // 2)
     block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
     real_rows, fake_rows = rows if rows is not None else (torch.empty(block, count), torch.empty(block, count))
     means = []
-    for _ in range(DIRECTION_REPEATS):
-        directions = _unit_directions(rng, real.shape[1])
-        total = 0.0
-        for start in range(0, DIRECTIONS_PER_REPEAT, block):
-            chosen = directions[:, start:start + block].contiguous()  # (D, k)
-            k = chosen.shape[1]
-            with _one_torch_thread():  # each side's projections on a thread: the chunks' transposes overlap too
-                list(pool.map(_project, (real, fake), (chosen, chosen), (real_rows[:k], fake_rows[:k])))
-                total += sum(pool.map(gap_sum, real_rows[:k], fake_rows[:k]))
-        means.append(total / (count * DIRECTIONS_PER_REPEAT))
-        progress(1)
+    with _threads_restored():
+        for _ in range(DIRECTION_REPEATS):
+            directions = _unit_directions(rng, real.shape[1])
+            total = 0.0
+            for start in range(0, DIRECTIONS_PER_REPEAT, block):
+                chosen = directions[:, start:start + block].contiguous()  # (D, k)
+                k = chosen.shape[1]
+                _map(pool, halves, _project, (real, fake), (chosen, chosen), (real_rows[:k], fake_rows[:k]))
+                total += sum(_map(pool, 1, gap_sum, real_rows[:k], fake_rows[:k]))
+            means.append(total / (count * DIRECTIONS_PER_REPEAT))
+            progress(1)
     return float(np.mean(means))
 
 
@@ -421,10 +435,11 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
     rng = np.random.default_rng(seed)
     half = PATCH_SIZE // 2
     results = {}
-    with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool:
-        # the two sets' pyramids and patches side by side, a thread each: torch's own threads gain little there
-        with _one_torch_thread():
-            pyramids = list(pool.map(_pyramids, (real, fake), (len(resolutions),) * 2))
+    with ThreadPoolExecutor(max_workers=max(torch.get_num_threads(), 1)) as pool, _threads_restored() as threads:
+        # the two sets' pyramids and patches side by side, half of torch's threads each: on 2 cores torch's own
+        # threads gain little there, two sides at once do
+        halves = max(1, threads // 2)
+        pyramids = _map(pool, halves, _pyramids, (real, fake), (len(resolutions),) * 2)
         count = n * PATCHES_PER_IMAGE
         descriptors = [torch.empty(count, c * PATCH_SIZE ** 2) for _ in range(2)]  # shared by the levels
         block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
@@ -432,11 +447,11 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
         for level, size in enumerate(resolutions):
             draws = [(rng.integers(half, size - half, size=count), rng.integers(half, size - half, size=count))
                      for _ in range(2)]  # real's xs and ys, then fake's: the recipe's order
-            with _one_torch_thread():
-                list(pool.map(lambda side: _descriptors(pyramids[side][level], *draws[side], out=descriptors[side]),
-                              range(2)))
+            _map(pool, halves, lambda side: _descriptors(pyramids[side][level], *draws[side], out=descriptors[side]),
+                 range(2))
             for pyramid in pyramids:
                 pyramid[level] = None  # cut: the level's memory goes back before its projections are made
-            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device, rows) * 1e3
+            results[f"swd{size}"] = _sliced_wasserstein(*descriptors, rng, pool, progress, device, rows,
+                                                        threads) * 1e3
     results["swd"] = float(np.mean(list(results.values())))
     return results

@@ -3,6 +3,8 @@ of ProGAN's metrics/sliced_wasserstein.py re-implemented here with the same rand
 images of 32x32: levels 32 and 16), so that the file runs in seconds on a 2-core CPU."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -303,21 +305,56 @@ def test_channel_statistics_are_numpys_even_on_a_low_contrast_level():
     np.testing.assert_allclose(std.view(-1).numpy(), exact.std(axis=(0, 2, 3)), rtol=1e-5)
 
 
-def test_sliced_distances_run_on_one_torch_thread_each_and_the_count_comes_back(monkeypatch):
-    """The pool's threads each run gap_sum with torch held to one thread (so that they do not each start a team of
-    threads); torch's thread count is what it was afterwards, also when a task fails."""
+@pytest.mark.parametrize("threads", [2, 4])
+def test_each_task_gets_its_share_of_torch_threads_and_the_count_comes_back(monkeypatch, threads):
+    """The two sides' pyramids, patches and projections run side by side with half of torch's threads each, the
+    sliced distances (gap_sum, one task per direction) with one each, so that the pool's threads do not each start
+    a team of all the threads; torch's count is what it was afterwards, also when a task fails. Pool threads keep
+    the count they first ran with, so each task must set its own: seen from inside the tasks; torch's and MKL's
+    counts seen by the caller afterwards."""
     import fastgan.swd as swd
-    before = torch.get_num_threads()
-    seen = []
-    gap_sum = swd.gap_sum
-    monkeypatch.setattr(swd, "gap_sum", lambda a, b: seen.append(torch.get_num_threads()) or gap_sum(a, b))
-    sliced_wasserstein_distance(smooth_faces(2, 0), smooth_faces(2, 1))
-    assert seen and set(seen) == {1}
-    assert torch.get_num_threads() == before
+    seen = {"pyramids": set(), "projections": set(), "distances": set()}
 
-    def failing(a, b):
-        raise RuntimeError("planted")
-    monkeypatch.setattr(swd, "gap_sum", failing)
-    with pytest.raises(RuntimeError, match="planted"):
+    def spy(name, function):
+        def spied(*args, **kwargs):
+            seen[name].add(torch.get_num_threads())
+            return function(*args, **kwargs)
+        return spied
+    monkeypatch.setattr(swd, "_pyramids", spy("pyramids", swd._pyramids))
+    monkeypatch.setattr(swd, "_project", spy("projections", swd._project))
+    monkeypatch.setattr(swd, "gap_sum", spy("distances", swd.gap_sum))
+    def counts() -> tuple[int, int]:  # torch's, and MKL's where torch has MKL (its own otherwise)
+        mkl = re.search(r"mkl_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info())
+        return torch.get_num_threads(), int(mkl.group(1)) if mkl else torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 4 on a 2-core machine too: only the counts are looked at
+    try:
         sliced_wasserstein_distance(smooth_faces(2, 0), smooth_faces(2, 1))
-    assert torch.get_num_threads() == before
+        assert seen == {"pyramids": {threads // 2}, "projections": {threads // 2}, "distances": {1}}
+        assert counts() == (threads, threads)
+
+        def failing(a, b):
+            raise RuntimeError("planted")
+        monkeypatch.setattr(swd, "gap_sum", failing)
+        with pytest.raises(RuntimeError, match="planted"):
+            sliced_wasserstein_distance(smooth_faces(2, 0), smooth_faces(2, 1))
+        assert counts() == (threads, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_count_is_set_back_after_the_pools_tasks_even_on_an_error():
+    """A task's torch.set_num_threads can be the process's count afterwards (where the calling thread has not run
+    a parallel op of its own yet); SWD sets it back on leaving, also when a task fails."""
+    from fastgan.swd import _threads_restored
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="planted"):
+            with _threads_restored() as threads:
+                assert threads == 3
+                torch.set_num_threads(1)  # what a task does, here in the calling thread itself
+                raise RuntimeError("planted")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
