@@ -19,10 +19,11 @@ transposed, a fixed permutation of the components that i.i.d. Gaussian direction
 Cost, on 16,384 64x64 images: 2.1 M descriptors per level and side, 3 levels x 512 directions = 1,536 sliced
 distances of 2 x 2.1 M projections, plus 1.9 TFLOP of projections (torch matmuls). Each sliced distance is the
 sum of |sorted real - sorted fake|, computed without sorting most values (gap_sum: the area between the two
-empirical distribution functions, exact to float32 rounding), on a thread pool as wide as torch's intra-op
-threads. The pyramids are built once per set (2 x 1.1 GB), then levels are done one at a time: one level's
-descriptors of both sets (2 x 1.2 GB) plus a block of projections (2 x 270 MB). With a CUDA device the
-projections and sorts run on the GPU.
+empirical distribution functions, exact to float32 rounding). Everything runs on a thread pool as wide as
+torch's thread count: the two sets' pyramids, patches and projections side by side, then a task per direction,
+each task with its share of torch's threads. Memory: the pyramids (2 x 1.1 GB, each level freed once its patches
+are cut), the descriptors (2 x 1.2 GB) and a block of projections (2 x 1 GB), all three reused level to level.
+On the 2-core CPU about a minute (bench/RESULTS.md). With a CUDA device the projections and sorts run on the GPU.
 """
 from __future__ import annotations
 
@@ -206,6 +207,7 @@ def _unit_directions(rng: np.random.Generator, dims: int) -> torch.Tensor:
     return torch.from_numpy(directions.astype(np.float32))
 
 
+SORTED_UP_TO = 16384  # gap_sum sorts arrays this short: 0.6 ms against the binning's 0.8 ms on one core
 _workspace = threading.local()  # each sorting thread's index and sign buffers, kept between calls
 
 
@@ -229,10 +231,13 @@ def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin:
     its values' places inside it (a dot product with each value's bin sign); only the few bins where D may cross
     zero (where the two sets' quantiles meet: about 1% of the values for two samples of one Gaussian) are sorted
     and integrated point by point. Exact but for rounding: the values are moved to bin units in float32 (a
-    relative 1e-7, as the original's own float32 projections). torch ops, which let other threads run: about
-    20 ms for 2 x 2.1 M values on one core, 4x less than two numpy sorts."""
+    relative 1e-7, as the original's own float32 projections). torch ops, which let other threads run: 20 to
+    45 ms for 2 x 2.1 M values on one core (more where the two sets' distribution functions cross more often),
+    3 to 7x less than two numpy sorts."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     n = len(a)
+    if n <= SORTED_UP_TO:  # few values: two numpy sorts cost less than the binning's fixed costs
+        return float(np.abs(np.sort(a.numpy()) - np.sort(b.numpy())).sum(dtype=np.float64))
     (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)
     lo, hi = min(float(a_min), float(b_min)), max(float(a_max), float(b_max))
     if hi <= lo:

@@ -138,7 +138,12 @@ def test_laplacian_pyramid_matches_direct_convolution_and_rebuilds_the_image():
     np.testing.assert_allclose(rebuilt.numpy(), images, rtol=0, atol=1e-3)
 
 
-def test_swd_equals_a_plain_numpy_implementation_of_the_recipe():
+@pytest.mark.parametrize("sliced_distance", ["sorted", "binned"])
+def test_swd_equals_a_plain_numpy_implementation_of_the_recipe(monkeypatch, sliced_distance):
+    """Both of gap_sum's ways: these sets' 2,048 projections a side are sorted, as any up to SORTED_UP_TO are; with
+    that limit at 0 they go through the binning, as 16,384 images' 2.1 M do."""
+    if sliced_distance == "binned":
+        monkeypatch.setattr("fastgan.swd.SORTED_UP_TO", 0)
     real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
     ours = sliced_wasserstein_distance(real, fake, seed=7)
     expected = reference_swd(real.numpy(), fake.numpy(), seed=7)
@@ -237,7 +242,7 @@ def test_gap_sum_is_the_sum_of_sorted_differences(case):
     differences' sum to float32 rounding (the values are moved to bin units in float32: ~1e-7 relative)."""
     from fastgan.swd import gap_sum
     rng = np.random.default_rng(3)
-    n = 5 if case == "tiny" else 200_000
+    n = 5 if case == "tiny" else 200_000  # tiny: sorted (SORTED_UP_TO); the rest binned
     a = rng.standard_normal(n).astype(np.float32)
     b = {"one Gaussian": rng.standard_normal(n), "shifted": rng.standard_normal(n) * 1.2 + 0.3,
          "tiny": rng.standard_normal(n), "ties": None, "identical": a.copy(), "one value": None,
