@@ -401,22 +401,29 @@ def part_torchrun(check: Check) -> Result:
     return Result("passed", key=rate_key(figures) + (" (gloo: --cpu)" if check.cpu else ""), figures=figures)
 
 
+def bench_figures(check: Check, script: str, args: list) -> dict:
+    """Run `script` (a bench/ script that takes --json) with `args`; the figures it wrote into the check's folder,
+    or PartFailed naming its exit status and last line, or the file it did not write."""
+    out = check.out / f"{Path(script).stem}.json"
+    code, output = check.sh([sys.executable, script, "--json", out, *args])
+    if code != 0:
+        raise PartFailed(f"{script} exited with {code}: {last_line(output)}")
+    if not out.is_file():
+        raise PartFailed(f"{script} wrote no {out}")
+    return json.loads(out.read_text())
+
+
 def part_throughput(check: Check) -> Result:
-    out = check.out / "throughput.json"
     sizes = (["--quick", "--steps", 1, "--repeats", 1, "--ngf", 8, "--batch-size", 8, "--images", check.count,
               "--no-compile", "--device", "cpu"] if check.cpu else ["--steps", 50])
-    code, output = check.sh([sys.executable, "bench/throughput.py", "--root", check.faces, "--json", out, *sizes])
-    if code != 0:
-        raise PartFailed(f"bench/throughput.py exited with {code}: {last_line(output)}")
-    if not out.is_file():
-        raise PartFailed(f"bench/throughput.py wrote no {out}")
-    figures = json.loads(out.read_text())
+    figures = bench_figures(check, "bench/throughput.py", ["--root", check.faces, *sizes])
     rows = [r for r in figures.get("end_to_end", []) if isinstance(r, dict) and r.get("images_per_second")]
     best = max(rows, key=lambda r: r["images_per_second"], default=None)
     ratio = figures.get("end_to_end_ratio")
     key = "; ".join(filter(None, [f"best end to end {best['images_per_second']:,.0f} img/s ({best.get('row')})"
                                   if best else "", f"{ratio}x the tutorial" if ratio else ""]))
-    return Result("passed", key=key or "throughput.json written", figures={"json": str(out)})
+    return Result("passed", key=key or "throughput.json written",
+                  figures={"json": str(check.out / "throughput.json")})
 
 
 def part_ema_eval(check: Check) -> Result:
@@ -437,23 +444,15 @@ def part_ema_eval(check: Check) -> Result:
 
 
 def part_fid_speed(check: Check) -> Result:
-    out = check.out / "fid_speed.json"
     sizes = ["--n", 2, "--image-size", 16, "--device", "cpu"] if check.cpu else ["--n", 50_000]
-    code, output = check.sh([sys.executable, "bench/fid_speed.py", "--json", out, *sizes])
-    if code != 0 or not out.is_file():
-        raise PartFailed(f"bench/fid_speed.py exited with {code}: {last_line(output)}")
-    figures = json.loads(out.read_text())
+    figures = bench_figures(check, "bench/fid_speed.py", sizes)
     return Result("passed", key=f"FID of {figures['n']:,} images in {figures['total_s']:.1f} s "
                                 f"(Inception {figures['inception_images_per_second']:,.0f} images/s)", figures=figures)
 
 
 def part_swd_speed(check: Check) -> Result:
-    out = check.out / "swd_speed.json"
     sizes = ["--n", 64, "--size", 32] if check.cpu else ["--device", "cuda"]
-    code, output = check.sh([sys.executable, "bench/swd_speed.py", "--json", out, *sizes])
-    if code != 0 or not out.is_file():
-        raise PartFailed(f"bench/swd_speed.py exited with {code}: {last_line(output)}")
-    figures = json.loads(out.read_text())
+    figures = bench_figures(check, "bench/swd_speed.py", sizes)
     return Result("passed", key=f"SWD of {figures['images_per_set']:,} + {figures['images_per_set']:,} images in "
                                 f"{figures['seconds']:.1f} s", figures=figures)
 
