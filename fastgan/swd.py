@@ -149,9 +149,8 @@ def _pyramids(images: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return pyramid
 
 
-def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32, in `out` when given
+def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """A pyramid level (N, C, S, S) -> its normalised descriptors (N x 128, C x 49), float32, written into `out`
     (every level's have that shape: one buffer serves them all, its pages touched once).
 
     A neighbourhood is C x 7 runs of 7 consecutive values of the flattened level, one per channel and row: they are
@@ -165,9 +164,8 @@ def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray,
     run_starts = (torch.arange(c).view(-1, 1) * size * size + torch.arange(-half, half + 1).view(1, -1) * size
                   - half).view(-1)
     centres = torch.from_numpy(ys * size + xs)  # flat (y, x) of each neighbourhood's centre, (N x 128,)
-    descriptors = (torch.empty(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE) if out is None else
-                   out.view(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE))
-    for start in range(0, n, PATCH_IMAGES_PER_CHUNK):  # in chunks: the int64 run indices are 3.4x the values
+    descriptors = out.view(n * PATCHES_PER_IMAGE, c, PATCH_SIZE, PATCH_SIZE)
+    for start in range(0, n, PATCH_IMAGES_PER_CHUNK):  # in chunks: 5.5 MB of int64 run indices at a time
         count = min(PATCH_IMAGES_PER_CHUNK, n - start)
         rows = slice(start * PATCHES_PER_IMAGE, (start + count) * PATCHES_PER_IMAGE)
         image_index = start + torch.arange(count * PATCHES_PER_IMAGE) // PATCHES_PER_IMAGE
