@@ -53,10 +53,6 @@ PROJECTION_ROWS = 4096  # descriptors projected at once: a (4096, 128) product, 
 PROJECTIONS_PER_BLOCK = 2 ** 28  # float32 projections held at once per side: 1 GB (all 128 directions up to
                                  # 16,384 images, fewer above)
 
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
-GAUSSIAN_FILTER = torch.outer(_BINOMIAL, _BINOMIAL) / 256  # 5x5, sums to 1: cv2.pyrDown's kernel
-
-
 def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -> torch.Tensor:
     """The 5-tap binomial (1 4 6 4 1) / 16 x gain along `dim` of a tensor padded by 2 there: `size` outputs, every
     `stride`-th kept. Written as (x0 + x4) + 4 (x1 + x3) + 6 x2, five passes over the data instead of nine."""
@@ -69,7 +65,7 @@ def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -
 
 
 def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
-    """Each channel of (N, C, H, W) convolved with GAUSSIAN_FILTER x gain, mirror borders (d c b | a b c d),
+    """Each channel of (N, C, H, W) convolved with the 5x5 binomial outer(1 4 6 4 1) / 256 (cv2.pyrDown's) x gain, mirror borders (d c b | a b c d),
     scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and columns, [::2, ::2].
 
     Two 1-D passes of shifted slices: a single-channel 5x5 conv2d is several times slower on the CPU."""
