@@ -65,8 +65,8 @@ def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -
 
 
 def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
-    """Each channel of (N, C, H, W) convolved with the 5x5 binomial outer(1 4 6 4 1) / 256 (cv2.pyrDown's) x gain, mirror borders (d c b | a b c d),
-    scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and columns, [::2, ::2].
+    """Each channel of (N, C, H, W) convolved with the 5x5 binomial outer(1 4 6 4 1) / 256 (cv2.pyrDown's) x gain,
+    mirror borders (d c b | a b c d), scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and columns, [::2, ::2].
 
     Two 1-D passes of shifted slices: a single-channel 5x5 conv2d is several times slower on the CPU."""
     h, w = images.shape[-2:]
