@@ -66,7 +66,8 @@ def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -
 
 def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
     """Each channel of (N, C, H, W) convolved with the 5x5 binomial outer(1 4 6 4 1) / 256 (cv2.pyrDown's) x gain,
-    mirror borders (d c b | a b c d), scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and columns, [::2, ::2].
+    mirror borders (d c b | a b c d), scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and
+    columns, [::2, ::2].
 
     Two 1-D passes of shifted slices: a single-channel 5x5 conv2d is several times slower on the CPU."""
     h, w = images.shape[-2:]
@@ -325,9 +326,11 @@ def _sorted_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, 
     before_bin = torch.repeat_interleave(running[starts] - steps[starts],
                                          torch.diff(starts, append=torch.tensor([len(k)])))
     after = left[k] + running - before_bin  # D just after each value
-    following = torch.where(last, k + 1.0, torch.cat([values[1:], values.new_zeros(1)]))  # the next value, or the bin's right edge
+    # the next value, or the bin's right edge
+    following = torch.where(last, k + 1.0, torch.cat([values[1:], values.new_zeros(1)]))
     total = float((after * (following - values)).abs().sum())
-    return total + float((left[k[first]] * (values[first] - k[first])).abs().sum())  # from the left edge to the first value
+    # from each bin's left edge to its first value
+    return total + float((left[k[first]] * (values[first] - k[first])).abs().sum())
 
 
 def _warm_allocator() -> None:
@@ -383,8 +386,8 @@ def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.G
     two sides side by side (half of torch's threads each: one side's chunk transposes overlap the other's
     matmuls), then measures each direction's sliced distance (gap_sum) as a task, on one torch thread each; `rows`,
     two (k, M) buffers of at least the block's size, are reused from the last level when given; `threads`:
-    torch's thread count to share out, by default what it is now. On a GPU (`device`) the projections and their sorts run there (torch.sort), the draws staying
-    numpy's on the CPU."""
+    torch's thread count to share out, by default what it is now. On a GPU (`device`) the projections and their
+    sorts run there (torch.sort), the draws staying numpy's on the CPU."""
     if device.type != "cpu":
         return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
