@@ -118,7 +118,8 @@ def swd_resolutions(image_size: int) -> list[int]:
 def _check_images(real: torch.Tensor, fake: torch.Tensor) -> None:
     for name, images in (("real", real), ("fake", fake)):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-            what = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            what = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                    else type(images).__name__)
             raise FastganError(f"SWD takes uint8 (N, C, H, W) images of 0..255; the {name} images are {what}")
     if real.shape != fake.shape:
         raise FastganError(f"SWD compares equal sets: real {tuple(real.shape)} against fake {tuple(fake.shape)}")
@@ -249,19 +250,15 @@ def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin:
     count_a = F.pad(count_a, (0, len(count_b) - len(count_a)))
     net = count_a - count_b
     left = torch.cumsum(net, 0) - net  # D at each bin's left edge: exact integers
-    positive = left - count_b >= 0  # D >= 0 across the bin whatever the order inside it
-    negative = ~positive & (left + count_a <= 0)
-    sign = positive.float() - negative.float()  # 0: mixed, D may change sign inside the bin
-    # D's area over bin k: left + #a in the bin <= t - #b in the bin <= t, integrated on [k, k + 1), is
-    # left + net - (sum of a's places in the bin) + (sum of b's); signed by the bin's sign, summed over the bins
-    total = float(((left + net) * (positive.long() - negative.long())).sum())
+    settled, total = _settle(left, count_a, count_b)
+    sign = settled.float()
     torch.index_select(sign, 0, index_a, out=sign_a)
     torch.index_select(sign, 0, index_b, out=sign_b)
     total -= float(torch.dot(sign_a, a)) - float(torch.dot(sign_b, b))
     in_a = torch.from_numpy(np.flatnonzero(sign_a.numpy() == 0))  # the values of mixed bins
     in_b = torch.from_numpy(np.flatnonzero(sign_b.numpy() == 0))
     if len(in_a) + len(in_b):
-        mixed = sign == 0
+        mixed = settled == 0
         compact = torch.cumsum(mixed, 0) - 1  # the mixed bins numbered 0, 1, ... in their order
         take = torch.index_select  # not x[index]: advanced indexing is 8x slower here
         bins_ = take(compact, 0, torch.cat([take(index_a, 0, in_a), take(index_b, 0, in_b)]))
@@ -270,6 +267,19 @@ def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin:
         steps[len(in_a):] = -1.0
         total += _mixed_area(bins_, places, steps, left[mixed])
     return total / scale
+
+
+def _settle(left: torch.Tensor, count_a: torch.Tensor, count_b: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The bins D keeps one sign across, and their area but for the values' places. Bin k: D is left[k] at its left
+    edge and holds count_a[k] values of a (a step of +1 each) and count_b[k] of b (-1 each). Its sign (int64): +1
+    where D >= 0 across the bin whatever the order inside it, -1 where D <= 0, 0 where D may change sign there
+    (mixed). D's area over a settled bin, integrated on [k, k + 1), is left + net - (sum of a's places in the bin)
+    + (sum of b's), signed: returned is the first part, sum of (left + net) x sign; the caller subtracts the
+    places' (gap_sum and _mixed_area both)."""
+    positive = left - count_b >= 0  # D >= 0 across the bin whatever the order inside it
+    negative = ~positive & (left + count_a <= 0)
+    sign = positive.long() - negative.long()
+    return sign, float(((left + count_a - count_b) * sign).sum())
 
 
 SUBDIVISIONS = 16  # a mixed bin is cut in 16 and settled again, until few values are left to sort
@@ -297,10 +307,7 @@ def _mixed_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, l
     net = count_a - count_b
     before = (torch.cumsum(net, 0) - net).view(-1, parts)
     part_left = (left.view(-1, 1) + before - before[:, :1]).view(-1)  # D at each part's left edge
-    positive = part_left - count_b >= 0
-    negative = ~positive & (part_left + count_a <= 0)
-    settled = positive.long() - negative.long()
-    total = float(((part_left + net) * settled).sum())
+    settled, total = _settle(part_left, count_a, count_b)
     value_sign = torch.index_select(settled.double(), 0, part)
     total -= float(torch.dot(value_sign, places * steps))  # a's places count -, b's +: -(step x place)
     keep = torch.from_numpy(np.flatnonzero(value_sign.numpy() == 0))
@@ -377,6 +384,13 @@ def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Ten
         out[:, start:start + len(rows)].copy_(product.T)
 
 
+def _projection_buffers(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (k, count) float32 buffers, the real and fake projections of a block of k directions: as many of a
+    repeat's DIRECTIONS_PER_REPEAT as PROJECTIONS_PER_BLOCK values allow, at least one."""
+    block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
+    return torch.empty(block, count), torch.empty(block, count)
+
+
 def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.Generator, pool: ThreadPoolExecutor,
                         progress: Callable[[int], None], device: torch.device = torch.device("cpu"),
                         rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -384,16 +398,16 @@ def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.G
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
     descriptors and directions; real and fake (M, D) are projected on the same directions. The pool projects the
     two sides side by side (half of torch's threads each: one side's chunk transposes overlap the other's
-    matmuls), then measures each direction's sliced distance (gap_sum) as a task, on one torch thread each; `rows`,
-    two (k, M) buffers of at least the block's size, are reused from the last level when given; `threads`:
-    torch's thread count to share out, by default what it is now. On a GPU (`device`) the projections and their
-    sorts run there (torch.sort), the draws staying numpy's on the CPU."""
+    matmuls), then measures each direction's sliced distance (gap_sum) as a task, on one torch thread each.
+    `rows`: two (k, M) buffers from _projection_buffers (k directions a block), reused from the last level when
+    given; `threads`: torch's thread count to share out, by default what it is now. On a GPU (`device`) the
+    projections and their sorts run there (torch.sort), the draws staying numpy's on the CPU."""
     if device.type != "cpu":
         return _sliced_wasserstein_on(real.to(device), fake.to(device), rng, progress)
     count = len(real)
     halves = max(1, (threads or torch.get_num_threads()) // 2)
-    block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
-    real_rows, fake_rows = rows if rows is not None else (torch.empty(block, count), torch.empty(block, count))
+    real_rows, fake_rows = rows if rows is not None else _projection_buffers(count)
+    block = len(real_rows)
     means = []
     with _threads_restored():
         for _ in range(DIRECTION_REPEATS):
@@ -456,8 +470,7 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
         pyramids = _map(pool, halves, _pyramids, (real, fake), (len(resolutions),) * 2)
         count = n * PATCHES_PER_IMAGE
         descriptors = [torch.empty(count, c * PATCH_SIZE ** 2) for _ in range(2)]  # shared by the levels
-        block = max(1, min(DIRECTIONS_PER_REPEAT, PROJECTIONS_PER_BLOCK // count))
-        rows = (torch.empty(block, count), torch.empty(block, count)) if device.type == "cpu" else None
+        rows = _projection_buffers(count) if device.type == "cpu" else None
         for level, size in enumerate(resolutions):
             draws = [(rng.integers(half, size - half, size=count), rng.integers(half, size - half, size=count))
                      for _ in range(2)]  # real's xs and ys, then fake's: the recipe's order
