@@ -451,8 +451,8 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
     `seed` seeds numpy's default_rng, which draws every neighbourhood and direction (the module docstring gives
     the order). progress(1) is called after each repeat of each level: len(swd_resolutions(H)) x
     DIRECTION_REPEATS calls in all (12 for 64x64), about equal amounts of work. With a CUDA `device` the
-    projections and sorts run on the GPU (the descriptors are cut on the CPU): the same figures to float rounding,
-    in seconds instead of minutes."""
+    projections and sorts run on the GPU (the descriptors are cut on the CPU): the same figures to float rounding
+    (its speed there not yet measured: bench/gpu_check.py's swd-speed part times it)."""
     _check_images(real, fake)
     _warm_allocator()
     device = torch.device(device)
