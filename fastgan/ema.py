@@ -7,8 +7,9 @@ After every step, with cur_nimg the images trained before it (all ranks together
 So the average forgets half of itself every ema_kimg thousand images, and early on, while the generator changes
 fast, at most 5% of the images seen so far (the first step's beta is 0: the average starts as G).
 
-The images counter and beta live on the training device and the update is three foreach kernels, so the update
-needs no host sync and runs inside a CUDA graph like the rest of the step. Under torchrun every rank holds the same
+The images counter and beta live on the training device, and the weight reaches lerp as a device tensor, so the
+update needs no host sync (tests/test_no_host_sync.py proves it under a dispatch spy) and runs inside a CUDA graph
+like the rest of the step. Under torchrun every rank holds the same
 G (DDP) and so the same average; rank 0's is the one saved.
 """
 from __future__ import annotations
@@ -44,8 +45,11 @@ class GeneratorEMA:
         """Fold the generator's current weights into the average, then count this step's images (device-only)."""
         half_life = torch.clamp(torch.clamp(self.images * RAMPUP, max=self.ema_kimg * 1000), min=1e-8)
         beta = torch.pow(0.5, self.batch_size / half_life).float()
-        # p_ema <- p_ema + (1 - beta) (p - p_ema), StyleGAN2-ADA's p.lerp(p_ema, beta) in place
-        torch._foreach_lerp_(self.ema_params, self.params, 1 - beta)
+        # p_ema <- p_ema + (1 - beta) (p - p_ema), StyleGAN2-ADA's p.lerp(p_ema, beta) in place. The weight goes
+        # in as a list of (the same) 0-dim device tensor: the overload that takes one weight wants a Python number,
+        # and torch would read the tensor into one with .item(), a host sync that no CUDA graph can capture. lerp's
+        # own formula is kept (a sub, mul and add would round differently, and miss G exactly at beta 0)
+        torch._foreach_lerp_(self.ema_params, self.params, [1 - beta] * len(self.params))
         torch._foreach_copy_(self.ema_buffers, self.buffers)
         self.images.add_(self.batch_size)
 

@@ -57,6 +57,24 @@ def perturb(G, step: int) -> None:
                 b.add_(1)
 
 
+def test_the_update_is_lerp_with_one_minus_beta_bit_for_bit():
+    """The update hands lerp its weight as a device tensor (no host sync, see tests/test_no_host_sync.py) and
+    must stay the very lerp that a Python-number weight gives, bit for bit, from the first step (beta 0: the
+    average becomes G exactly) through the ramp-up to the cap. A difference, product and sum instead rounds
+    otherwise in the last bit of most weights."""
+    G, batch, ema_kimg = tiny_generator(), 64, 0.2
+    ema = GeneratorEMA(G, ema_kimg, batch)
+    reference = [p.detach().clone() for p in ema.model.parameters()]
+    for step in range(70):  # the 200-image cap is reached at 4,000 images, step 63
+        perturb(G, step)
+        ema.update()
+        half_life = max(min(ema_kimg * 1000, step * batch * RAMPUP), 1e-8)
+        beta = torch.tensor(0.5 ** (batch / half_life), dtype=torch.float32)
+        torch._foreach_lerp_(reference, list(G.parameters()), float(1 - beta))
+        for a, b in zip(ema.model.parameters(), reference):
+            assert torch.equal(a, b), step
+
+
 # 10 kimg: in the ramp-up throughout (5% of 5,120 images); 0.2 kimg: the 200-image cap from 4,000 images (step 63)
 @pytest.mark.parametrize("ema_kimg", [10.0, 0.2])
 def test_the_average_follows_stylegan2_adas_update(ema_kimg):

@@ -5,16 +5,15 @@ import os
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastgan import syncbn
 from fastgan.cli import main
 from fastgan.models import Discriminator, Generator, init_weights
+from hostsync import HostSyncError, no_host_sync
 
 RANKS, BATCH, CHANNELS, SIZE, STEPS = 2, 4, 6, 5, 3  # BATCH images per rank; the global batch is RANKS * BATCH
 MOMENTA = (0.1, None)  # nn.BatchNorm2d's exponential average, and its cumulative average
@@ -59,39 +58,6 @@ def train_steps(bn: nn.Module, rank: int, world_size: int) -> dict:
     bn.eval()  # the plain path, on the running statistics
     record["eval_output"] = bn(step_data(STEPS)[0][rows]).detach()
     return record
-
-
-class HostSyncError(AssertionError):
-    pass
-
-
-class NoHostSync(TorchDispatchMode):
-    """Every aten op, forward and backward, passes through here: raise on those that make the host wait for the
-    device's data: .item(), float(), bool() (aten._local_scalar_dense), and those whose output shape depends on
-    the data (nonzero, masked_select, indexing with a boolean mask, unique)."""
-    DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-                      "unique_dim", "unique_consecutive", "argwhere"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__.rstrip("_")
-        masks = [i for i in (args[1] if name in ("index", "index_put", "_index_put_impl") else ())
-                 if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
-        if name in self.DATA_DEPENDENT or masks:
-            raise HostSyncError(f"host sync: aten.{name}" + (" with a boolean mask" if masks else ""))
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def no_host_sync():
-    """NoHostSync, plus .tolist(), which reads CPU memory without going through an aten op."""
-    def refuse(*_):
-        raise HostSyncError("host sync: .tolist()")
-    tolist, torch.Tensor.tolist = torch.Tensor.tolist, refuse
-    try:
-        with NoHostSync():
-            yield
-    finally:
-        torch.Tensor.tolist = tolist
 
 
 def rank_worker(rank: int, port: int, out: str) -> None:
