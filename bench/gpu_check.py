@@ -1,25 +1,30 @@
-"""One command for a lent GPU machine: the environment, the whole test suite, the real CLI on CUDA in every speed
-mode, the sync-free check and the throughput bench, each part timed and bounded, in one summary.
+"""One command for a lent GPU machine: the environment, the GPU tests, the throughput headline, then the CLI paths
+that no GPU test runs at full size, each part timed and capped, everything summarised even when time runs out.
 
-    python bench/gpu_check.py OUTDIR              # on the GPU; planned to fit 9 minutes on an H100 (--budget)
-    python bench/gpu_check.py --cpu OUTDIR        # every part that runs on a CPU, at tiny sizes (CI runs this)
-    python bench/gpu_check.py --list              # the parts, in the order they run
-    python bench/gpu_check.py --only tests,throughput OUTDIR      # or --skip dali
+    python bench/gpu_check.py OUTDIR              # on the GPU: the default plan, within --budget (540 s)
+    python bench/gpu_check.py --plan              # the parts in order, each with its estimate and cap
+    python bench/gpu_check.py --cpu OUTDIR        # the same plan at tiny sizes on a CPU: the rehearsal (CI runs it)
+    python bench/gpu_check.py --only throughput OUTDIR     # or --skip dali; --all adds the extra parts
 
 Run it from the repository root of a plain copy (fastgan need not be installed: the repository goes on the
-subprocesses' PYTHONPATH, the CLI runs as `python -m fastgan`). OUTDIR must be new or empty; it receives
-<part>.log (each command and its output) and <part>.result.json (status, seconds, figures) per part, the
-bench's throughput.json, and summary.md (part | status | seconds | key figure), rewritten after every part so
-that a run cut short still leaves one, and printed at the end. The synthetic faces, prepared files and run folders live in a scratch folder (--work)
-outside OUTDIR, removed at the end unless --keep. The exit status is 1 when any part failed.
+subprocesses' PYTHONPATH, the CLI runs as `python -m fastgan`). OUTDIR must be new or empty, and receives two files
+however many parts run (a lent machine hands back at most eight): summary.md (every part's status, seconds and key
+figure, the end of each failed part's log, the environment) and logs.tar.gz (each part's log and result JSON, the
+benches' JSONs). Both are rewritten after every part, so a run cut short still leaves them; the summary is also
+printed at the end. The synthetic faces, prepared files and run folders live in a scratch folder (--work), removed
+at the end unless --keep. The exit status is 1 when any part failed.
 
-Each part stops at its own timeout or when the --budget is spent, whichever comes first ("failed: timed out
-after N s"); parts that find no budget left fail as "not started". The order puts what has never run on a GPU
-first (the CLI on CUDA), then torch.compile (a minute of compiling per part), the test suite, and the bench.
+The order is by value for a few minutes of GPU: the GPU tests alone (`pytest -m gpu`, with pytest-xdist and
+pytest-timeout where installed; the CPU suite is CI's), then the throughput bench (the headline figure), then what
+no GPU test runs at the tutorial's size. Each part stops at its own cap or when the budget is spent, whichever
+comes first ("failed: timed out after N s"); parts that find no budget left fail as "not started". The estimates
+are read off the code and the CPU's timings, not yet measured on a GPU: the first GPU session should replace them.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import json
 import os
 import re
@@ -28,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,15 +41,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-SYNC_FREE_TEST = "tests/test_graphs.py::test_graphed_steps_on_prepared_data_never_sync"
 # `fastgan synth`: 2.8 ms per 178x218 face on one core (measured on the 2-core CPU: 2,000 faces in 9.5 s, 20 in
 # 4.0 s, i.e. 4 s of start-up), so 20,000 faces take about 4 s of drawing on 16 cores; the CLI parts' epochs
 # over them (156 steps of 128) take seconds on a GPU, so start-up and compiling dominate, not the count
 GPU_COUNT, CPU_COUNT = 20_000, 64
-# 9 minutes of the lent machine's 15. The --cpu check takes 100 s of CPU time (measured on the 2-core CPU), 4
-# minutes of wall time when other work shares those cores; its budget only guards against a hang
+# 540 s: the longest command of a lent machine is 600 s; the default plan's estimates add up to 480 s. The --cpu
+# check takes 100 s of CPU time (measured on the 2-core CPU), 4 minutes of wall time when other work shares those
+# cores; its budget only guards against a hang
 GPU_BUDGET_S, CPU_BUDGET_S = 540, 900
-CPU_TIMEOUT_S = 240  # any one --cpu part: the longest (resume, throughput) took 45 s on the 2 busy cores
+CPU_TIMEOUT_S = 240  # any one --cpu part: the longest (throughput) took 45 s on the 2 busy cores
+TEST_TIMEOUT_S = 150  # pytest-timeout's cap on any one GPU test (a compile is under a minute)
+TEST_WORKERS = 4  # pytest-xdist processes for the GPU tests: one GPU holds four tiny models' contexts easily
+# skips that are no fault of this machine's: test_distributed's two-GPU tests on a one-GPU machine
+ALLOWED_SKIPS = ("needs two CUDA GPUs",)
+DALI_ABSENT_SKIP = "NVIDIA DALI is not installed"
 
 
 class PartFailed(Exception):
@@ -65,13 +76,14 @@ class Result:
 @dataclass
 class Part:
     name: str
-    what: str                            # one line for --list
+    what: str                            # one line for --plan
     run: Callable[["Check"], Result]
-    timeout_s: int                       # on the GPU; --cpu parts get CPU_TIMEOUT_S
+    estimate_s: int                      # expected seconds on an H100/H200 (read off the code: see the docstring)
+    timeout_s: int                       # its cap on the GPU; --cpu parts get CPU_TIMEOUT_S
     cuda_only: bool = False              # skipped with --cpu
     needs: tuple[str, ...] = ()          # parts whose output this one reads (added to --only selections)
     groups: tuple[str, ...] = ()         # names that --only / --skip also accept
-
+    extra: bool = False                  # not in the default plan: --all, or --only by name or group
 
 
 class Check:
@@ -83,6 +95,8 @@ class Check:
         self.budget_end = time.monotonic() + budget_s
         self.budget_s, self.commit = budget_s, commit
         self.faces, self.prepared = work / "faces", work / "faces.fgd"
+        self.logs = work / "logs"  # each part's log, result JSON and bench JSON: archived into OUTDIR/logs.tar.gz
+        self.logs.mkdir(parents=True, exist_ok=True)
         # the tutorial's model and batch on the GPU; a model small enough for seconds per run on the CPU
         self.image_size, self.batch = (16, 16) if cpu else (64, 128)
         self.model_flags = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"] if cpu else []
@@ -94,15 +108,16 @@ class Check:
         self.commands: list[str] = []
         self.deadline = self.budget_end
 
-    def environ(self, require_gpu: bool = False) -> dict:
+    def environ(self, require_gpu: bool = False, require_dali: bool = False) -> dict:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(self.work / "cache"),
                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        env.pop("FASTGAN_REQUIRE_GPU", None)
-        if require_gpu:
-            env["FASTGAN_REQUIRE_GPU"] = "1"
+        for name, wanted in (("FASTGAN_REQUIRE_GPU", require_gpu), ("FASTGAN_REQUIRE_DALI", require_dali)):
+            env.pop(name, None)
+            if wanted:
+                env[name] = "1"
         return env
 
-    def sh(self, argv: list, require_gpu: bool = False) -> tuple[int, str]:
+    def sh(self, argv: list, require_gpu: bool = False, require_dali: bool = False) -> tuple[int, str]:
         """Run argv in the repository root, its output appended to the part's log; (exit status, output).
 
         Bounded by the part's deadline: past it, the command's whole process group (torchrun's ranks,
@@ -114,7 +129,7 @@ class Check:
             log.write(f"$ {line}\n")
             log.flush()
             start = log.tell()
-            child = subprocess.Popen(argv, cwd=REPO, env=self.environ(require_gpu), stdout=log,
+            child = subprocess.Popen(argv, cwd=REPO, env=self.environ(require_gpu, require_dali), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 code = child.wait(timeout=max(1.0, self.deadline - time.monotonic()))
@@ -196,9 +211,43 @@ def rate_key(figures: dict) -> str:
 
 def pytest_counts(output: str) -> str:
     """pytest's closing line without its '=' frame: '12 passed, 3 skipped in 40.1s'."""
-    lines = [ln.strip(" =") for ln in output.splitlines() if re.search(r"\d+ (passed|failed|error|skipped)", ln)
+    lines = [ln.strip(" =") for ln in output.splitlines() if re.search(r"\d+ (passed|failed|errors?|skipped)", ln)
              and re.search(r" in [\d.]+s", ln)]
     return lines[-1] if lines else ""
+
+
+SKIPPED = re.compile(r"^SKIPPED \[\d+\] (\S+?):(?:\d+:)? (.*)$")
+
+
+def judge_pytest(code: int, output: str, allowed_skips: tuple[str, ...], want_passed: bool) -> Result:
+    """A pytest run (with -rfEs) passes when pytest exited 0, its closing line counts no failure or error, every
+    skip's reason contains one of `allowed_skips`, and, with `want_passed`, some test passed. Never by one literal
+    count: the number of cases grows with every parametrisation."""
+    counts_line = pytest_counts(output)
+    counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in
+              re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", counts_line)}
+    failing = [ln.split(" - ")[0].split(" ", 1)[1] for ln in output.splitlines()
+               if ln.startswith(("FAILED ", "ERROR "))]
+    if code == 5:
+        return Result("failed", "pytest collected no tests", counts_line)
+    if code != 0 or counts.get("failed") or counts.get("error") or not counts_line:
+        named = (": " + ", ".join(failing[:4]) + (f" and {len(failing) - 4} more" if len(failing) > 4 else "")
+                 if failing else "")
+        return Result("failed", f"pytest exited with {code}: {counts_line or last_line(output)}{named}", counts_line)
+    unexpected = [(where, why) for where, why in (m.groups() for m in map(SKIPPED.match, output.splitlines()) if m)
+                  if not any(allowed in why for allowed in allowed_skips)]
+    if unexpected:
+        where, why = unexpected[0]
+        return Result("failed", f"unexpected skip in {where}: {why}"
+                                + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""), counts_line)
+    if want_passed and not counts.get("passed"):
+        return Result("failed", f"no test passed: {counts_line}", counts_line)
+    return Result("passed", key=counts_line, figures=counts)
+
+
+def has_module(name: str) -> bool:
+    """Whether this Python (the tests' too: they run under sys.executable) can import `name`."""
+    return importlib.util.find_spec(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,35 +312,23 @@ def git_commit() -> str:
         return "unknown (no git here: pass --commit)"
 
 
-def part_tests(check: Check) -> Result:
-    """The whole suite with FASTGAN_REQUIRE_GPU=1 (a gpu test that would skip for want of a GPU fails). Not
-    tests/test_gpu_check.py: it is this check at tiny CPU sizes, a minute that says nothing about the GPU."""
-    select = (["tests/test_step.py", "-k", "one_step_equals_the_tutorials_step or cuda"] if check.cpu
-              else ["--ignore=tests/test_gpu_check.py"])
-    code, output = check.sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "--durations=15", "-p",
-                             "no:cacheprovider", *select], require_gpu=not check.cpu)
-    counts = pytest_counts(output)
-    if code != 0:
-        return Result("failed", f"pytest exited with {code}: {counts or last_line(output)}", counts)
-    return Result("passed", key=counts + ("" if not check.cpu else " (the --cpu subset)"))
-
-
-def run_test_node(check: Check, node: str) -> Result:
-    """One pytest node that must exist and pass (not skip)."""
-    code, output = check.sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", node],
-                            require_gpu=True)
-    counts = pytest_counts(output)
-    if code == 5 or (code == 4 and "not found" in output):  # pytest: no tests collected; a usage error
-        return Result("failed", f"test not found: {node}")
-    if code != 0:
-        return Result("failed", f"pytest exited with {code}: {counts or last_line(output)}", counts)
-    if not re.search(r"\b1 passed\b", counts) or "skipped" in counts:
-        return Result("failed", f"it did not pass: {counts}", counts)
-    return Result("passed", key=counts)
-
-
-def part_sync_free(check: Check) -> Result:
-    return run_test_node(check, SYNC_FREE_TEST)
+def part_gpu_tests(check: Check) -> Result:
+    """The tests marked gpu, and only those (CI runs the CPU suite on every submission), with
+    FASTGAN_REQUIRE_GPU=1 (a gpu test that would skip for want of a GPU fails instead) and, where DALI imports,
+    FASTGAN_REQUIRE_DALI=1; in parallel and each test capped where pytest-xdist and pytest-timeout are installed.
+    With --cpu every one of them skips for want of a GPU: the rehearsal of the command and its judgement."""
+    dali = bool(check.env_info.get("dali"))
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--durations=10", "-p", "no:cacheprovider"]
+    if has_module("xdist"):
+        argv += ["-n", str(min(TEST_WORKERS, os.cpu_count() or 1))]
+    if has_module("pytest_timeout"):
+        argv += ["--timeout", str(TEST_TIMEOUT_S)]
+    code, output = check.sh(argv, require_gpu=not check.cpu, require_dali=dali)
+    allowed = ALLOWED_SKIPS + (() if dali else (DALI_ABSENT_SKIP,)) + (("needs a CUDA GPU",) if check.cpu else ())
+    result = judge_pytest(code, output, allowed, want_passed=not check.cpu)
+    if result.status == "passed" and check.cpu:
+        result.key += " (--cpu: every gpu test skips for want of one)"
+    return result
 
 
 def part_synth(check: Check) -> Result:
@@ -317,21 +354,26 @@ def part_prepare(check: Check) -> Result:
                                 f"(start-up included)", figures={"seconds": round(seconds, 2)})
 
 
-def train_part(data: str, flags: list, expect: list):
-    """A `fastgan train` part: one epoch on the prepared file (data "prepared") or the JPEG folder ("faces"),
+def train_part(data: str, flags: list, expect: list, cpu_flags: Optional[list] = None, epochs: int = 1):
+    """A `fastgan train` part: `epochs` epochs on the prepared file (data "prepared") or the JPEG folder ("faces"),
     checked for its exit status, netG.pth, the start-up line naming what was asked for (no silent fallback)
-    and an images/s figure."""
+    and an images/s figure. `cpu_flags` replace `flags` with --cpu (for what a CPU cannot do: compile takes
+    half a minute there, CUDA graphs need CUDA); `expect`'s texts may name {device}, and {graphs} and {compile}
+    (on or off, as the flags chosen ask)."""
     def run(check: Check) -> Result:
         run_dir = check.work / "runs" / check.log.stem
-        output = check.fastgan("train", *train_flags(check, data, run_dir), *flags)
-        figures = check_run(run_dir, output, [w.format(device=check.device) for w in expect])
+        chosen = cpu_flags if check.cpu and cpu_flags is not None else flags
+        output = check.fastgan("train", *train_flags(check, data, run_dir, epochs), *chosen)
+        switches = {name: "on" if f"--{flag}" in chosen else "off" for name, flag in
+                    (("graphs", "cuda-graphs"), ("compile", "compile"))}
+        figures = check_run(run_dir, output, [w.format(device=check.device, **switches) for w in expect])
         return Result("passed", key=rate_key(figures), figures=figures)
     return run
 
 
-def train_flags(check: Check, data: str, run_dir: Path) -> list:
+def train_flags(check: Check, data: str, run_dir: Path, epochs: int = 1) -> list:
     source = ["--data", check.prepared] if data == "prepared" else ["--root", check.faces]
-    return [*source, "--out", run_dir, "--epochs", 1, "--quiet", "--log-every", check.log_every,
+    return [*source, "--out", run_dir, "--epochs", epochs, "--quiet", "--log-every", check.log_every,
             "--device", check.device, *check.model_flags]
 
 
@@ -402,9 +444,9 @@ def part_torchrun(check: Check) -> Result:
 
 
 def bench_figures(check: Check, script: str, args: list) -> dict:
-    """Run `script` (a bench/ script that takes --json) with `args`; the figures it wrote into the check's folder,
-    or PartFailed naming its exit status and last line, or the file it did not write."""
-    out = check.out / f"{Path(script).stem}.json"
+    """Run `script` (a bench/ script that takes --json) with `args`; the figures it wrote (into the logs, which
+    the archive carries), or PartFailed naming its exit status and last line, or the file it did not write."""
+    out = check.logs / f"{Path(script).stem}.json"
     code, output = check.sh([sys.executable, script, "--json", out, *args])
     if code != 0:
         raise PartFailed(f"{script} exited with {code}: {last_line(output)}")
@@ -414,33 +456,40 @@ def bench_figures(check: Check, script: str, args: list) -> dict:
 
 
 def part_throughput(check: Check) -> Result:
+    """The bench's end-to-end rows against the tutorial (measured first), then its step and loader tables. Cut at
+    its cap, the part fails but keeps the rows measured by then (the bench rewrites its JSON after every row)."""
     sizes = (["--quick", "--steps", 1, "--repeats", 1, "--ngf", 8, "--batch-size", 8, "--images", check.count,
               "--no-compile", "--device", "cpu"] if check.cpu else ["--steps", 50])
-    figures = bench_figures(check, "bench/throughput.py", ["--root", check.faces, *sizes])
+    try:
+        figures = bench_figures(check, "bench/throughput.py", ["--root", check.faces, *sizes])
+        detail = ""
+    except PartTimedOut:
+        partial = check.logs / "throughput.json"
+        if not partial.is_file():
+            raise
+        figures = json.loads(partial.read_text())
+        detail = "timed out at its cap; the rows measured by then are in logs/throughput.json"
     rows = [r for r in figures.get("end_to_end", []) if isinstance(r, dict) and r.get("images_per_second")]
-    best = max(rows, key=lambda r: r["images_per_second"], default=None)
-    ratio = figures.get("end_to_end_ratio")
+    best = max(rows[1:], key=lambda r: r["images_per_second"], default=None)
+    ratio = best.get("ratio") if best else None
     key = "; ".join(filter(None, [f"best end to end {best['images_per_second']:,.0f} img/s ({best.get('row')})"
                                   if best else "", f"{ratio}x the tutorial" if ratio else ""]))
-    return Result("passed", key=key or "throughput.json written",
-                  figures={"json": str(check.out / "throughput.json")})
+    return Result("failed" if detail else "passed", detail, key or "throughput.json written", figures={
+        k: figures.get(k) for k in ("best_end_to_end", "end_to_end_ratio", "targets")})
 
 
 def part_ema_eval(check: Check) -> Result:
-    """--ema inside the CUDA graph (--cpu: eager), then fastgan eval of the run's epoch against its data (SWD)."""
-    run_dir = check.work / "runs" / "ema-eval"
-    graphs = [] if check.cpu else ["--cuda-graphs", "--amp", "bf16"]
-    output = check.fastgan("train", *train_flags(check, "prepared", run_dir), "--ema", *graphs)
-    figures = check_run(run_dir, output, ["CUDA graphs off" if check.cpu else "CUDA graphs on"])
+    """fastgan eval of train-best's run (its --ema average, trained inside the CUDA graph) against its data: SWD."""
+    run_dir = check.work / "runs" / "train-best"
     if not (run_dir / "netG_ema.pth").is_file():
         raise PartFailed(f"the --ema run wrote no {run_dir / 'netG_ema.pth'}")
     check.fastgan("eval", run_dir, "--n", 64 if check.cpu else 2048, "--device", check.device)
     records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     if not records or records[-1].get("generator") != "ema" or "swd" not in records[-1]:
         raise PartFailed(f"fastgan eval wrote no EMA record with an SWD in {run_dir / 'eval.jsonl'}")
-    figures["eval"] = records[-1]
-    return Result("passed", key=f"{rate_key(figures)}; SWD {records[-1]['swd']:.1f} of "
-                                f"{records[-1]['n']:,} images in {records[-1]['seconds']:.0f} s", figures=figures)
+    record = records[-1]
+    return Result("passed", key=f"SWD {record['swd']:.1f} of {record['n']:,} images of the EMA generator in "
+                                f"{record['seconds']:.0f} s", figures=record)
 
 
 def part_fid_speed(check: Check) -> Result:
@@ -457,53 +506,49 @@ def part_swd_speed(check: Check) -> Result:
                                 f"{figures['seconds']:.1f} s", figures=figures)
 
 
-GRAPHS = ["--cuda-graphs"]
+BEST = ["--compile", "--cuda-graphs", "--amp", "bf16", "--channels-last"]  # the headline mode, as users run it
 PARTS = [
-    Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 60),
-    Part("synth", "fastgan synth: the synthetic faces every later part uses (--count)", part_synth, 120),
-    Part("prepare", "fastgan prepare --decoder pil: the prepared file of the training parts", part_prepare, 120,
+    # the default plan, in order of value; estimates add up to 480 s (see GPU_BUDGET_S)
+    Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 10, 60),
+    Part("gpu-tests", "pytest -m gpu: every GPU test, FASTGAN_REQUIRE_GPU=1 (and _DALI=1 where DALI imports)",
+         part_gpu_tests, 150, 240, groups=("tests",)),
+    Part("synth", "fastgan synth: the synthetic faces every later part uses (--count)", part_synth, 15, 60),
+    Part("throughput", "bench/throughput.py --steps 50: the headline, end to end against the tutorial, 64x64, "
+         "batch 128", part_throughput, 180, 270, needs=("synth",)),
+    Part("prepare", "fastgan prepare --decoder pil: the prepared file of the training parts", part_prepare, 10, 60,
          needs=("synth",)),
-    Part("train-fp32", "train --data, eager fp32", train_part("prepared", [], ["precision fp32",
-         "loader prepared ({device} memory"]), 120, needs=("prepare",), groups=("train",)),
-    Part("train-bf16", "train --data --amp bf16", train_part("prepared", ["--amp", "bf16"], ["precision bf16"]), 120,
-         needs=("prepare",), groups=("train",)),
-    Part("train-fp16", "train --data --amp fp16 (GradScaler)", train_part("prepared", ["--amp", "fp16"],
-         ["precision fp16"]), 120, needs=("prepare",), groups=("train",)),
-    Part("graphs-fp16", "train --data --cuda-graphs --amp fp16", train_part("prepared", [*GRAPHS, "--amp", "fp16"],
-         ["precision fp16", "CUDA graphs on"]), 120, cuda_only=True, needs=("prepare",), groups=("train", "graphs")),
-    Part("graphs-bf16", "train --data --cuda-graphs --amp bf16", train_part("prepared", [*GRAPHS, "--amp", "bf16"],
-         ["precision bf16", "CUDA graphs on"]), 120, cuda_only=True, needs=("prepare",), groups=("train", "graphs")),
+    Part("train-best", "train --data --compile --cuda-graphs --amp bf16 --channels-last --ema, 2 epochs "
+         "(--cpu: --amp bf16 --channels-last --ema)",
+         train_part("prepared", [*BEST, "--ema"], ["precision bf16", "compile {compile}", "CUDA graphs {graphs}"],
+                    cpu_flags=["--amp", "bf16", "--channels-last", "--ema"], epochs=2),
+         45, 120, needs=("prepare",), groups=("train", "graphs", "compile")),
+    Part("ema-eval", "fastgan eval of train-best's --ema generator (SWD of 2,048 images)", part_ema_eval, 20, 90,
+         needs=("train-best",), groups=("quality",)),
+    Part("swd-speed", "bench/swd_speed.py --device cuda: SWD of 16,384 + 16,384 64x64 images (--cpu: 64, CPU)",
+         part_swd_speed, 30, 90, groups=("quality",)),
+    Part("prepare-dali", "fastgan prepare --decoder dali-gpu, compared with PIL's pixels (when DALI imports)",
+         part_prepare_dali, 20, 90, cuda_only=True, needs=("prepare",), groups=("dali",)),
+    # extra: each is a CLI path that a GPU test already runs at tiny sizes; --all or --only runs them here
+    Part("train-fp16", "train --data --amp fp16 (the GradScaler), eager", train_part(
+         "prepared", ["--amp", "fp16"], ["precision fp16"]), 20, 90, needs=("prepare",), groups=("train",),
+         extra=True),
+    Part("graphs-fp16", "train --data --cuda-graphs --amp fp16", train_part(
+         "prepared", ["--cuda-graphs", "--amp", "fp16"], ["precision fp16", "CUDA graphs on"]), 20, 90,
+         cuda_only=True, needs=("prepare",), groups=("train", "graphs"), extra=True),
     Part("resume-graphs", "train 1 epoch (--amp fp16), then --resume auto --epochs 2 --cuda-graphs "
-         "(--cpu: without graphs)", part_resume_graphs, 180, needs=("prepare",), groups=("train", "graphs")),
-    Part("loader-torch", "train --root (JPEGs) --loader torch", train_part("faces", ["--loader", "torch"],
-         ["loader torch"]), 150, needs=("synth",), groups=("train",)),
+         "(--cpu: without graphs)", part_resume_graphs, 40, 120, needs=("prepare",), groups=("train", "graphs"),
+         extra=True),
+    Part("loader-torch", "train --root (JPEGs) --loader torch", train_part(
+         "faces", ["--loader", "torch"], ["loader torch"]), 30, 120, needs=("synth",), groups=("train",),
+         extra=True),
     Part("loader-dali", "train --root --loader dali --dali-decoder mixed --amp bf16 (when DALI imports)",
          train_part("faces", ["--loader", "dali", "--dali-decoder", "mixed", "--amp", "bf16"],
-                    ["loader dali (decoder mixed"]), 150, cuda_only=True, needs=("synth",),
-         groups=("train", "dali")),
-    Part("prepare-dali", "fastgan prepare --decoder dali-gpu, compared with PIL's pixels (when DALI imports)",
-         part_prepare_dali, 150, cuda_only=True, needs=("prepare",), groups=("dali",)),
+                    ["loader dali (decoder mixed"]), 30, 120, cuda_only=True, needs=("synth",),
+         groups=("train", "dali"), extra=True),
     Part("torchrun", "torchrun --nproc_per_node 1 -m fastgan train --data, over NCCL (--cpu: gloo)",
-         part_torchrun, 150, needs=("prepare",), groups=("train",)),
-    Part("sync-free", f"pytest {SYNC_FREE_TEST}", part_sync_free, 180, cuda_only=True),
-    Part("compile", "train --data --compile --amp bf16 --channels-last",
-         train_part("prepared", ["--compile", "--amp", "bf16", "--channels-last"], ["compile on"]), 300,
-         cuda_only=True, needs=("prepare",), groups=("train", "compile")),
-    Part("compile-graphs", "train --data --compile --cuda-graphs --amp bf16 --channels-last",
-         train_part("prepared", ["--compile", *GRAPHS, "--amp", "bf16", "--channels-last"],
-                    ["compile on", "CUDA graphs on"]), 300, cuda_only=True, needs=("prepare",),
-         groups=("train", "compile", "graphs")),
-    Part("tests", "python -m pytest, FASTGAN_REQUIRE_GPU=1 (--cpu: a few tests of tests/test_step.py)",
-         part_tests, 360),
-    Part("throughput", "bench/throughput.py --steps 50 --json OUTDIR/throughput.json (64x64, batch 128)",
-         part_throughput, 300, needs=("synth",)),
-    # image quality (issue 12), last: in a short budget the parts above matter more
-    Part("ema-eval", "train --data --ema --cuda-graphs --amp bf16 (--cpu: eager), then fastgan eval of it (SWD)",
-         part_ema_eval, 180, needs=("prepare",), groups=("train", "graphs", "quality")),
+         part_torchrun, 30, 120, needs=("prepare",), groups=("train",), extra=True),
     Part("fid-speed", "bench/fid_speed.py: FID of 50,000 generated 64x64 images (random Inception weights)",
-         part_fid_speed, 150, groups=("quality",)),
-    Part("swd-speed", "bench/swd_speed.py --device cuda: SWD of 16,384 + 16,384 64x64 images (--cpu: 64, CPU)",
-         part_swd_speed, 150, groups=("quality",)),
+         part_fid_speed, 60, 150, groups=("quality",), extra=True),
 ]
 DALI_PARTS = {p.name for p in PARTS if "dali" in p.groups}
 
@@ -511,8 +556,9 @@ DALI_PARTS = {p.name for p in PARTS if "dali" in p.groups}
 # ---------------------------------------------------------------------------------------------------------------
 # the driver
 
-def select(only: Optional[str], skip: Optional[str]) -> list[Part]:
-    """The parts to run, in their order: --only's names or groups plus what they need, less --skip's; env always."""
+def select(only: Optional[str], skip: Optional[str], everything: bool = False) -> list[Part]:
+    """The parts to run, in their order: the default plan (with `everything`, the extra parts too), or --only's
+    names or groups plus what they need; less --skip's; env always."""
     known = {p.name for p in PARTS} | {g for p in PARTS for g in p.groups}
 
     def names(text: Optional[str], flag: str) -> set[str]:
@@ -520,14 +566,14 @@ def select(only: Optional[str], skip: Optional[str]) -> list[Part]:
         unknown = sorted(given - known)
         if unknown:
             raise ValueError(f"{flag} {unknown[0]!r} is not a part or group; these are: "
-                             f"{', '.join(sorted(known))} (see --list)")
+                             f"{', '.join(sorted(known))} (see --plan)")
         return given
 
     def matches(part: Part, given: set[str]) -> bool:
         return part.name in given or bool(given & set(part.groups))
 
     wanted, skipped = names(only, "--only"), names(skip, "--skip")
-    chosen = {p.name for p in PARTS if not wanted or matches(p, wanted)}
+    chosen = {p.name for p in PARTS if (matches(p, wanted) if wanted else everything or not p.extra)}
     needs = {p.name: set(p.needs) for p in PARTS}
     while True:  # what the chosen parts need, and what that needs
         more = set().union(*(needs[n] for n in chosen)) - chosen
@@ -537,6 +583,28 @@ def select(only: Optional[str], skip: Optional[str]) -> list[Part]:
     chosen -= {p.name for p in PARTS if matches(p, skipped)}
     chosen.add("env")
     return [p for p in PARTS if p.name in chosen]
+
+
+def plan_text(parts: list[Part], cpu: bool, budget_s: float) -> str:
+    """--plan: each chosen part with its estimate, its cap and the estimated time by its end."""
+    dali = has_module("nvidia.dali")
+    lines = [f"gpu_check plan ({'--cpu: tiny sizes, caps ' + str(CPU_TIMEOUT_S) + ' s' if cpu else 'GPU'}), "
+             f"budget {budget_s:.0f} s; estimates for an H100/H200, read off the code (not yet measured on a GPU)",
+             f"{'part':15s} {'est s':>6s} {'cap s':>6s} {'by s':>6s}  what"
+             + ("  (est and by: seconds on a GPU, not on this CPU)" if cpu else "")]
+    total = 0
+    for p in parts:
+        runs = not (cpu and p.cuda_only) and (dali or p.name not in DALI_PARTS)
+        total += p.estimate_s if runs else 0
+        note = "" if runs else ("  [skips: --cpu]" if cpu and p.cuda_only else "  [skips here: DALI absent]")
+        lines.append(f"{p.name:15s} {p.estimate_s:6d} {p.timeout_s if not cpu else CPU_TIMEOUT_S:6d} "
+                     f"{total:6d}  {p.what}{' [extra]' if p.extra else ''}{note}")
+    lines.append(f"estimated total {total} s on a GPU" + ("" if cpu else f", of the {budget_s:.0f} s budget" + (
+        "" if total <= budget_s else ": over it, so the last parts will not start")))
+    left_out = [p.name for p in PARTS if p not in parts]
+    if left_out:
+        lines.append(f"not in this plan (--all or --only NAME): {', '.join(left_out)}")
+    return "\n".join(lines)
 
 
 def run_part(check: Check, part: Part) -> tuple[Result, float]:
@@ -571,57 +639,89 @@ def status_text(result: Result) -> str:
     return result.status + (f": {result.detail}" if result.detail else "")
 
 
+FAILURE_TAIL_LINES = 15  # of each failed part's log, in summary.md: why, without opening the archive
+
+
+def log_tail(log: Path, lines: int = FAILURE_TAIL_LINES) -> list[str]:
+    if not log.is_file():
+        return []
+    return [ln[:200] for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-lines:]
+
+
 def write_summary(check: Check, rows: list, pending: list[str], total_s: float) -> str:
+    """summary.md: the environment, a row per part (those not reached yet too), and the end of each failed part's
+    log; written whole each time (a temporary file renamed), so that a run cut short leaves a readable one."""
     info = check.env_info
     where = (info.get("gpu") or "no GPU") if not check.cpu else "CPU (--cpu)"
     head = [f"# gpu_check {time.strftime('%Y-%m-%d %H:%M')}: {where}", "",
             f"torch {info.get('torch', '?')} · CUDA {info.get('cuda', '?')} · cuDNN {info.get('cudnn', '?')} · "
-            f"DALI {info.get('dali') or 'absent'} · Python {info.get('python', '?')} · commit "
-            f"{info.get('commit', check.commit or '?')} · {check.count:,} synthetic faces · "
-            f"total {total_s:.0f} s of a {check.budget_s:.0f} s budget", "",
+            f"driver {info.get('driver') or '?'} · DALI {info.get('dali') or 'absent'} · Python "
+            f"{info.get('python', '?')} · commit {info.get('commit', check.commit or '?')} · {check.count:,} "
+            f"synthetic faces · total {total_s:.0f} s of a {check.budget_s:.0f} s budget", "",
             "| part | status | seconds | key figure |", "|---|---|---:|---|"]
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     body = [f"| {name} | {cell(status_text(r))} | {seconds:.1f} | {cell(r.key)} |" for name, r, seconds in rows]
     body += [f"| {name} | not run yet | | |" for name in pending]
     failed = [name for name, r, _ in rows if r.status == "failed"]
+    tails = []
+    for name in failed:
+        tail = log_tail(check.logs / f"{name}.log")
+        if tail:
+            tails += ["", f"## {name}: the end of its log", "", "```", *tail, "```"]
     rerun = (["", f"Again, the failed parts only: `python bench/gpu_check.py {'--cpu ' if check.cpu else ''}"
               f"--only {','.join(failed)} NEW_OUTDIR`"] if failed and not pending else [])
-    text = "\n".join(head + body + rerun) + "\n"
-    (check.out / "summary.md").write_text(text)
+    text = "\n".join(head + body + rerun + tails) + "\n"
+    replace_file(check.out / "summary.md", text.encode())
     return text
+
+
+def write_archive(check: Check) -> None:
+    """OUTDIR/logs.tar.gz: every part's log and result JSON and the benches' JSONs, rewritten whole."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(check.logs, arcname="logs")
+    replace_file(check.out / "logs.tar.gz", buffer.getvalue())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="parts (in order):\n" + "\n".join(
-                                         f"  {p.name:15s} {p.what}" for p in PARTS))
-    parser.add_argument("outdir", nargs="?", help="new or empty folder for the logs, JSONs and summary.md")
-    parser.add_argument("--cpu", action="store_true", help="the CPU parts at tiny sizes; CUDA-only parts skip")
+                                     epilog="parts (in order; [extra]: only with --all or --only):\n" + "\n".join(
+                                         f"  {p.name:15s} {p.what}{' [extra]' if p.extra else ''}" for p in PARTS))
+    parser.add_argument("outdir", nargs="?", help="new or empty folder for summary.md and logs.tar.gz")
+    parser.add_argument("--cpu", action="store_true", help="the same plan at tiny sizes on the CPU (the rehearsal); "
+                                                           "CUDA-only parts skip")
     parser.add_argument("--only", metavar="A,B", help="these parts or groups (and what they need)")
     parser.add_argument("--skip", metavar="A,B", help="not these parts or groups (e.g. dali)")
-    parser.add_argument("--list", action="store_true", help="print the parts and exit")
+    parser.add_argument("--all", action="store_true", help="the default plan and the extra parts")
+    parser.add_argument("--plan", "--list", action="store_true",
+                        help="print the chosen parts with their estimated seconds and caps, and exit")
     parser.add_argument("--count", type=int, default=None,
                         help=f"synthetic faces to draw [{GPU_COUNT:,}; --cpu {CPU_COUNT}]")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help=f"stop starting parts after this long [{GPU_BUDGET_S}; --cpu {CPU_BUDGET_S}]")
-    parser.add_argument("--work", help="scratch folder for faces, prepared files and runs [a new temporary one]")
+    parser.add_argument("--work", help="scratch folder for faces, prepared files, runs and logs [a new temporary one]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--commit", help="the commit to report where the copy has no git")
     args = parser.parse_args(argv)
 
-    if args.list:
-        for p in PARTS:
-            tags = f" [{', '.join(p.groups)}]" if p.groups else ""
-            print(f"{p.name:15s} {'cuda ' if p.cuda_only else '     '}{p.timeout_s:4d} s  {p.what}{tags}")
-        return 0
-    if not args.outdir:
-        parser.error("OUTDIR is required (or --list)")
     try:
-        parts = select(args.only, args.skip)
+        parts = select(args.only, args.skip, args.all)
     except ValueError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
+    budget = args.budget or (CPU_BUDGET_S if args.cpu else GPU_BUDGET_S)
+    if args.plan:
+        print(plan_text(parts, args.cpu, budget))
+        return 0
+    if not args.outdir:
+        parser.error("OUTDIR is required (or --plan)")
     out = Path(args.outdir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"gpu_check: error: {out} exists and is not an empty folder; choose a new OUTDIR", file=sys.stderr)
@@ -634,35 +734,35 @@ def main(argv: Optional[list] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).expanduser().resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget or (CPU_BUDGET_S if args.cpu else GPU_BUDGET_S)
     check = Check(out, work, args.cpu, count, budget, args.commit)
     print(f"gpu_check: {'--cpu, ' if args.cpu else ''}{len(parts)} parts, budget {budget:.0f} s, {count:,} faces; "
-          f"logs in {out}, scratch in {work}", flush=True)
+          f"summary and logs in {out}, scratch in {work}", flush=True)
 
     rows: list = []
     run_start = time.monotonic()
     interrupted = False
     try:
         for k, part in enumerate(parts):
-            check.log, check.commands = out / f"{part.name}.log", []
+            check.log, check.commands = check.logs / f"{part.name}.log", []
             print(f"gpu_check: [{time.monotonic() - run_start:6.1f} s] {part.name} ...", flush=True)
             result, seconds = run_part(check, part)
             check.results[part.name] = result
             rows.append((part.name, result, seconds))
-            (out / f"{part.name}.result.json").write_text(json.dumps({
+            (check.logs / f"{part.name}.result.json").write_text(json.dumps({
                 "part": part.name, "status": result.status, "detail": result.detail, "seconds": round(seconds, 2),
-                "key": result.key, "figures": result.figures, "commands": check.commands,
-                "log": str(check.log) if check.commands else None}, indent=2) + "\n")
+                "key": result.key, "figures": result.figures, "commands": check.commands}, indent=2) + "\n")
             print(f"gpu_check: [{time.monotonic() - run_start:6.1f} s] {part.name}: {status_text(result)} "
                   f"({seconds:.1f} s){'  ' + result.key if result.key else ''}", flush=True)
+            write_archive(check)
             write_summary(check, rows, [p.name for p in parts[k + 1:]], time.monotonic() - run_start)
     except KeyboardInterrupt:
         interrupted = True
         rows.append((parts[len(rows)].name, Result("failed", "interrupted"), 0.0))
     finally:
+        summary = write_summary(check, rows, [p.name for p in parts[len(rows):]], time.monotonic() - run_start)
+        write_archive(check)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    summary = write_summary(check, rows, [p.name for p in parts[len(rows):]], time.monotonic() - run_start)
     print("\n" + summary, flush=True)
     if interrupted:
         return 130
