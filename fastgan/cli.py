@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, Config
+from .config import (AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, SEED_RANGE, Config,
+                     seed_problem)
 from .errors import FastganError, TrainingStopped
 
 
@@ -42,7 +43,17 @@ def int_at_least(minimum: int, wanted: str):
 
 
 positive_int = int_at_least(1, "a positive integer")
-non_negative_int = int_at_least(0, "0 or a positive integer")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type for --seed: the one range of every command (config.MAX_SEED)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {SEED_RANGE}, got {text!r}") from None
+    if seed_problem(value):
+        raise argparse.ArgumentTypeError(seed_problem(value))
+    return value
 
 
 def one_of(choices) -> str:
@@ -119,7 +130,8 @@ def add_train_parser(sub) -> None:
                             "half-life of KIMG thousand images, ramped up over the first images; samples, "
                             "netG_ema.pth and fastgan generate then use it [off; --ema alone: 10]")
     optim.add_argument("--seed", type=int, metavar="N",
-                       help=f"seed of the weights, the fixed noise and the data order [{defaults.seed}]")
+                       help=f"seed of the weights, the fixed noise and the data order, {SEED_RANGE} "
+                            f"[{defaults.seed}]")
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", metavar=one_of(DEVICE_CHOICES), help="where to train [auto: cuda if available]")
     speed.add_argument("--amp", nargs="?", const="auto", metavar=one_of(AMP_CHOICES),
@@ -216,7 +228,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--n", type=positive_int, help="number of images; rows with --interpolate [64; 8 rows]")
     p.add_argument("--interpolate", type=int, metavar="STEPS",
                    help="write rows of latent interpolations of STEPS images each (at least 2), and a GIF")
-    p.add_argument("--seed", type=int, metavar="N", help="noise seed; the same seed gives the same images [random]")
+    p.add_argument("--seed", type=seed_int, metavar="N",
+                   help=f"noise seed, {SEED_RANGE}; the same seed gives the same images [random]")
     p.add_argument("--out", metavar="FILE",
                    help="grid image to write (.png, .jpg, .webp, .bmp) "
                         "[generated.png; interpolation.png and .gif with --interpolate]")
@@ -257,8 +270,8 @@ def add_synth_parser(sub) -> None:
                            "in [brackets]."))
     p.add_argument("dir", help="output folder (new, or without files of the same names)")
     p.add_argument("--n", type=positive_int, default=1000, help="number of images [1000]")
-    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
-                   help="drawing seed: the same seed draws the same faces; the demo's is 0 [0]")
+    p.add_argument("--seed", type=seed_int, default=0, metavar="N",
+                   help=f"drawing seed, {SEED_RANGE}: the same seed draws the same faces; the demo's is 0 [0]")
     p.add_argument("--workers", type=positive_int, metavar="N", help="drawing processes [one per core]")
     p.set_defaults(func=run_synth, parser=p)
 
@@ -378,8 +391,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--inception", metavar="PATH", help="the FID Inception weights file [torch.hub's cache]")
     p.add_argument("--no-ema", action="store_true",
                    help="measure the raw generator of checkpoints that also hold an EMA one")
-    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
-                   help="seed of the real images drawn, the noise and SWD's random draws [0]")
+    p.add_argument("--seed", type=seed_int, default=0, metavar="N",
+                   help=f"seed of the real images drawn, the noise and SWD's random draws, {SEED_RANGE} [0]")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="where the generator and Inception run [auto: cuda if available]")
     p.add_argument("--workers", type=positive_int, metavar="N", help="decoding processes [one per core]")
@@ -439,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(command: str, message: str) -> None:
+    """Every FastganError a command ends with, as one line on stderr. (The tests check here that the advice of
+    each message names flags of `command` itself: tests/conftest.py.)"""
+    print(f"fastgan: error: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args, unknown = build_parser().parse_known_args(argv)
@@ -459,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastgan: {label}{e}", file=sys.stderr)
         return e.exit_code
     except FastganError as e:
-        print(f"fastgan: error: {label}{e}", file=sys.stderr)
+        report_error(args.command, f"{label}{e}")
         return 2
     except KeyboardInterrupt:
         print(f"fastgan: {label}interrupted", file=sys.stderr)

@@ -14,6 +14,17 @@ AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
 FLAGS = {"ema_kimg": "--ema"}  # fields whose flag is not --field-name
+# Seeds go to numpy's SeedSequence (non-negative only) and torch generators (at most 2**64 - 1), and eval seeds
+# its generated side with seed + 1: 32 bits are safe everywhere, and every command takes the same range
+MAX_SEED = 2**32 - 1
+SEED_RANGE = f"an integer from 0 to {MAX_SEED}"
+
+
+def seed_problem(value) -> Optional[str]:
+    """Why `value` cannot be a seed of fastgan train, generate, eval or synth, or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        return f"must be {SEED_RANGE}, got {value!r}"
+    return None
 
 
 def flag_of(field: str) -> str:
@@ -90,6 +101,8 @@ class Config:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FastganError(f"{name(field)} must be a positive integer, got {value!r}")
+        if seed_problem(self.seed):
+            raise FastganError(f"{name('seed')} {seed_problem(self.seed)}")
         if self.nc not in (1, 3):
             raise FastganError(f"{name('nc')} must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
         if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:

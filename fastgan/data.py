@@ -101,7 +101,9 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
     """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file."""
     if loader_name == "prepared":
         from .prepared import PreparedLoader, load_pixels
-        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc)
+        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc, advice=(
+            "leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
+            f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}"))
         # batches in the dtype the networks compute in: autocast then has nothing to cast
         loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
                                 channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,

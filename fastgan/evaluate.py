@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoint
 from .atomic import atomic_write
+from .config import seed_problem
 from .errors import FastganError
 from .files import cache_dir, default_workers
 from .models import Generator
@@ -66,7 +67,9 @@ def real_images(image_size: int, nc: int, n: int, seed: int = 0, root: Optional[
     prepared file (`data`), or decoded from the folder `root` exactly as the torch loader decodes them."""
     if data is not None:
         from .prepared import load_pixels
-        pixels, manifest = load_pixels(data, image_size, nc)  # checks the size and the checksum
+        pixels, manifest = load_pixels(data, image_size, nc, advice=(  # checks the size and the checksum
+            f"give --root, or --data with images of the model's size (fastgan prepare --image-size {image_size} "
+            f"--nc {nc} makes one)"))
         picked = choose(len(pixels), n, seed)
         key = digest("data", manifest["sha256"], image_size, nc, len(picked), seed)
         description = f"{len(picked):,} of the {len(pixels):,} images of {Path(data).expanduser()}"
@@ -293,6 +296,8 @@ def evaluate(path: str | os.PathLike, root: Optional[str] = None, data: Optional
     from .distributed import resolve_device
     if n < 2:
         raise FastganError(f"--n must be at least 2, got {n}")
+    if seed_problem(seed):
+        raise FastganError(f"--seed {seed_problem(seed)}")
     run, chosen = targets(Path(path), epochs)
     torch_device = resolve_device(device)
     root, data = run_data(chosen, root, data)

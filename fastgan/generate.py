@@ -14,6 +14,7 @@ from PIL import Image
 
 from . import checkpoint
 from .atomic import atomic_write
+from .config import seed_problem
 from .errors import FastganError
 from .distributed import resolve_device
 from .sampling import sample
@@ -78,6 +79,8 @@ def refuse_existing(path: Path) -> None:
 
 def latents(n: int, nz: int, seed: Optional[int]) -> torch.Tensor:
     """n latents of N(0, 1), [n, nz, 1, 1], from their own generator: one seed, the same latents, on any device."""
+    if seed is not None and seed_problem(seed):
+        raise FastganError(f"--seed {seed_problem(seed)}")
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     return torch.randn(n, nz, 1, 1, generator=generator)
 

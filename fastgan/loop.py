@@ -13,12 +13,13 @@ import dataclasses
 import json
 import signal
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed, state
+from . import checkpoint, distributed, runfolder, state
 from .config import Config
 from .distributed import resolve_device
 from .errors import FastganError, TrainingStopped
@@ -28,7 +29,7 @@ from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
 from .models import count_parameters
 from .plot import plot_losses
-from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, prepare_run_folder,
+from .report import (MetricsLog, RunProgress, console, format_stats, image_grid,
                      save_animation, save_image_atomic, write_json)
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise, sample
 from .state import check_resumable, find_resume_checkpoint, refuse_overwriting_later_epochs
@@ -62,15 +63,16 @@ def train(cfg: Config, resumed: Optional[dict] = None) -> Optional[Path]:
     quiet_before = console.quiet
     console.quiet = quiet_before or not ranks.is_main  # under torchrun, rank 0 speaks for all
     try:
-        run = train_ranked(cfg, ranks, device or resolve_device(cfg.device), resumed)
+        with ExitStack() as held:  # the run folder's lock, released however the run ends
+            run = train_ranked(cfg, ranks, device or resolve_device(cfg.device), resumed, held)
         return run.resolve() if run else None  # absolute: the caller may change directory after
     finally:
         console.quiet = quiet_before
         distributed.stop()
 
 
-def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
-                 resumed: Optional[dict] = None) -> Optional[Path]:
+def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, resumed: Optional[dict] = None,
+                 held: Optional[ExitStack] = None) -> Optional[Path]:
     if cfg.cuda_graphs and device.type != "cuda":
         raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
@@ -83,15 +85,17 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
 
     if cfg.dry_run:
         return dry_run(cfg, device, precision, loader_name, decoder)
+    run = None  # rank 0's: chosen and checked now, created once every other check has passed
+    with ranks.together("checking the run folder"):
+        if ranks.is_main:
+            run = runfolder.choose(run_folder_of(cfg, resume_path), resuming=resumed is not None)
+            if resumed:
+                refuse_overwriting_later_epochs(run, resumed["epoch"])
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)  # this rank's share
     with ranks.local_main_first("reading the data"):  # local rank 0 fills the file index's cache first
         data = open_data(cfg, device, precision, loader_name, decoder, ranks)
     position = state.position_of(resumed) if resumed else state.Position()
-
-    run = None
-    with ranks.together("preparing the run folder"):
-        if ranks.is_main:
-            run = open_run_folder(cfg, resume_path, resumed, data)
+    console.print(f"fastgan: {data.summary}")
     if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
         console.print("fastgan: note: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 "
                       "autocast is emulated and usually slower than fp32 here")
@@ -111,6 +115,10 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
                       trainer.ema)
         loss_history, fixed_noise = resumed["loss_history"][:position.step], resumed["fixed_noise"]
         carried = state.unfinished_interval(resumed)  # the log interval the checkpoint cut short: continued here
+    with ranks.together("preparing the run folder"):
+        if ranks.is_main:  # every check has passed: the first thing written to disk
+            open_run_folder(cfg, run, resumed, data, held)
+    if resumed:
         console.print(f"fastgan: resumed from {resume_path} at {position.describe(len(loader))}")
         if position.iteration and resumed.get("images", data.count) != data.count:
             console.print(f"fastgan: note: the data now holds {data.count:,} images, {resumed['images']:,} when the "
@@ -245,28 +253,35 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device,
     return run
 
 
-def open_run_folder(cfg: Config, resume_path: Optional[Path], resumed: Optional[dict], data) -> Path:
-    """Rank 0's part of the set-up: the run folder, its config and skipped-file list, metrics trimmed to the
-    checkpoint being resumed."""
-    out = cfg.out
-    if out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
-        out = str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
-    run = prepare_run_folder(out, resuming=resumed is not None)
+def run_folder_of(cfg: Config, resume_path: Optional[Path]) -> Optional[str]:
+    """--out, or the run folder of the checkpoint being resumed, or None (runs/<timestamp>)."""
+    if cfg.out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
+        return str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
+    return cfg.out
+
+
+def open_run_folder(cfg: Config, run: Path, resumed: Optional[dict], data, held: Optional[ExitStack]) -> None:
+    """Rank 0's part of the set-up, once every check has passed: the run folder created and locked (for as long
+    as `held` lasts), an earlier run that ended before its first checkpoint moved aside, metrics trimmed to the
+    checkpoint being resumed, the config and the skipped-file list written."""
+    lock, moved = runfolder.create(run, resuming=resumed is not None)
+    if held is not None:
+        held.callback(lock.release)
+    if moved:
+        console.print(f"fastgan: {run} held a run that ended before its first checkpoint: its files moved to {moved}")
     if resumed:
-        refuse_overwriting_later_epochs(run, resumed["epoch"])
         step = resumed["step"]
         records, grids = state.set_aside_later_results(run, step, state.carried_steps(resumed))
         if records or grids:
             console.print(f"fastgan: what was written after the checkpoint at iteration {step} is made again now, "
                           f"so it moves aside: {records} metrics records to {run / f'metrics.after-{step}.jsonl'}, "
                           f"{grids} sample grids to {run / 'samples' / f'after-{step}'}")
-    console.print(f"fastgan: {data.summary}" + (f" (listed in {run / 'skipped_files.txt'})" if data.bad else ""))
     config_file = run / "config.json"
     step = resumed["step"] if resumed else 0
     write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
     if data.bad:
         write_skipped(data.bad, run / "skipped_files.txt")
-    return run
+        console.print(f"fastgan: the {len(data.bad):,} skipped files are listed in {run / 'skipped_files.txt'}")
 
 
 def resume_command(run: Path, ranks: distributed.Ranks) -> str:

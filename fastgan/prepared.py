@@ -116,13 +116,15 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, int]:
     return manifest, offset
 
 
-def load_pixels(path: str | os.PathLike, image_size: int, nc: int) -> tuple[torch.Tensor, dict]:
-    """The pixels (N, S, S, C) uint8 on the CPU, after checking shape against the model and the checksum."""
+def load_pixels(path: str | os.PathLike, image_size: int, nc: int,
+                advice: str = "prepare the data again at that size") -> tuple[torch.Tensor, dict]:
+    """The pixels (N, S, S, C) uint8 on the CPU, after checking shape against the model and the checksum.
+    `advice`: what the user of the calling command can do when the shapes differ (in that command's flags)."""
     manifest, offset = read_manifest(path)
     if (manifest["image_size"], manifest["nc"]) != (image_size, nc):
         raise FastganError(f"--data {path} holds {manifest['image_size']}x{manifest['image_size']} images with "
                            f"{manifest['nc']} channel(s); the model wants {image_size}x{image_size} with {nc}: "
-                           "pass matching --image-size/--nc, or prepare the data again")
+                           + advice)
     count = manifest["count"]
     pixels = np.fromfile(path, dtype=np.uint8, offset=offset).reshape(count, image_size, image_size, nc)
     if hashlib.sha256(pixels.data).hexdigest() != manifest["sha256"]:

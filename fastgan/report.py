@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,36 +17,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from torchvision.utils import make_grid
 
-from .errors import FastganError
 from .atomic import atomic_write
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines stay whole in files
-
-
-def prepare_run_folder(out: Optional[str], resuming: bool) -> Path:
-    """The run folder, created; a non-empty existing one is refused unless resuming, so no run is overwritten."""
-    if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder, n = Path("runs") / stamp, 1
-        while folder.exists():
-            n += 1
-            folder = Path("runs") / f"{stamp}-{n}"
-    else:
-        folder = Path(out).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise FastganError(f"--out {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not resuming:
-        raise FastganError(f"--out {folder} already holds files; choose a new folder, or add --resume auto "
-                           "to continue the run in it")
-    try:
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        (folder / "checkpoints").mkdir(exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FastganError(f"--out {folder} is not writable ({e.strerror or e})") from None
-    return folder
 
 
 def write_json(path: Path, payload) -> None:

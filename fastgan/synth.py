@@ -257,15 +257,14 @@ def draw_face(seed: int, index: int) -> Image.Image:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    from .config import seed_problem  # the one seed range of every fastgan command
     try:
-        seed = operator.index(seed)
+        value = seed if isinstance(seed, bool) else operator.index(seed)  # numpy integers too
     except TypeError:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}") from None
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return seed
+        value = seed
+    if seed_problem(value):
+        raise ValueError(f"seed {seed_problem(value)}")
+    return value
 
 
 def _write_range(job) -> int:

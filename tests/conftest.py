@@ -1,4 +1,7 @@
+import argparse
+import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +51,45 @@ def image_folder(tmp_path) -> Path:
     root = tmp_path / "data"
     write_images(root / "faces", 24)
     return root
+
+
+# ---- every error's advice names flags of the command that printed it ---------------------------------------------
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*(?![\w])")
+
+
+@functools.cache
+def command_flags() -> dict[str, frozenset]:
+    """{command: its option strings}, read off the real parser."""
+    from fastgan.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: frozenset(o for a in parser._actions for o in a.option_strings) for name, parser in sub.choices.items()}
+
+
+def foreign_flags(command: str, message: str) -> list[str]:
+    """The --flags that `message` names as `command`'s but which it does not have. A flag after "fastgan OTHER"
+    is OTHER's (advice may send the user to another command by name); torchrun's own flags are not checked."""
+    flags, current, foreign = command_flags(), command, []
+    words = [w.strip("()[]{},.;:'\"`") for w in message.split()]
+    for i, word in enumerate(words):
+        if word == "fastgan" and i + 1 < len(words) and words[i + 1] in flags:
+            current = words[i + 1]
+        elif word == "torchrun":
+            current = None
+        elif current is not None:
+            foreign += [flag for flag in FLAG.findall(word) if flag not in flags[current]]
+    return foreign
+
+
+@pytest.fixture(autouse=True)
+def error_advice_names_the_commands_own_flags(monkeypatch):
+    """Every FastganError that `fastgan CMD` reports during the suite, whichever test triggers it, is checked: each
+    --flag it names must be one of CMD's (or of the command it names)."""
+    import fastgan.cli as cli
+    report = cli.report_error
+
+    def checked(command: str, message: str) -> None:
+        report(command, message)
+        foreign = foreign_flags(command, message)
+        assert not foreign, f"fastgan {command} names {', '.join(foreign)}, which it does not have: {message}"
+    monkeypatch.setattr(cli, "report_error", checked)

@@ -154,6 +154,20 @@ def test_bad_eval_input_is_one_line(ema_run, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_a_data_file_of_another_size_gets_advice_in_evals_own_flags(ema_run, image_folder, tmp_path, capsys):
+    """The run's generator makes 16x16 images; a 32x32 file is refused with advice eval can follow (it has no
+    --image-size: the generator decides the size)."""
+    other = tmp_path / "faces32.fgd"
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "32", "--out", str(other),
+                 "--decoder", "pil"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(ema_run), *CPU, "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 32x32 images with 3 channel(s); the model wants 16x16" in err
+    assert err.endswith("give --root, or --data with images of the model's size (fastgan prepare --image-size 16 "
+                        "--nc 3 makes one)")
+
+
 def test_a_plain_generator_file_needs_real_images(ema_run, tmp_path, capsys):
     assert main(["eval", str(ema_run / "netG_ema.pth"), *CPU]) == 2
     assert "say which real images to compare with, --root DIR or --data FILE" in capsys.readouterr().err

@@ -129,3 +129,18 @@ def test_a_resume_reads_its_checkpoint_once(image_folder, tmp_path, monkeypatch,
     # and a generator's plain state dict gets the message that says what it can be used for
     assert main(["train", "--resume", str(run / "netG.pth"), "--out", str(tmp_path / "other")]) == 2
     assert "fastgan generate" in capfd.readouterr().err.split("not a fastgan training checkpoint")[1]
+
+
+# ---- the advice of errors --------------------------------------------------------------------------------------
+
+def test_the_advice_check_finds_flags_the_command_does_not_have():
+    """tests/conftest.py checks every error a command reports during the suite with foreign_flags: the check
+    itself must see the old eval message's --image-size/--nc, and let another command's flags pass when the advice
+    names that command."""
+    from conftest import foreign_flags
+    old = "--data d.fgd holds 32x32 images with 3 channel(s); pass matching --image-size/--nc, or prepare it again"
+    assert foreign_flags("eval", old) == ["--image-size", "--nc"]
+    assert foreign_flags("train", old) == []
+    assert foreign_flags("eval", "give --root, or --data (fastgan prepare --image-size 16 --nc 3 makes one)") == []
+    assert foreign_flags("train", "launch with torchrun --nproc_per_node 2 -m fastgan train --sync-bn") == []
+    assert foreign_flags("generate", "lower --batch-size") == ["--batch-size"]
