@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -455,7 +457,19 @@ def build_parser() -> argparse.ArgumentParser:
 def report_error(command: str, message: str) -> None:
     """Every FastganError a command ends with, as one line on stderr. (The tests check here that the advice of
     each message names flags of `command` itself: tests/conftest.py.)"""
-    print(f"fastgan: error: {message}", file=sys.stderr)
+    say(f"fastgan: error: {message}")
+
+
+def say(line: str) -> None:
+    """The line a command ends with, on stderr. Under torchrun it also goes into torchelastic's error file, so
+    that torchrun's summary of the failed processes names it (instead of a link to its documentation)."""
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun reads {"message": str, "timestamp": int}: a plain message, shown as it is
+        try:
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the line is on stderr anyway
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -475,22 +489,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except TrainingStopped as e:  # a stop the user asked for, with its checkpoint written: not an error
-        print(f"fastgan: {label}{e}", file=sys.stderr)
+        say(f"fastgan: {label}{e}")
         return e.exit_code
     except FastganError as e:
         report_error(args.command, f"{label}{e}")
         return 2
     except KeyboardInterrupt:
-        print(f"fastgan: {label}interrupted", file=sys.stderr)
+        say(f"fastgan: {label}interrupted")
         return 130
     except Exception as e:
         if where and is_lost_peer(e):  # another rank failed or was killed: its own message says why
-            print(f"fastgan: error: {label}lost contact with another rank, which failed or was stopped (see its "
-                  f"message; {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})",
-                  file=sys.stderr)
+            say(f"fastgan: error: {label}lost contact with another rank, which failed or was stopped (see its "
+                f"message; {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
             return 1
         if where:
-            print(f"fastgan: error: {label}failed: {type(e).__name__}: {e}", file=sys.stderr)
+            say(f"fastgan: error: {label}failed: {type(e).__name__}: {e}")
         raise
 
 

@@ -140,6 +140,8 @@ def test_a_failing_rank_ends_the_job_with_a_clear_message(ddp_run):
     assert "fastgan: error: (rank 1 of 2) failed: RuntimeError: probe: simulated failure on rank 1" in output
     assert "fastgan: error: (rank 0 of 2) lost contact with another rank, which failed or was stopped" in output
     assert time.monotonic() - started < 120  # ended, not hung
+    # torchrun's own summary of the failed processes names fastgan's line, not a link to its documentation
+    assert "traceback : fastgan: error: (rank 1 of 2) failed: RuntimeError: probe: simulated failure" in output
 
 
 def test_bad_input_under_torchrun_stops_every_rank_with_one_message_each(ddp_run):
@@ -152,6 +154,9 @@ def test_bad_input_under_torchrun_stops_every_rank_with_one_message_each(ddp_run
     assert ("fastgan: error: (rank 1 of 2) stopped because another rank failed reading the data "
             "(its error is above)") in output
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # (torchrun prints its own)
+    # torchrun's summary (after its own traceback, which no rank can prevent) shows each rank's fastgan line
+    assert f"traceback : fastgan: error: (rank 0 of 2) --root {tmp / 'missing'} does not exist" in output
+    assert "To enable traceback see" not in output
 
 
 @pytest.mark.parametrize("launched, reads", [(False, 6), (True, 4)])
