@@ -233,7 +233,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--seed", type=seed_int, metavar="N",
                    help=f"noise seed, {SEED_RANGE}; the same seed gives the same images [random]")
     p.add_argument("--out", metavar="FILE",
-                   help="grid image to write (.png, .jpg, .webp, .bmp) "
+                   help="grid image to write (.png, .jpg, .webp, .bmp); with --interpolate also .gif, the "
+                        "animation (the grid then goes beside it as .png) "
                         "[generated.png; interpolation.png and .gif with --interpolate]")
     p.add_argument("--individual", metavar="DIR", help="also write one PNG per image into DIR")
     p.add_argument("--no-ema", action="store_true",
@@ -250,10 +251,10 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.individual is not None:
             raise FastganError("--individual goes with a grid of samples, not with --interpolate")
         rows = args.n or 8
-        out, source = write_interpolation(args.checkpoint, rows, args.interpolate, args.seed,
-                                          args.out or "interpolation.png", args.device, not args.no_ema)
+        out, gif, source = write_interpolation(args.checkpoint, rows, args.interpolate, args.seed,
+                                               args.out or "interpolation.png", args.device, not args.no_ema)
         console.print(f"fastgan: wrote {rows} interpolations of {args.interpolate} images from {source} to {out} "
-                      f"and {out.with_suffix('.gif')}")
+                      f"and {gif}")
         return 0
     n = args.n or 64
     out, source = write_samples(args.checkpoint, n, args.seed, args.out or "generated.png", args.individual,

@@ -111,6 +111,10 @@ class Config:
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise FastganError(f"{name('eval_every')} must be 0 (no measurements) or a positive number of epochs, "
                                f"got {self.eval_every!r}")
+        if self.eval_every > self.epochs:
+            raise FastganError(f"{name('eval_every')} {self.eval_every} measures at epoch {self.eval_every} and every "
+                               f"{self.eval_every} epochs after, but the run ends at epoch {self.epochs}: nothing would "
+                               f"be measured; lower {name('eval_every')} or raise {name('epochs')}")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise FastganError(f"{name('workers')} must be 0 or more, got {self.workers!r}")

@@ -5,6 +5,7 @@ A training checkpoint made with --ema holds two generators: the moving average (
 and the raw one (netG), which --no-ema picks."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from .report import image_grid, save_image_atomic, single_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MS_PER_INTERPOLATION_FRAME = 120  # 8 steps there and back in under 2 s: slow enough to follow one face
+GIF_MIN_IMAGE_PX = 128  # the GIF's faces are scaled up (nearest neighbour, whole multiples) to at least this size
 # below this sin(w) (w the angle between two latents, in radians) slerp falls back to lerp: see slerp
 PARALLEL_SIN = 1e-6
 
@@ -147,21 +149,27 @@ def interpolate(checkpoint_path: str | os.PathLike, rows: int = 8, steps: int = 
                 out: str | os.PathLike = "interpolation.png", device: str = "auto", ema: bool = True) -> Path:
     """Write `rows` slerp interpolations of `steps` images each (row i from latent i to latent i + 1, both
     included) as a grid to `out`, one row per interpolation, and as an animated GIF beside it (`out` with
-    .gif) whose frames walk all rows along their interpolation and back; return `out`.
+    .gif) whose frames walk all rows along their interpolation and back, its faces scaled up to at least
+    GIF_MIN_IMAGE_PX; return the grid's path. An `out` ending in .gif names the GIF, the grid going beside it
+    as .png.
 
     The rows + 1 latents are those `generate(n=rows + 1, seed=seed)` draws, so each row starts and ends on
     faces of that grid."""
-    return write_interpolation(checkpoint_path, rows, steps, seed, out, device, ema)[0]
+    return write_interpolation(checkpoint_path, rows, steps, seed, out, device, ema)[0]  # the grid
 
 
 def write_interpolation(checkpoint_path, rows, steps, seed, out, device, ema) -> tuple[Path, str]:
-    """interpolate(), also returning which generator made the images (for the command's final line)."""
+    """interpolate(), returning (the grid, the GIF, which generator made the images) for the command's final
+    line."""
     if rows < 1:
         raise FastganError(f"--n (rows of interpolation) must be a positive integer, got {rows}")
     if steps < 2:
         raise FastganError(f"--interpolate needs at least 2 steps (both ends of each row), got {steps}")
-    out = new_image_path(out)
-    gif = out.with_suffix(".gif")
+    # --out names the grid (and the GIF goes beside it) or, with .gif, the GIF (and the grid beside it, as .png)
+    wanted = Path(out).expanduser()
+    gif_named = wanted.suffix.lower() == ".gif"
+    out = new_image_path(wanted.with_suffix(".png") if gif_named else wanted)
+    gif = wanted if gif_named else out.with_suffix(".gif")
     refuse_existing(gif)
     torch_device = resolve_device(device)
     netG, source = read_generator(checkpoint_path, torch_device, ema)
@@ -172,10 +180,18 @@ def write_interpolation(checkpoint_path, rows, steps, seed, out, device, ema) ->
     walk = list(range(steps)) + list(range(steps - 2, 0, -1))
     try:
         save_image_atomic(image_grid(images, nrow=steps), out)
-        save_gif([image_grid(by_step[k]) for k in walk], gif, MS_PER_INTERPOLATION_FRAME)
+        scale = max(1, math.ceil(GIF_MIN_IMAGE_PX / images.shape[-1]))
+        save_gif([scaled(image_grid(by_step[k]), scale) for k in walk], gif, MS_PER_INTERPOLATION_FRAME)
     except OSError as e:
         raise FastganError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
-    return out, source
+    return out, gif, source
+
+
+def scaled(image: Image.Image, factor: int) -> Image.Image:
+    """`image` `factor` times larger, each pixel a block (no blur: the generator's pixels as they are)."""
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def save_gif(frames: list[Image.Image], path: Path, ms_per_frame: int) -> None:

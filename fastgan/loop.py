@@ -136,8 +136,9 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     if cfg.eval_every and ranks.is_main:
         from .evaluate import DuringTraining
         measure = DuringTraining(cfg.to_dict(), cfg.eval_images, device, cfg.inception)
+        compared = min(cfg.eval_images, data.count)  # all the real images where the data holds fewer
         console.print(f"fastgan: every {cfg.eval_every} epoch{'s' if cfg.eval_every > 1 else ''}: "
-                      f"{', '.join(m.upper() for m in measure.metrics)} of {cfg.eval_images:,} images into metrics.jsonl"
+                      f"{', '.join(m.upper() for m in measure.metrics)} of {compared:,} images into metrics.jsonl"
                       + ("" if "fid" in measure.metrics else " (FID/KID: no Inception weights at hand, see --inception)"))
 
     def evaluate_at(epoch: int, step: int) -> None:

@@ -193,6 +193,19 @@ def test_eval_every_records_quality_without_changing_training(image_folder, tmp_
     assert [r["loss_d"] for r in steps] == [r["loss_d"] for r in records(plain / "metrics.jsonl")]
 
 
+def test_eval_every_announces_what_it_measures_and_refuses_what_it_never_would(image_folder, tmp_path, capsys):
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 1, "--eval-every", 1) == 0
+    err = capsys.readouterr().err
+    # --eval-images' default is 16,384; the data holds 24, and all 24 are what is compared
+    assert "fastgan: every 1 epoch: SWD of 24 images into metrics.jsonl" in err
+    assert [r["eval_images"] for r in records(tmp_path / "run" / "metrics.jsonl") if "swd" in r] == [24]
+    assert train("--root", image_folder, "--out", tmp_path / "never", "--epochs", 1, "--eval-every", 2) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fastgan: error: --eval-every 2 measures at epoch 2 and every 2 epochs after, but the run ends at epoch 1: "
+        "nothing would be measured; lower --eval-every or raise --epochs")
+    assert not (tmp_path / "never").exists()
+
+
 def test_the_python_api(ema_run, tmp_path):
     """As the README's Python section writes it."""
     from fastgan.evaluate import evaluate as evaluate_api

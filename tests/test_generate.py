@@ -103,10 +103,32 @@ def test_interpolation_grid_has_a_row_per_interpolation_and_the_gif_walks_there_
         durations.append(gif.info["duration"])
     # equal: a turning point shown twice is merged by Pillow into one frame of double length, a stall
     assert len(set(durations)) == 1, durations
-    assert gif.size == (2 * TILE + 2, 2 * TILE + 2)  # each frame: the 3 rows' images at one step, 2 a row
+    # each frame: the 3 rows' images at one step, 2 a row, scaled up whole so that a 16-pixel face is 128 across
+    assert gif.size == (8 * (2 * TILE + 2), 8 * (2 * TILE + 2))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == "fastgan: wrote 3 interpolations of 5 images from the generator in netG.pth to " \
                    f"{out} and {out.with_suffix('.gif')}"
+
+
+def test_an_out_ending_in_gif_names_the_animation_whose_frames_are_the_grids_pixels_scaled_up(netG_file,
+                                                                                              tmp_path, capsys):
+    gif_path = tmp_path / "walk.gif"
+    assert generate("--checkpoint", netG_file, "--interpolate", 4, "--n", 2, "--seed", 1, "--out", gif_path) == 0
+    grid_path = tmp_path / "walk.png"  # the grid beside it
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"to {grid_path} and {gif_path}")
+    grid = pixels(grid_path)
+    gif = Image.open(gif_path)
+    assert gif.size == (8 * (2 * TILE + 2), 8 * (TILE + 2))  # 2 rows side by side at each step, 8x
+    gif.seek(0)
+    frame = np.asarray(gif.convert("RGB"), dtype=np.int64)
+    # frame 0 holds step 0 of each row: row 1's first face sits second in the frame; each of its pixels is an
+    # 8x8 block of one colour, the grid's pixel up to GIF's 256-colour palette (measured: 2.5 levels on average,
+    # 33 at most; another face differs by tens of levels on average)
+    face = frame[8 * 2: 8 * (2 + SIZE), 8 * (2 + TILE): 8 * (2 + TILE + SIZE)]
+    blocks = face.reshape(SIZE, 8, SIZE, 8, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # nearest neighbour: no blur
+    assert np.abs(blocks[:, 0, :, 0] - tile(grid, 1, 0)).mean() <= 5
+    assert np.abs(blocks[:, 0, :, 0] - tile(grid, 0, 0)).mean() > 10  # (row 0's face: another one)
 
 
 def test_rows_run_between_the_latents_that_plain_generation_draws(netG_file, tmp_path):
