@@ -239,9 +239,12 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
         path, at = saved
         # a rank can be outvoted into stopping before its own copy of the signal arrives
         why = signal.Signals(stops.signum).name if stops.signum else "another rank's stop request"
-        raise TrainingStopped(f"stopped by {why} at iteration {step} ({at.describe(steps_per_epoch)})"
-                              + (f"; checkpoint {path}. Continue with: {resume_command(run, ranks)}"
-                                 if path else ""), stops.signum or signal.SIGTERM)
+        if ranks.is_main:  # what the run has so far: the loss plot, the animation, the generator
+            finish(run, netG, stats.loss_history(), trainer.ema)
+        raise TrainingStopped(f"stopped by {why} at {at.describe(steps_per_epoch)}"
+                              + (f"; checkpoint {path}; loss.png, progress.gif and netG.pth show the run so far. "
+                                 f"Continue with: {resume_command(run, ranks)}" if path else ""),
+                              stops.signum or signal.SIGTERM)
     elapsed = time.perf_counter() - stats.run_start - stats.aside
 
     if ranks.is_main:

@@ -38,9 +38,10 @@ class Position:
     step: int = 0
 
     def describe(self, steps_per_epoch: int) -> str:
+        """'iteration 5 (epoch 2, batch 2 of 3)', or 'iteration 6 (the end of epoch 2)'."""
         if self.iteration:
-            return f"epoch {self.epoch + 1}, batch {self.iteration} of {steps_per_epoch} (iteration {self.step})"
-        return f"the end of epoch {self.epoch} (iteration {self.step})"
+            return f"iteration {self.step} (epoch {self.epoch + 1}, batch {self.iteration} of {steps_per_epoch})"
+        return f"iteration {self.step} (the end of epoch {self.epoch})"
 
 
 def noise_generator(seed: int, device: torch.device) -> torch.Generator:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import fastgan.interval
 import fastgan.trainer
@@ -91,10 +92,16 @@ def test_sigint_mid_epoch_checkpoints_there_and_resume_is_bit_exact(image_folder
     assert train("--root", image_folder, "--out", run, "--epochs", 3) == 128 + signal.SIGINT
     err = capfd.readouterr().err
     assert "SIGINT received: stopping after this step" in err
-    assert (f"stopped by SIGINT at iteration 5 (epoch 2, batch 2 of 3 (iteration 5)); checkpoint "
-            f"{run / 'checkpoints' / 'last.pt'}. Continue with: fastgan train --out {run} --resume auto") in err
+    assert (f"stopped by SIGINT at iteration 5 (epoch 2, batch 2 of 3); checkpoint {run / 'checkpoints' / 'last.pt'}"
+            f"; loss.png, progress.gif and netG.pth show the run so far. Continue with: fastgan train --out {run} "
+            "--resume auto") in err
     saved = load(run / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["iteration"], saved["step"]) == (1, 2, 5)
+    # the run so far, as its checkpoint holds it: the generator, a loss point per step, a frame per grid
+    so_far = load(run / "netG.pth")
+    assert so_far.keys() == saved["netG"].keys() and all(torch.equal(v, saved["netG"][k]) for k, v in so_far.items())
+    assert Image.open(run / "progress.gif").n_frames == len(list((run / "samples").glob("fake_step*.png")))
+    assert Image.open(run / "loss.png").size[0] > 0
     assert load(run / "checkpoints" / "epoch001.pt")["step"] == 3  # the epoch file is still its own
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
