@@ -244,9 +244,21 @@ def run_data(targets_: list[Target], root: Optional[str], data: Optional[str]) -
         return root, data
     config = next((t.payload["config"] for t in targets_ if checkpoint.is_fastgan_checkpoint(t.payload)), None)
     if config is None:
-        raise FastganError(f"{targets_[0].path} is a plain generator file: say which real images to compare with, "
-                           "--root DIR or --data FILE")
+        config = run_config_beside(targets_[0].path)
+    if config is None:
+        raise FastganError(f"{targets_[0].path} is a plain generator file outside a run folder: say which real "
+                           "images to compare with, --root DIR or --data FILE")
     return data_of(config)
+
+
+def run_config_beside(path: Path) -> Optional[dict]:
+    """The options of the run folder a plain generator file sits in (run/netG.pth, run/netG_ema.pth), or None."""
+    config_file = path.expanduser().resolve().parent / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "image_size" in config else None
 
 
 def data_of(config: dict) -> tuple[Optional[str], Optional[str]]:

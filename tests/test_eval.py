@@ -168,9 +168,20 @@ def test_a_data_file_of_another_size_gets_advice_in_evals_own_flags(ema_run, ima
                         "--nc 3 makes one)")
 
 
-def test_a_plain_generator_file_needs_real_images(ema_run, tmp_path, capsys):
-    assert main(["eval", str(ema_run / "netG_ema.pth"), *CPU]) == 2
-    assert "say which real images to compare with, --root DIR or --data FILE" in capsys.readouterr().err
+def test_a_plain_generator_file_in_a_run_folder_is_measured_against_the_runs_data(ema_run, tmp_path, capsys):
+    """run/netG_ema.pth holds weights only, but run/config.json beside it names the data: as for checkpoints."""
+    assert main(["eval", str(ema_run / "netG_ema.pth"), *CPU, "--n", "8"]) == 0
+    by_file = [ln for ln in capsys.readouterr().err.splitlines() if "netG_ema.pth" in ln]
+    assert main(["eval", str(ema_run / "checkpoints" / "epoch002.pt"), *CPU, "--n", "8"]) == 0
+    by_checkpoint = [ln for ln in capsys.readouterr().err.splitlines() if "epoch002.pt" in ln]
+    # the same generator (the last epoch's average) against the same real images: the same figures
+    assert by_file and by_checkpoint and by_file[0].split("│")[4:-2] == by_checkpoint[0].split("│")[4:-2]
+    alone = tmp_path / "alone" / "netG_ema.pth"  # the same file outside its run folder: no data to be had
+    alone.parent.mkdir()
+    alone.write_bytes((ema_run / "netG_ema.pth").read_bytes())
+    assert main(["eval", str(alone), *CPU]) == 2
+    assert "outside a run folder: say which real images to compare with, --root DIR or --data FILE" in \
+        capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing"), *CPU]) == 2
     assert "does not exist" in capsys.readouterr().err
 
