@@ -32,7 +32,7 @@ from .plot import plot_losses
 from .report import (MetricsLog, RunProgress, console, format_stats, image_grid,
                      save_animation, save_image_atomic, write_json)
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise, sample
-from .state import check_resumable, find_resume_checkpoint, refuse_overwriting_later_epochs
+from .state import check_resumable, find_resume_checkpoint
 from .step import STAT_NAMES
 from .tensorboard_log import TensorBoardLog, summary_writer_class
 from .trainer import Precision, build_trainer, resolve_precision
@@ -81,16 +81,16 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     if cfg.tensorboard:
         summary_writer_class()  # without the package: one line naming the extra, before anything is written
     resume_path = find_resume_checkpoint(cfg)
-    resumed = check_resumable(resume_path, cfg, resumed) if resume_path else None
+    out = run_folder_of(cfg, resume_path)
+    resumed = check_resumable(resume_path, cfg, resumed, Path(out).expanduser() if out else None) \
+        if resume_path else None
 
     if cfg.dry_run:
         return dry_run(cfg, device, precision, loader_name, decoder)
     run = None  # rank 0's: chosen and checked now, created once every other check has passed
     with ranks.together("checking the run folder"):
         if ranks.is_main:
-            run = runfolder.choose(run_folder_of(cfg, resume_path), resuming=resumed is not None)
-            if resumed:
-                refuse_overwriting_later_epochs(run, resumed["epoch"])
+            run = runfolder.choose(out, resuming=resumed is not None)
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)  # this rank's share
     with ranks.local_main_first("reading the data"):  # local rank 0 fills the file index's cache first
         data = open_data(cfg, device, precision, loader_name, decoder, ranks)

@@ -110,10 +110,15 @@ def read_resumable(path: Path) -> dict:
     return payload
 
 
-def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None) -> dict:
-    """The checkpoint to resume (`payload` when the caller has read it already), checked against cfg."""
+def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None, run: Optional[Path] = None) -> dict:
+    """The checkpoint to resume (`payload` when the caller has read it already), checked against cfg and the run
+    folder it goes on in (`run`, where known). Every check passes before the first error is reported, the ones
+    that change the command the most first: a hint must not lead to another refusal."""
     payload = read_resumable(path) if payload is None else payload
     check_model_shape(cfg, payload["config"], path)
+    if run is not None:
+        check_same_run(run, payload, path)
+        refuse_overwriting_later_epochs(run, payload["epoch"])
     if payload["config"].get("seed") != cfg.seed:
         raise FastganError(f"checkpoint {path} was trained with --seed {payload['config'].get('seed')}, which "
                            f"decides its data order; resume it without --seed {cfg.seed}")
@@ -125,6 +130,20 @@ def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None) -> 
         raise FastganError(f"checkpoint {path} has already trained {payload['epoch']} epochs; pass "
                            f"--epochs larger than {payload['epoch']} to train more")
     return payload
+
+
+def check_same_run(run: Path, payload: dict, path: Path) -> None:
+    """A run folder that holds a run (its config.json) takes only that run's checkpoints: the same model and seed."""
+    try:
+        theirs = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # a new or empty folder (runfolder.choose refuses one that holds other files)
+    ours = payload["config"]
+    differ = [k for k in (*MODEL_FIELDS, "seed") if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise FastganError(f"--out {run} holds another run ({', '.join(f'{k}={theirs.get(k)}' for k in differ)}; "
+                           f"checkpoint {path} has {', '.join(f'{k}={ours.get(k)}' for k in differ)}): resume into "
+                           "the checkpoint's own run folder or a new --out")
 
 
 def position_of(payload: dict) -> Position:

@@ -109,6 +109,28 @@ def test_sigint_mid_epoch_checkpoints_there_and_resume_is_bit_exact(image_folder
     assert_same_training(uninterrupted, run)
 
 
+def test_resuming_into_another_runs_folder_is_refused_first_whatever_else_is_wrong(image_folder, tmp_path, capfd):
+    """A 16 px checkpoint into a 32 px run's folder: the one thing that matters is the folder. (It used to say
+    'pass --epochs larger than 1' first, and with that flag it trained the 16 px model into the 32 px run.)"""
+    small, large = tmp_path / "small", tmp_path / "large"
+    assert train("--root", image_folder, "--out", small, "--epochs", 1) == 0
+    assert train("--root", image_folder, "--out", large, "--epochs", 1, "--image-size", 32) == 0
+    before = sorted((p.relative_to(large).as_posix(), p.stat().st_mtime_ns) for p in large.rglob("*") if p.is_file())
+    capfd.readouterr()
+    wanted = (f"fastgan: error: --out {large} holds another run (image_size=32; checkpoint "
+              f"{small / 'checkpoints' / 'last.pt'} has image_size=16): resume into the checkpoint's own run folder "
+              "or a new --out")
+    for more in ([], ["--epochs", "2"]):
+        assert main(["train", "--resume", str(small / "checkpoints" / "last.pt"), "--out", str(large), "--quiet",
+                     *more]) == 2
+        assert capfd.readouterr().err.strip() == wanted
+    after = sorted((p.relative_to(large).as_posix(), p.stat().st_mtime_ns) for p in large.rglob("*") if p.is_file())
+    assert after == before  # the other run is left as it was
+    # its own folder, or a new one, takes it
+    assert main(["train", "--resume", str(small / "checkpoints" / "last.pt"), "--out", str(tmp_path / "branch"),
+                 "--epochs", "2", "--quiet"]) == 0
+
+
 def test_an_fp16_run_resumes_with_its_grad_scaler(image_folder, tmp_path, monkeypatch, capfd):
     """The GradScaler's scale and growth tracker are training state: a fresh scaler after resume rescales the
     losses differently (and skips other steps) from the run left alone. fp16 autocast runs on the CPU too."""
