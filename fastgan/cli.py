@@ -1,4 +1,5 @@
-"""The `fastgan` command: train, generate, synth. It only builds options; the work is in train() etc."""
+"""The `fastgan` command: train, generate, eval, prepare, synth. It only builds options; the work is in train(),
+generate(), evaluate() and the others."""
 from __future__ import annotations
 
 import argparse
@@ -246,14 +247,14 @@ def add_generate_parser(sub) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .generate import write_interpolation, write_samples
-    from .report import console
+    from .report import console, plural
     if args.interpolate is not None:
         if args.individual is not None:
             raise FastganError("--individual goes with a grid of samples, not with --interpolate")
         rows = args.n or 8
         out, gif, source = write_interpolation(args.checkpoint, rows, args.interpolate, args.seed,
                                                args.out or "interpolation.png", args.device, not args.no_ema)
-        console.print(f"fastgan: wrote {rows} interpolations of {args.interpolate} images from {source} to {out} "
+        console.print(f"fastgan: wrote {plural(rows, 'interpolation')} of {args.interpolate} images from {source} to {out} "
                       f"and {gif}")
         return 0
     n = args.n or 64
@@ -261,7 +262,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                 args.device, not args.no_ema)
     # Path drops a trailing slash the user typed; one separator is added back to say "a folder"
     each = f" and one PNG each to {Path(args.individual).expanduser()}{os.sep}" if args.individual else ""
-    console.print(f"fastgan: wrote {n} images from {source} to {out}{each}")
+    console.print(f"fastgan: wrote {plural(n, 'image')} from {source} to {out}{each}")
     return 0
 
 
@@ -282,7 +283,7 @@ def add_synth_parser(sub) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from .report import console
+    from .report import console, plural
     from .synth import write_faces
     folder = Path(args.dir).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -298,7 +299,7 @@ def run_synth(args: argparse.Namespace) -> int:
                         progress=lambda k: bar.advance(task, k))
     except OSError as e:
         raise FastganError(f"cannot write to {folder}: {e.strerror or e}") from None
-    console.print(f"fastgan: wrote {args.n:,} faces to {folder}")
+    console.print(f"fastgan: wrote {plural(args.n, 'face')} to {folder}")
     return 0
 
 
@@ -407,7 +408,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .evaluate import evaluate
-    from .report import console
+    from .report import console, plural
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
@@ -435,7 +436,7 @@ def run_eval(args: argparse.Namespace) -> int:
     console.print(table)
     folder = Path(args.path).expanduser()
     if folder.is_dir():
-        console.print(f"fastgan: appended {len(records)} records to {folder / 'eval.jsonl'}; plot in "
+        console.print(f"fastgan: appended {plural(len(records), 'record')} to {folder / 'eval.jsonl'}; plot in "
                       f"{folder / 'eval.png'}")
     return 0
 
@@ -445,13 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastgan", description="Train DCGAN face generators fast: "
                                      "`fastgan train` (on the demo faces without --root), then `fastgan generate`.")
     parser.add_argument("--version", action="version", version=f"fastgan {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate,synth,prepare}",
-                                parser_class=Parser)
-    add_train_parser(sub)
-    add_generate_parser(sub)
-    add_synth_parser(sub)
-    add_prepare_parser(sub)
-    add_eval_parser(sub)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_train_parser, add_generate_parser, add_eval_parser, add_prepare_parser, add_synth_parser):
+        add(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # every command, in --help and in the error without one
     return parser
 
 

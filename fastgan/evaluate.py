@@ -369,26 +369,34 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def plot_eval(run: Path) -> Optional[Path]:
-    """eval.png: each metric over training (x: epochs), from each epoch's latest record in eval.jsonl."""
-    from .plot import plot_panels
-    latest: dict[tuple[int, str], dict] = {}
-    for record in read_records(run / "eval.jsonl"):
+def eval_panels(records: list[dict]) -> list[tuple[str, list]]:
+    """A panel per metric, a line per generator (raw, EMA) and per number of images compared: figures of other
+    --n are other measurements (SWD's noise and bias change with n), so they are drawn apart and labelled."""
+    latest: dict[tuple[int, str, int], dict] = {}
+    for record in records:
         if record.get("epoch") is not None:
-            latest[(record["epoch"], record.get("generator"))] = record
-    if not latest:
-        return None
+            latest[(record["epoch"], record.get("generator"), record.get("n"))] = record
     panels = []
     for metric, title in (("swd", "SWD x 1e3 (lower is better)"), ("fid", "FID (lower is better)"),
                           ("kid", "KID (lower is better)")):
         series = []
-        for kind in ("raw", "ema"):
-            points = sorted((e, r[metric]) for (e, k), r in latest.items() if k == kind and metric in r)
+        for kind, n in sorted({(k, n) for _, k, n in latest}, key=lambda kn: (kn[0] != "raw", kn[1] or 0)):
+            points = sorted((e, r[metric]) for (e, k, m), r in latest.items() if (k, m) == (kind, n) and metric in r)
             if points:
-                label = f"{metric.upper()}{' (EMA)' if kind == 'ema' else ''}"
+                label = (f"{metric.upper()}{' (EMA)' if kind == 'ema' else ''}"
+                         + (f", {n:,} images" if n is not None else ""))
                 series.append((label, [p[0] for p in points], [p[1] for p in points]))
         if series:
             panels.append((title, series))
+    return panels
+
+
+def plot_eval(run: Path) -> Optional[Path]:
+    """eval.png: each metric over training (x: epochs), from each epoch's latest record in eval.jsonl."""
+    from .plot import plot_panels
+    panels = eval_panels(read_records(run / "eval.jsonl"))
+    if not panels:
+        return None
     path = run / "eval.png"
     plot_panels(panels, "epoch", path)
     return path

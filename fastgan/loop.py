@@ -29,7 +29,7 @@ from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
 from .models import count_parameters
 from .plot import plot_losses
-from .report import (MetricsLog, RunProgress, console, format_stats, image_grid,
+from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, plural,
                      save_animation, save_image_atomic, write_json)
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise, sample
 from .state import check_resumable, find_resume_checkpoint
@@ -278,8 +278,9 @@ def open_run_folder(cfg: Config, run: Path, resumed: Optional[dict], data, held:
         records, grids = state.set_aside_later_results(run, step, state.carried_steps(resumed))
         if records or grids:
             console.print(f"fastgan: what was written after the checkpoint at iteration {step} is made again now, "
-                          f"so it moves aside: {records} metrics records to {run / f'metrics.after-{step}.jsonl'}, "
-                          f"{grids} sample grids to {run / 'samples' / f'after-{step}'}")
+                          f"so it moves aside: {plural(records, 'metrics record')} to "
+                          f"{run / f'metrics.after-{step}.jsonl'}, {plural(grids, 'sample grid')} to "
+                          f"{run / 'samples' / f'after-{step}'}")
     config_file = run / "config.json"
     step = resumed["step"] if resumed else 0
     write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -52,14 +53,50 @@ def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> None:
         image.save(f, format=Image.registered_extensions()[path.suffix.lower()], **kwargs)
 
 
+GRID_NAME = re.compile(r"fake_(ema_)?step(\d+)(?:_epoch(\d+))?$")  # fake_step0000064.png, fake_ema_..._epoch001.png
+CAPTION_PX = 18  # the strip under each frame that says which grid it is
+
+
+def frame_caption(grid: Path) -> str:
+    """'step 1,234 · end of epoch 3 · EMA', read off a progress grid's file name ('' for another name)."""
+    match = GRID_NAME.match(grid.stem)
+    if not match:
+        return ""
+    ema, step, epoch = match.groups()
+    return (f"step {int(step):,}" + (f" · end of epoch {int(epoch)}" if epoch else "")
+            + (" · EMA" if ema else ""))
+
+
+def captioned(grid: Path) -> Image.Image:
+    """The grid with its caption in a white strip beneath it."""
+    image = Image.open(grid).convert("RGB")
+    frame = Image.new("RGB", (image.width, image.height + CAPTION_PX), "white")
+    frame.paste(image, (0, 0))
+    ImageDraw.Draw(frame).text((3, image.height + 2), frame_caption(grid), fill="black", font=caption_font())
+    return frame
+
+
+def caption_font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=CAPTION_PX - 4)  # Pillow 10.1 and newer: a scalable font
+    except TypeError:
+        return ImageFont.load_default()  # older Pillow: its one bitmap size
+
+
 def save_animation(frames: Sequence[Path], path: Path, ms_per_frame: int = 400) -> None:
-    """An animated GIF of the fixed-noise grids over training (the tutorial's animation, as a file)."""
+    """An animated GIF of the fixed-noise grids over training (the tutorial's animation, as a file), each frame
+    captioned with its step (and epoch) so that a viewer knows where in training it is."""
     if not frames:
         return
-    images = [Image.open(f).convert("RGB").quantize(256) for f in frames]
+    images = [captioned(f).quantize(256) for f in frames]
     first, rest = images[0], images[1:]
     with atomic_write(path) as f:
         first.save(f, format="GIF", save_all=True, append_images=rest, duration=ms_per_frame, loop=0)
+
+
+def plural(count: int, word: str, many: str = "") -> str:
+    """'1 epoch', '2 epochs', '1,234 metrics records'."""
+    return f"{count:,} {word if count == 1 else many or word + 's'}"
 
 
 def format_stats(stats: dict) -> str:

@@ -28,6 +28,7 @@ from . import checkpoint
 from .atomic import atomic_write
 from .config import MODEL_FIELDS, Config
 from .errors import FastganError
+from .report import plural
 
 
 @dataclass
@@ -127,7 +128,7 @@ def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None, run
         raise FastganError(f"checkpoint {path} stopped inside an epoch at batch size {saved_batch}; resume it "
                            f"with that batch size, or change --batch-size from an epoch's checkpoint (epochNNN.pt)")
     if payload["epoch"] >= cfg.epochs:
-        raise FastganError(f"checkpoint {path} has already trained {payload['epoch']} epochs; pass "
+        raise FastganError(f"checkpoint {path} has already trained {plural(payload['epoch'], 'epoch')}; pass "
                            f"--epochs larger than {payload['epoch']} to train more")
     return payload
 

@@ -10,6 +10,7 @@ Everything is decided once, here; the loop only calls the trainer with each batc
 from __future__ import annotations
 
 import functools
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -67,6 +68,19 @@ def build_optimizers(cfg: Config, netG, netD, capturable: bool = False) -> tuple
     return torch.optim.Adam(netG.parameters(), **options), torch.optim.Adam(netD.parameters(), **options)
 
 
+def import_cpp_extension_quietly() -> None:
+    """torch.compile on the CPU imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a
+    machine with a CUDA build of torch and the CUDA toolkit but no GPU: true, and beside the point for a CPU run.
+    The warning comes once, at import: import it here with its logger held at errors."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
 @dataclass
 class Trainer:
     """What a run trains: the plain networks (for samples and checkpoints), their optimizers, the GradScaler and
@@ -111,6 +125,8 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
     # The step runs the (possibly DDP-wrapped, compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
     if cfg.compile:
+        if device.type == "cpu":
+            import_cpp_extension_quietly()
         compile_once = functools.cache(torch.compile)  # without torchrun, D for G's update is D: one compile
         stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
     step = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,15 @@ def test_train_writes_the_whole_run_folder(trained):
     assert Image.open(run / "loss.png").size == (1000, 500)
     gif = Image.open(run / "progress.gif")
     assert gif.n_frames == 5
+    # each frame: its grid, then a caption strip saying which grid it is
+    from fastgan.report import CAPTION_PX, frame_caption
+    assert gif.size == (grid.width, grid.height + CAPTION_PX)
+    gif.seek(4)
+    last = np.asarray(gif.convert("RGB"), dtype=np.int64)
+    assert np.abs(last[:grid.height] - np.asarray(grid.convert("RGB"), dtype=np.int64)).mean() < 3  # GIF palette
+    assert (last[grid.height:] < 128).any()  # some text in the strip
+    assert frame_caption(run / "samples" / "fake_step0000006_epoch002.png") == "step 6 · end of epoch 2"
+    assert frame_caption(Path("fake_ema_step0001234.png")) == "step 1,234 · EMA"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch001.pt", "epoch002.pt", "last.pt"]
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["loss_history"].shape == (6, 2)
@@ -495,3 +505,24 @@ def test_auto_loader_choice(monkeypatch):
     for installed, chosen in ((True, ("dali", "mixed")), (False, ("torch", ""))):
         monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
         assert resolve_loader(Config(device="cuda"), cuda) == chosen, installed
+
+
+def test_help_and_a_missing_command_list_every_command(capsys):
+    assert main(["--help"]) == 0
+    assert "{train,generate,eval,prepare,synth}" in capsys.readouterr().out
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == ("fastgan: error: the following arguments are required: "
+                                               "{train,generate,eval,prepare,synth} (see fastgan --help)")
+
+
+def test_compile_on_the_cpu_does_not_print_torchs_no_cuda_runtime_warning():
+    """torch.utils.cpp_extension warns at import on a machine with a CUDA torch and the CUDA toolkit but no GPU
+    (such as CI's); --compile on the CPU imports it through fastgan.trainer, which holds the warning back."""
+    plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], capture_output=True,
+                           text=True, timeout=120)
+    if "No CUDA runtime is found" not in plain.stderr:
+        pytest.skip("torch does not warn on this machine (no CUDA toolkit, or a GPU, or a CPU build of torch)")
+    quiet = subprocess.run([sys.executable, "-c", "from fastgan.trainer import import_cpp_extension_quietly; "
+                            "import_cpp_extension_quietly(); import torch.utils.cpp_extension"],
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and "No CUDA runtime is found" not in quiet.stderr, quiet.stderr

@@ -217,6 +217,18 @@ def test_eval_every_announces_what_it_measures_and_refuses_what_it_never_would(i
     assert not (tmp_path / "never").exists()
 
 
+def test_eval_png_draws_measurements_of_other_sizes_apart_and_says_so(tmp_path):
+    records_ = [{"epoch": 1, "generator": "raw", "n": 8, "swd": 5.0}, {"epoch": 2, "generator": "raw", "n": 8, "swd": 4.0},
+                {"epoch": 1, "generator": "raw", "n": 16, "swd": 3.0}, {"epoch": 2, "generator": "ema", "n": 16, "swd": 2.0},
+                {"epoch": 2, "generator": "raw", "n": 8, "swd": 3.5}]  # the last record of a kind wins
+    panels = evaluate.eval_panels(records_)
+    assert [title for title, _ in panels] == ["SWD x 1e3 (lower is better)"]
+    assert panels[0][1] == [("SWD, 8 images", [1, 2], [5.0, 3.5]), ("SWD, 16 images", [1], [3.0]),
+                            ("SWD (EMA), 16 images", [2], [2.0])]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records_))
+    assert Image.open(evaluate.plot_eval(tmp_path)).size[0] > 0
+
+
 def test_the_python_api(ema_run, tmp_path):
     """As the README's Python section writes it."""
     from fastgan.evaluate import evaluate as evaluate_api

@@ -184,7 +184,7 @@ def test_resume_from_a_mid_epoch_ckpt_every_checkpoint_is_bit_exact(image_folder
     monkeypatch.undo()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
     assert ("what was written after the checkpoint at iteration 4 is made again now, so it moves aside: 1 metrics "
-            f"records to {run / 'metrics.after-4.jsonl'}, 1 sample grids to {run / 'samples' / 'after-4'}"
+            f"record to {run / 'metrics.after-4.jsonl'}, 1 sample grid to {run / 'samples' / 'after-4'}"
             ) in capfd.readouterr().err
     assert [json.loads(line)["step"] for line in (run / "metrics.after-4.jsonl").read_text().splitlines()] == [5]
     assert (run / "samples" / "after-4" / "fake_step0000005.png").exists()
@@ -215,7 +215,7 @@ def test_sigint_inside_a_log_interval_leaves_the_records_of_the_run_left_alone(i
     assert steps_of(run) == [4, 6, 8, 10]  # the stop logs the steps it cut short: 9 and 10
     capfd.readouterr()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    assert "1 metrics records to" in capfd.readouterr().err
+    assert "1 metrics record to" in capfd.readouterr().err
     assert steps_of(run, "metrics.after-10.jsonl") == [10]
     assert_same_training(straight, run)
 
