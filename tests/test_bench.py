@@ -88,7 +88,10 @@ def test_throughput_runs_and_writes_every_table(tmp_path):
     assert tutorial["row"].startswith("tutorial") and tutorial["ratio"] == 1
     for r in figures["end_to_end"][1:]:
         if r["images_per_second"]:  # each against the tutorial of the same run
-            assert r["ratio"] == pytest.approx(r["images_per_second"] / tutorial["images_per_second"], rel=1e-2)
+            # ratio and rate are rounded (3 and 1 decimals): 0.0005 absolute, which a slow row's ratio (a small
+            # number, under load) can turn into more than 1% relative
+            assert r["ratio"] == pytest.approx(r["images_per_second"] / tutorial["images_per_second"], rel=1e-2,
+                                               abs=6e-4)
     assert all(rows[name]["images_per_second"] > 0 for name in CPU_ROWS)
     assert all(rows[name]["note"] == "skipped: no CUDA GPU" for name in CUDA_ROWS)
     assert rows["prepared + channels_last + compile (fp32)"]["note"] == "skipped: --no-compile"
