@@ -208,9 +208,9 @@ def snapshot(cfg: Config, position: Position, netG, netD, optimizerG, optimizerD
 
 
 def unfinished_interval(resumed: dict) -> Optional[dict]:
-    """The log interval a checkpoint cut short (`snapshot`'s "interval"), or None where it has none."""
-    interval = resumed.get("interval")
-    return interval if interval is not None and len(interval["stats"]) else None
+    """The log interval a checkpoint cut short (`snapshot`'s "interval": its rows, none at an interval's end, and
+    the fp16 non-finite streak before them, which goes on across the resume either way), or None (old files)."""
+    return resumed.get("interval")
 
 
 def carried_steps(resumed: dict) -> int:

@@ -378,6 +378,25 @@ def test_fp16_skips_non_finite_steps_and_stops_when_they_persist(image_folder, t
                 f"good checkpoint is {run / 'checkpoints' / 'last.pt'}. Lower --lr.") in err
 
 
+def test_the_fp16_non_finite_streak_goes_on_across_a_resume_at_an_epochs_end(image_folder, tmp_path, monkeypatch,
+                                                                            capfd):
+    """Steps 2 to 4 non-finite, patience 3: the run stops at step 4. Split at the end of epoch 1 (step 3, an
+    interval's end, no rows carried), the streak of 2 must still be carried, so the resumed run stops there too."""
+    monkeypatch.setattr(fastgan.interval, "NONFINITE_PATIENCE", 3)
+    nan_steps = {n: nan_batch for n in (2, 3, 4)}
+    flags = ["--amp", "fp16", "--log-every", 1]
+    on_call(monkeypatch, nan_steps)
+    assert train("--root", image_folder, "--out", tmp_path / "straight", "--epochs", 2, *flags) == 2
+    assert "at iteration 4" in capfd.readouterr().err
+    split = tmp_path / "split"
+    on_call(monkeypatch, nan_steps)
+    assert train("--root", image_folder, "--out", split, "--epochs", 1, *flags) == 0
+    assert load(split / "checkpoints" / "epoch001.pt")["interval"]["nonfinite_streak"] == 2
+    on_call(monkeypatch, {1: nan_batch})  # the resumed session's first step is the run's step 4
+    assert main(["train", "--out", str(split), "--resume", "auto", "--epochs", "2", "--quiet"]) == 2
+    assert "the losses became non-finite at iteration 4" in capfd.readouterr().err
+
+
 # ---- broken checkpoints -------------------------------------------------------------------------------------
 
 def test_a_truncated_checkpoint_names_the_readable_one_to_use(image_folder, tmp_path, capfd):
