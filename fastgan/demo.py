@@ -1,6 +1,7 @@
 """The built-in demo data: synthetic faces drawn once and cached, so `fastgan train` works with no download."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -10,15 +11,23 @@ from rich.progress import Progress
 
 from .files import cache_dir
 from .report import console
+from . import synth
 from .synth import write_faces
 
 DEMO_SEED = 0
-DEMO_VERSION = 1  # bump when synth.py draws different faces, so old caches are not reused
-DEMO_FOLDER = re.compile(r"demo-faces-v\d+-n\d+")  # demo_folder's names, of every version and size
+DEMO_VERSION = 1  # the folder layout; what the faces look like is keyed by synth.py's own code (drawing_digest)
+# demo_folder's names, of every version and size (before the drawing digest, names had none)
+DEMO_FOLDER = re.compile(r"demo-faces-v\d+(-[0-9a-f]{8})?-n\d+")
+
+
+def drawing_digest() -> str:
+    """A digest of synth.py's code: a change to how faces are drawn makes another cache folder by itself (a cached
+    set of the old drawings would otherwise train on, unnoticed)."""
+    return hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()[:8]
 
 
 def demo_folder(n: int) -> Path:
-    return cache_dir() / f"demo-faces-v{DEMO_VERSION}-n{n}"
+    return cache_dir() / f"demo-faces-v{DEMO_VERSION}-{drawing_digest()}-n{n}"
 
 
 def is_demo_folder(path: str | os.PathLike) -> bool:

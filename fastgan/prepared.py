@@ -216,9 +216,16 @@ class PreparedLoader:
         return self.graph_feed
 
     def preview(self, count: int) -> torch.Tensor:
-        """The first `count` images of the first epoch, as float32 (for samples/real.png)."""
-        order = epoch_permutation(len(self.pixels), self.seed, 0)[:count].to(self.device)
-        return self.pixels[order].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        """The first `count` images of the first epoch as the model sees them, flipped where --mirror flips them,
+        as float32 (for samples/real.png)."""
+        order = epoch_permutation(len(self.pixels), self.seed, 0)[:count]
+        images = self.pixels[order.to(self.device)].permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        if self.mirror:
+            epoch, self.epoch = self.epoch, 0
+            flips = self.epoch_plan()[1][order].to(self.device)
+            self.epoch = epoch
+            images = torch.where(flips.view(-1, 1, 1, 1), images.flip(3), images)
+        return images
 
 
 class GraphFeed:
