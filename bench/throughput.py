@@ -85,7 +85,7 @@ def fastgan_step(cfg: Config, device: torch.device, loader=None) -> Callable[[Op
 def fastgan_loader(cfg: Config, device: torch.device):
     """The loader `fastgan train` builds for cfg (prepared data for cfg.data, else image files in cfg.root)."""
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
-    return open_data(cfg, device, precision, *resolve_loader(cfg, device)).loader
+    return open_data(cfg, device, precision.dtype, *resolve_loader(cfg, device)).loader
 
 
 def sync(device: torch.device) -> None:

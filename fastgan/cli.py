@@ -66,7 +66,7 @@ def one_of(choices) -> str:
 
 
 def add_train_parser(sub) -> None:
-    from .distributed import loader_threads
+    from .data import loader_threads
     defaults, demo = Config(), Config.demo()
     description = paragraphs(
         "Train a DCGAN (the PyTorch DCGAN faces tutorial) on a folder of images. Without --root it trains on "

@@ -5,6 +5,7 @@ channels_last memory when asked, on the training device), so the training loop d
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,9 @@ from rich.progress import Progress
 from . import distributed
 from .config import Config
 from .errors import FastganError
-from .files import FileIndex, index_images
+from .files import FileIndex, default_workers, index_images
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
 from .report import console
-from .trainer import Precision
 
 
 def index_data(cfg: Config) -> FileIndex:
@@ -56,11 +56,21 @@ def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
     return loader, decoder
 
 
-def build_loader(cfg: Config, paths, device: torch.device, precision: Precision, loader: str, decoder: str,
+def loader_threads() -> int:
+    """Loader threads or worker processes for one training process: its share of this machine's cores, less one
+    for the thread that launches the kernels (torchrun starts LOCAL_WORLD_SIZE processes per machine)."""
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    return max(1, default_workers() // local_processes - 1)
+
+
+def build_loader(cfg: Config, paths, device: torch.device, dtype: torch.dtype, loader: str, decoder: str,
                  ranks: distributed.Ranks):
     """The loader the run asked for, over this rank's shard; the loop only sees the shared contract (len,
     set_epoch, iter)."""
-    share = distributed.loader_threads()
+    share = loader_threads()
     workers = share if cfg.workers is None else cfg.workers
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
     shard = dict(rank=ranks.rank, world_size=ranks.world_size)
@@ -71,7 +81,7 @@ def build_loader(cfg: Config, paths, device: torch.device, precision: Precision,
     from .pipeline_dali import DaliLoader
     # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
     # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
-    half = device.type == "cuda" and precision.name in ("fp16", "bf16")
+    half = device.type == "cuda" and dtype != torch.float32
     threads = cfg.dali_threads or share
     dali = DaliLoader(paths, cfg.image_size, cfg.nc, batch_size, device, channels_last=cfg.channels_last,
                       seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
@@ -96,9 +106,10 @@ class Data:
     count: int              # images trained on: each epoch's order is a permutation of this many
 
 
-def open_data(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str,
+def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name: str, decoder: str,
               ranks: distributed.Ranks = distributed.Ranks()) -> Data:
-    """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file."""
+    """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file.
+    `dtype`: the dtype the networks compute in (the precision's), which batches come in where a loader can."""
     if loader_name == "prepared":
         from .prepared import PreparedLoader, load_pixels
         pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc, advice=(
@@ -107,7 +118,7 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
         # batches in the dtype the networks compute in: autocast then has nothing to cast
         loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
                                 channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,
-                                rank=ranks.rank, world_size=ranks.world_size, dtype=precision.dtype)
+                                rank=ranks.rank, world_size=ranks.world_size, dtype=dtype)
         return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
                     f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
                     loader.preview, len(pixels))
@@ -116,7 +127,7 @@ def open_data(cfg: Config, device: torch.device, precision: Precision, loader_na
         from .pipeline_dali import readable_by_dali
         index = readable_by_dali(index)
     check_enough_images(index, cfg)
-    loader, description = build_loader(cfg, index.good, device, precision, loader_name, decoder, ranks)
+    loader, description = build_loader(cfg, index.good, device, dtype, loader_name, decoder, ranks)
 
     def preview(count: int) -> torch.Tensor:
         dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)

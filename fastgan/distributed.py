@@ -182,14 +182,3 @@ def is_lost_peer(error: BaseException) -> bool:
     text = str(error).lower()
     return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
         s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
-
-
-def loader_threads() -> int:
-    """Loader threads or worker processes for one training process: its share of this machine's cores, less one
-    for the thread that launches the kernels (torchrun starts LOCAL_WORLD_SIZE processes per machine)."""
-    from .files import default_workers
-    try:
-        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local_processes = 1
-    return max(1, default_workers() // local_processes - 1)

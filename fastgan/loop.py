@@ -29,7 +29,7 @@ from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
 from .models import count_parameters
 from .plot import plot_losses
-from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, plural,
+from .report import (MetricsLog, RunProgress, console, format_stats, image_grid, plural, sample_grids,
                      save_animation, save_image_atomic, write_json)
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise, sample
 from .state import check_resumable, find_resume_checkpoint
@@ -93,7 +93,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
             run = runfolder.choose(out, resuming=resumed is not None)
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)  # this rank's share
     with ranks.local_main_first("reading the data"):  # local rank 0 fills the file index's cache first
-        data = open_data(cfg, device, precision, loader_name, decoder, ranks)
+        data = open_data(cfg, device, precision.dtype, loader_name, decoder, ranks)
     position = state.position_of(resumed) if resumed else state.Position()
     console.print(f"fastgan: {data.summary}")
     if device.type == "cpu" and precision.name == "bf16" and cpu_has_native_bf16() is False:
@@ -298,7 +298,7 @@ def finish(run: Path, netG, loss_history: torch.Tensor, ema=None) -> None:
     """The run's end products: the loss plot, the animation of the progress grids, netG.pth (and netG_ema.pth)."""
     steps = torch.arange(1, loss_history.shape[0] + 1)
     plot_losses(steps, loss_history[:, 1], loss_history[:, 0], run / "loss.png")
-    save_animation(state.sample_grids(run / "samples"), run / "progress.gif")
+    save_animation(sample_grids(run / "samples"), run / "progress.gif")
     # pytorch/examples format: a plain state dict of the unwrapped generator, on the CPU
     weights = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
     checkpoint.write_file(run / "netG.pth", weights)
@@ -312,7 +312,7 @@ def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name
     processes or threads included); write nothing."""
     # no bars without a terminal, where rich leaves a blank line for each
     trial = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), quiet=cfg.quiet or not console.is_interactive)
-    data = open_data(trial, device, precision, loader_name, decoder)
+    data = open_data(trial, device, precision.dtype, loader_name, decoder)
     trainer = build_trainer(trial, device, precision, loader=data.loader)
     plan = {**cfg.to_dict(), "resolved": {
         "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,

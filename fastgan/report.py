@@ -54,6 +54,18 @@ def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> None:
 
 
 GRID_NAME = re.compile(r"fake_(ema_)?step(\d+)(?:_epoch(\d+))?$")  # fake_step0000064.png, fake_ema_..._epoch001.png
+
+
+def grid_step(path: Path) -> Optional[int]:
+    """The step a progress grid was drawn at, read off its name; None for another file."""
+    match = GRID_NAME.match(path.stem)
+    return int(match.group(2)) if match else None
+
+
+def sample_grids(folder: Path) -> list[Path]:
+    """The run's progress grids (the raw G's and --ema's), in the order of their steps."""
+    return sorted((p for p in folder.glob("fake_*.png") if grid_step(p) is not None),
+                  key=lambda p: (grid_step(p), p.name))
 CAPTION_PX = 18  # the strip under each frame that says which grid it is
 
 

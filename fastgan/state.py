@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from . import checkpoint
 from .atomic import atomic_write
 from .config import MODEL_FIELDS, Config
 from .errors import FastganError
-from .report import plural
+from .report import grid_step, plural, sample_grids
 
 
 @dataclass
@@ -292,19 +291,6 @@ def set_aside_later_results(run: Path, step: int, carried: int = 0) -> tuple[int
     metrics.after-<step>.jsonl, later sample grids to samples/after-<step>/. Returns (records, grids)."""
     return (trim_metrics(run / "metrics.jsonl", step - carried, aside=f"metrics.after-{step}.jsonl"),
             move_later_samples(run / "samples", step))
-
-
-SAMPLE_GRID = re.compile(r"fake_(?:ema_)?step(\d{7})")  # fake_step0000064.png, fake_ema_step0000064_epoch001.png
-
-
-def grid_step(path: Path) -> Optional[int]:
-    match = SAMPLE_GRID.match(path.stem)
-    return int(match.group(1)) if match else None
-
-
-def sample_grids(folder: Path) -> list[Path]:
-    """The run's progress grids (the raw G's and --ema's), in the order of their steps."""
-    return sorted((p for p in folder.glob("fake_*.png") if grid_step(p) is not None), key=lambda p: (grid_step(p), p.name))
 
 
 def move_later_samples(folder: Path, step: int) -> int:

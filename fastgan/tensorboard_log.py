@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import FastganError
-from .state import grid_step, sample_grids
+from .report import grid_step, sample_grids
 
 INSTALL_HINT = 'pip install "fastgan[tensorboard]"'
 FOLDER = "tensorboard"  # inside the run folder: `tensorboard --logdir runs` shows every run

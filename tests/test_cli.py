@@ -160,7 +160,7 @@ def test_bad_files_are_skipped_and_listed(image_folder, tmp_path, capsys):
 
 
 def test_dry_run_prints_the_plan_on_stdout_and_writes_nothing(image_folder, tmp_path, capsys):
-    from fastgan.distributed import loader_threads
+    from fastgan.data import loader_threads
     run = tmp_path / "run"
     no_workers = [a for a in TINY if a not in ("--workers", "0")]  # the loader's own default
     assert main(["train", *no_workers, "--root", str(image_folder), "--out", str(run), "--dry-run"]) == 0

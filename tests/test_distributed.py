@@ -318,10 +318,10 @@ def test_two_gpus_with_sync_bn_train_like_one_process_with_the_whole_batch(tmp_p
 def test_loader_threads_are_each_process_share_of_the_cores_less_one(monkeypatch, cores, local_processes, threads):
     """Eight torchrun processes on one machine each take an eighth of its cores for loading, less one core for
     the thread that launches the kernels; never fewer than one."""
-    from fastgan import distributed, files
-    monkeypatch.setattr(files, "default_workers", lambda: cores)
+    from fastgan import data
+    monkeypatch.setattr(data, "default_workers", lambda: cores)
     if local_processes is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
-    assert distributed.loader_threads() == threads
+    assert data.loader_threads() == threads

@@ -74,7 +74,7 @@ def test_the_run_feeds_prepared_batches_in_the_precisions_dtype(tmp_path, monkey
     data_file = prepare(index_images(tmp_path / "imgs", 0), tmp_path / "d.fgd", 16, 3, workers=0)
     cfg = Config(data=str(data_file), image_size=16, batch_size=4, amp="bf16", device="cpu")
     precision = resolve_precision(cfg.amp, CPU)
-    run_data.open_data(cfg, CPU, precision, "prepared", "")
+    run_data.open_data(cfg, CPU, precision.dtype, "prepared", "")
     assert seen["dtype"] == torch.bfloat16
 
 

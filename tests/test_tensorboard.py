@@ -11,7 +11,7 @@ from PIL import Image
 
 import fastgan.trainer
 from fastgan.cli import main
-from fastgan.state import grid_step as sample_step
+from fastgan.report import grid_step as sample_step
 from fastgan.tensorboard_log import FOLDER, REAL_TAG, SAMPLES_TAG
 
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
