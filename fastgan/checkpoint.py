@@ -1,5 +1,5 @@
 """The checkpoint file format: one file of plain tensors and Python values, written atomically (write_file) and
-read with `torch.load(weights_only=True)` (read_file). What a training run puts in one is state.py's business.
+read with `torch.load(weights_only=True)` (read_file). What a training run puts in one is Trainer.state_dict and loop.RunState.state_dict.
 
 Also reads the generator files of pytorch/examples `dcgan/main.py` and the tutorial (`netG_epoch_24.pth`),
 including ones saved from DataParallel (`module.`) or torch.compile (`_orig_mod.`) modules, or on a GPU.
@@ -59,7 +59,7 @@ def read_file(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError that says
     what the file is: empty, not a PyTorch file, a PyTorch file cut short or damaged, or one holding objects.
 
-    A broken PyTorch file's message says "corrupt or truncated": state.read_checkpoint then names the newest
+    A broken PyTorch file's message says "corrupt or truncated": resume.read_checkpoint then names the newest
     readable checkpoint beside it."""
     path = Path(path).expanduser()
     if not path.is_file():

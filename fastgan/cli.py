@@ -180,7 +180,7 @@ def add_train_parser(sub) -> None:
 
 def read_resumed(args: argparse.Namespace) -> dict:
     """--resume's checkpoint, read once: its options are the run's, and train() continues from it."""
-    from .state import find_resume_checkpoint, read_resumable
+    from .resume import find_resume_checkpoint, read_resumable
     return read_resumable(find_resume_checkpoint(Config(resume=args.resume, out=args.out)))
 
 

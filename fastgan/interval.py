@@ -2,7 +2,8 @@
 
 Each step's statistics (Loss_D, Loss_G, D(x), D(G(z)) before and after D's update) are copied into a device
 history without a host sync; `read` moves the interval to the host once (the loop's only regular host sync),
-extends the loss history, checks the losses are finite, writes the metrics record and the log line.
+extends the loss history, checks the losses are finite, and returns the metrics record (which the run's outputs
+write and the progress shows).
 
 Intervals end at global step numbers (each multiple of --log-every, and each epoch's end), never at a checkpoint:
 a checkpoint taken inside an interval carries its rows (`unfinished`), and the run resumed from it continues
@@ -18,25 +19,25 @@ import torch
 
 from .distributed import Ranks
 from .errors import FastganError
-from .report import MetricsLog, format_stats
+from .schedule import Position
 from .step import STAT_NAMES
 
 NONFINITE_PATIENCE = 100  # fp16: consecutive steps with non-finite losses (each skipped by the scaler) tolerated
 
 
 class IntervalStats:
-    def __init__(self, log_every: int, device: torch.device, precision: str, scaler, ranks: Ranks,
-                 batch_size: int, metrics: Optional[MetricsLog], run: Optional[Path], loss_history: torch.Tensor,
-                 carried: Optional[dict] = None, tensorboard=None):
-        """loss_history: Loss_D and Loss_G of every step so far, (steps, 2); carried: `unfinished()` of the
-        checkpoint being resumed, whose rows are the last of loss_history's and continue this run's first interval."""
+    def __init__(self, log_every: int, trainer, ranks: Ranks, batch_size: int, run: Optional[Path],
+                 loss_history: torch.Tensor, carried: Optional[dict] = None):
+        """`trainer`: its device, precision and GradScaler; `batch_size`: this rank's; `run`: the run folder, for the
+        last good checkpoint's name when the losses stop being finite. loss_history: Loss_D and Loss_G of every step
+        so far, (steps, 2); carried: `unfinished()` of the checkpoint being resumed, whose rows are the last of
+        loss_history's and continue this run's first interval."""
         rows = carried["stats"] if carried else torch.zeros(0, len(STAT_NAMES))
         # + len(rows): a run resumed with a smaller --log-every than the checkpoint's has a longer first interval
-        self.history = torch.zeros(log_every + len(rows), len(STAT_NAMES), device=device)
-        self.history[:len(rows)] = rows.to(device)
-        self.precision, self.scaler, self.ranks, self.batch_size = precision, scaler, ranks, batch_size
-        self.metrics, self.run = metrics, run
-        self.tensorboard = tensorboard  # a TensorBoardLog (--tensorboard, rank 0): each record goes to it too
+        self.history = torch.zeros(log_every + len(rows), len(STAT_NAMES), device=trainer.device)
+        self.history[:len(rows)] = rows.to(trainer.device)
+        self.precision, self.scaler = trainer.precision.name, trainer.scaler
+        self.ranks, self.batch_size, self.run = ranks, batch_size, run
         # (steps, 2) host pieces: the carried rows' losses come back with their interval's read
         self.losses = [loss_history[:len(loss_history) - len(rows)]]
         self.pending = len(rows)  # steps recorded since the last read
@@ -67,12 +68,13 @@ class IntervalStats:
             self.losses = [torch.cat(self.losses)]
         return self.losses[0]
 
-    def read(self, epoch: int, i: int, step: int, progress, epochs: int, steps_per_epoch: int) -> None:
-        """Statistics since the last read, ending at iteration i of `epoch` (global `step`): the loss history, the
-        non-finite check (every rank stops together), the metrics record and the log line."""
+    def read(self, at: Position) -> dict:
+        """The metrics record of the steps since the last read, ending at `at` (in the middle of an epoch, or at its
+        last batch): the loss history extended, the losses checked (every rank stops together), the statistics'
+        means, images/s (and the loss scale under fp16)."""
         values = self.history[:self.pending].cpu()  # note: the host sync of this interval
         now = time.perf_counter()
-        first_step = step - self.pending + 1
+        first_step = at.step - self.pending + 1
         self.losses.append(values[:, :2].clone())
         problem = self.nonfinite(values, first_step)
         if self.ranks.vote(problem is not None):
@@ -83,18 +85,12 @@ class IntervalStats:
         stats = dict(zip(STAT_NAMES, values.mean(0).tolist()))
         per_rank = self.timed * self.batch_size / max(now - self.interval_start, 1e-9)
         images_per_second = per_rank * self.ranks.world_size  # rank 0's pace, for all ranks: they run in step
-        if self.metrics:  # rank 0
-            record = {"epoch": epoch + 1, "iteration": i + 1, "step": step, **stats,
-                      "images_per_second": round(images_per_second, 1),
-                      **({"images_per_second_per_rank": round(per_rank, 1)} if self.ranks.launched else {}),
-                      **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
-                      "time": round(now - self.run_start, 3)}
-            self.metrics.write(record)
-            if self.tensorboard:
-                self.tensorboard.write(record)
-        progress.log(f"[{epoch + 1}/{epochs}][{i + 1}/{steps_per_epoch}]  {format_stats(stats)}  "
-                     f"{images_per_second:,.0f} img/s", stats, images_per_second)
         self.pending, self.timed, self.interval_start = 0, 0, now
+        return {"epoch": at.epoch + 1, "iteration": at.iteration, "step": at.step, **stats,
+                "images_per_second": round(images_per_second, 1),
+                **({"images_per_second_per_rank": round(per_rank, 1)} if self.ranks.launched else {}),
+                **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
+                "time": round(now - self.run_start, 3)}
 
     def nonfinite(self, values: torch.Tensor, first_step: int) -> Optional[str]:
         """What is wrong with the interval's losses, or None. fp32/bf16 stop at the first non-finite loss; fp16

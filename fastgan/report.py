@@ -134,7 +134,8 @@ class RunProgress:
     or plain log lines at each log interval: with quiet=True, and where stderr is not a terminal (a log file,
     a pipe), in which a bar cannot redraw and rich would leave its last frame cut to 80 columns."""
 
-    def __init__(self, total_steps: int, done_steps: int, quiet: bool):
+    def __init__(self, total_steps: int, done_steps: int, quiet: bool, epochs: int, steps_per_epoch: int):
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.quiet = quiet or not console.is_interactive
         self.last_line = ""
         self.bar: Optional[Progress] = None
@@ -164,13 +165,15 @@ class RunProgress:
         if self.bar:
             self.bar.advance(self.task)
 
-    def log(self, line: str, stats: dict, images_per_second: float) -> None:
-        self.last_line = line
+    def log(self, record: dict) -> None:
+        """A log interval's record: the bar's figures, or a line where there is no bar."""
+        self.last_line = (f"[{record['epoch']}/{self.epochs}][{record['iteration']}/{self.steps_per_epoch}]  "
+                          f"{format_stats(record)}  {record['images_per_second']:,.0f} img/s")
         if self.bar:
-            self.bar.update(self.task, speed=f"{images_per_second:,.0f} img/s",
-                            stats=f"D {stats['loss_d']:.3f} G {stats['loss_g']:.3f} D(x) {stats['d_x']:.2f}")
+            self.bar.update(self.task, speed=f"{record['images_per_second']:,.0f} img/s",
+                            stats=f"D {record['loss_d']:.3f} G {record['loss_g']:.3f} D(x) {record['d_x']:.2f}")
         else:
-            console.print(line)
+            console.print(self.last_line)
 
     def epoch_end(self) -> None:
         """Above the bar, one line per epoch (its last statistics), so the history stays on screen."""

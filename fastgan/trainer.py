@@ -15,9 +15,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-from . import distributed, state
+from . import distributed
+from .checkpoint import unwrap
 from .config import Config
 from .ema import GeneratorEMA
 from .errors import FastganError
@@ -83,17 +85,23 @@ def import_cpp_extension_quietly() -> None:
 
 @dataclass
 class Trainer:
-    """What a run trains: the plain networks (for samples and checkpoints), their optimizers, the GradScaler and
-    the training noise's generator, and `step(batch) -> statistics`, the step as this run executes it."""
+    """What a run trains: the plain networks (for samples and checkpoints), their optimizers, the precision (its
+    autocast and GradScaler), the training noise's generator, --ema's average, and `step(batch) -> statistics`,
+    the step as this run executes it. state_dict() / load_state_dict() are what a checkpoint holds of them."""
     netG: Generator
     netD: Discriminator
     optimizerG: torch.optim.Adam
     optimizerD: torch.optim.Adam
-    scaler: torch.amp.GradScaler
+    precision: Precision
+    device: torch.device
     noise_generator: torch.Generator
     ema: Optional[GeneratorEMA]  # --ema: G's moving average, updated after each step (in the graph with graphs)
     step: Callable[[Optional[torch.Tensor]], torch.Tensor]
     description: str  # how the step runs, for the run's first lines
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.precision.scaler
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -102,6 +110,94 @@ class Trainer:
 
     def __call__(self, batch: Optional[torch.Tensor]) -> torch.Tensor:
         return self.step(batch)
+
+    def state_dict(self) -> dict:
+        """The networks (unwrapped from DDP and compile: pytorch/examples' keys), both optimizers, the GradScaler,
+        the random states (the training noise's generator, torch's, the training GPU's) and --ema's average."""
+        device = self.device
+        return {
+            # --ema: the generator's moving average and the images it has counted (None when off)
+            **(self.ema.state_dict() if self.ema is not None else {"netG_ema": None}),
+            "netG": unwrap(self.netG).state_dict(), "netD": unwrap(self.netD).state_dict(),
+            "optimizerG": self.optimizerG.state_dict(), "optimizerD": self.optimizerD.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            # the training device's CUDA RNG state only: every visible GPU's would not restore on a machine with
+            # fewer
+            "rng": {"noise": self.noise_generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        """A checkpoint's networks, optimizers (with this run's capturable and fused), scaler, random states and
+        average, into this trainer's objects in place (a CUDA graph may hold their addresses)."""
+        self.netG.load_state_dict(saved["netG"])
+        self.netD.load_state_dict(saved["netD"])
+        if self.ema is not None:
+            if saved.get("netG_ema") is not None:
+                self.ema.load_state_dict(saved)
+            else:  # --ema added on resume: the average starts at the resumed G, its ramp-up over the images G saw
+                self.ema.start_from_generator(saved["step"] * saved["config"]["batch_size"])
+        self.optimizerG.load_state_dict(with_run_options(saved["optimizerG"], self.optimizerG))
+        self.optimizerD.load_state_dict(with_run_options(saved["optimizerD"], self.optimizerD))
+        if self.scaler.is_enabled() and saved["scaler"]:  # a run that changes precision starts a fresh scaler
+            self.scaler.load_state_dict(saved["scaler"])
+        rng = saved["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda":
+            cuda_state = training_device_rng(rng.get("cuda"), self.device)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, self.device)
+        if "noise" in rng and rng["noise"].numel() == self.noise_generator.get_state().numel():
+            self.noise_generator.set_state(rng["noise"])
+        else:  # a version 1 checkpoint, or one from another device type: a fresh stream, seeded by the step
+            self.noise_generator.manual_seed(int(np.random.SeedSequence([saved["config"]["seed"], 2, saved["step"]])
+                                                 .generate_state(1)[0]))
+
+    def all_finite(self) -> bool:
+        """Whether every weight and optimizer state tensor is finite (one pass; at checkpoints only).
+
+        BatchNorm's running statistics are left out: training (in train mode) never reads them, and a batch that
+        overflowed in fp16, whose step the GradScaler skipped, has already left non-finite values in D's."""
+        tensors = [*self.netG.parameters(), *self.netD.parameters()]
+        tensors += [v for optimizer in (self.optimizerG, self.optimizerD) for s in optimizer.state.values()
+                    for v in s.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        # note: one host sync, at saves only
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def noise_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The training noise's own generator, on the training device: its state is part of every checkpoint, and
+    nothing else (loader workers, compile, libraries) can shift it. Seeded apart from the fixed noise's."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+    return generator
+
+
+RUN_OPTIMIZER_OPTIONS = ("capturable", "fused")  # how this run steps, not what it learnt: never taken from a checkpoint
+
+
+def with_run_options(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A copy of a saved optimizer state whose param groups carry this run's capturable and fused.
+
+    load_state_dict restores the saved groups' options, so a checkpoint written without --cuda-graphs would
+    come back with capturable False and fail at capture. Given this run's options, torch's own load also puts
+    each `step` where they need it (on the parameter's device when capturable or fused)."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        return saved  # torch's load refuses it and says why
+    groups = [{**group, **{k: current[k] for k in RUN_OPTIMIZER_OPTIONS if k in current}}
+              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
+def training_device_rng(saved, device: torch.device) -> Optional[torch.Tensor]:
+    """The saved CUDA RNG state of the training device, or None when the checkpoint has none for it.
+
+    Checkpoints hold that one state; older ones hold a list, one state per GPU visible when they were written,
+    of which the entry at the training device's index is taken (none when that machine had fewer GPUs)."""
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def build_trainer(cfg: Config, device: torch.device, precision: Precision,
@@ -114,13 +210,13 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
-    noise_generator = state.noise_generator(cfg.seed, device)
+    noise_rng = noise_generator(cfg.seed, device)
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
     rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)
 
     def draw_noise() -> torch.Tensor:
         # every rank draws the whole batch's noise and takes its rows: the single process's noise
-        return torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_generator)[rows]
+        return torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_rng)[rows]
 
     # The step runs the (possibly DDP-wrapped, compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
@@ -139,14 +235,14 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
             stats = plain_step(real, noise)
             ema.update()
             return stats
-    parts = Trainer(netG, netD, optimizerG, optimizerD, precision.scaler, noise_generator, ema, None, "eager")
+    parts = Trainer(netG, netD, optimizerG, optimizerD, precision, device, noise_rng, ema, None, "eager")
     if not cfg.cuda_graphs:
         parts.step = lambda real: step(real, draw_noise())
         return parts
 
     from .graphs import GraphedStep, StaticBatch
     graph_parts = dict(modules=(netG, netD), optimizers=(optimizerG, optimizerD), scaler=precision.scaler,
-                       generators=[noise_generator])
+                       generators=[noise_rng])
     ema_state = ema.tensors() if ema is not None else []  # the average's update is captured with the step
     if hasattr(loader, "in_graph"):
         feed = loader.in_graph()

@@ -223,7 +223,7 @@ def test_graphed_steps_on_prepared_data_never_sync(amp):
     loader = PreparedLoader(pixels(n=16 * 30, size=32), 16, cuda, channels_last=True, seed=1, mirror=True,
                             dtype=precision.dtype)
     trainer = build_trainer(cfg, cuda, precision, loader=loader)
-    stats = IntervalStats(50, cuda, precision.name, precision.scaler, Ranks(), 16, None, None, torch.zeros(0, 2))
+    stats = IntervalStats(50, trainer, Ranks(), 16, None, torch.zeros(0, 2))
     batches = iter(loader)
     stats.add(trainer(next(batches)))  # capture (warm-up, cuDNN autotuning) happens here, allowed to sync
     torch.cuda.synchronize()

@@ -53,8 +53,7 @@ def one_trainer(variant: dict):
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         batches = iter([b.float().contiguous(memory_format=memory_format) for b in loader])
     trainer = build_trainer(cfg, CPU, precision, loader=loader)
-    stats = IntervalStats(50, CPU, precision.name, precision.scaler, Ranks(), cfg.batch_size, None, None,
-                          torch.zeros(0, 2))
+    stats = IntervalStats(50, trainer, Ranks(), cfg.batch_size, None, torch.zeros(0, 2))
     return trainer, batches, stats
 
 

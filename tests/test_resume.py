@@ -461,39 +461,35 @@ def test_a_version_1_checkpoint_still_resumes_at_its_epoch(image_folder, tmp_pat
 # ---- what a checkpoint restores into this run's objects ------------------------------------------------------
 
 def run_objects(capturable: bool, lr: float = 2e-4, device=torch.device("cpu")):
-    """The objects train() saves and restores, built as the loop builds them (on the CPU: none needs a GPU)."""
+    """A Trainer as build_trainer makes one (its networks and optimizers built on the CPU: none needs a GPU), with
+    `device` as the training device its random states are saved from and restored to."""
     from fastgan.config import Config
     from fastgan.sampling import make_fixed_noise
-    from fastgan.trainer import build_models, build_optimizers
-    from fastgan.state import noise_generator
+    from fastgan.trainer import Trainer, build_models, build_optimizers, noise_generator, resolve_precision
     cfg = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=4, lr=lr, device="cpu")
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, torch.device("cpu"))
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=capturable)
-    return dict(cfg=cfg, netG=netG, netD=netD, optimizerG=optimizerG, optimizerD=optimizerD,
-                scaler=torch.amp.GradScaler("cpu", enabled=False),
-                noise_generator=noise_generator(cfg.seed, torch.device("cpu")), fixed_noise=make_fixed_noise(cfg),
-                device=device)
+    trainer = Trainer(netG, netD, optimizerG, optimizerD, resolve_precision("off", torch.device("cpu")), device,
+                      noise_generator(cfg.seed, torch.device("cpu")), None, None, "test")
+    return dict(cfg=cfg, trainer=trainer, netG=netG, netD=netD, optimizerG=optimizerG, optimizerD=optimizerD,
+                fixed_noise=make_fixed_noise(cfg))
 
 
 def take_a_step(run: dict) -> None:
     from fastgan.step import train_step
     from contextlib import nullcontext
     train_step(run["netG"], run["netD"], run["optimizerG"], run["optimizerD"], torch.rand(4, 3, 16, 16) * 2 - 1,
-               torch.randn(4, 8, 1, 1), nullcontext(), run["scaler"])
+               torch.randn(4, 8, 1, 1), nullcontext(), run["trainer"].scaler)
 
 
 def save_payload(run: dict) -> dict:
-    from fastgan import state
-    return state.snapshot(run["cfg"], state.Position(0, 1, 1), run["netG"], run["netD"], run["optimizerG"],
-                         run["optimizerD"], run["scaler"], run["noise_generator"], run["fixed_noise"], torch.zeros(1, 2),
-                         run["device"], images=24)
+    """What a checkpoint holds of the trainer, with the run's fields its restore reads."""
+    return {**run["trainer"].state_dict(), "step": 1, "config": run["cfg"].to_dict()}
 
 
 def restore_into(run: dict, saved: dict) -> None:
-    from fastgan import state
-    state.restore(saved, run["netG"], run["netD"], run["optimizerG"], run["optimizerD"], run["scaler"],
-                  run["noise_generator"], run["device"])
+    run["trainer"].load_state_dict(saved)
 
 
 @pytest.mark.parametrize("saved_capturable", [False, True])

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import fastgan.evaluate
-import fastgan.loop
+import fastgan.outputs
 import fastgan.trainer
 from fastgan.cli import main
 from fastgan.evaluate import fake_images
@@ -68,8 +68,8 @@ def train_watched(root, run, patch, stop_at=None, resume=False):
     measure = fastgan.evaluate.DuringTraining.__call__
     patch.setattr(fastgan.evaluate.DuringTraining, "__call__",
                   lambda self, netG: (time.sleep(EVAL_SLEEP_S), measure(self, netG))[1])
-    plot = fastgan.loop.plot_losses
-    patch.setattr(fastgan.loop, "plot_losses", lambda steps, g, d, path: (
+    plot = fastgan.outputs.plot_losses
+    patch.setattr(fastgan.outputs, "plot_losses", lambda steps, g, d, path: (
         seen.__setitem__("losses_plotted", (np.asarray(g), np.asarray(d))), plot(steps, g, d, path))[1])
     argv = (["train", "--out", str(run), "--resume", "auto", "--quiet"] if resume else
             ["train", *FLAGS, "--root", str(root), "--out", str(run)])
