@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (AMP_CHOICES, DALI_DECODER_CHOICES, DEVICE_CHOICES, LOADER_CHOICES, SEED_RANGE, Config,
+from .config import (CORES_LESS_ONE, DEVICE_CHOICES, SEED_RANGE, Config, default_shown, flag_of, options,
                      seed_problem)
 from .errors import FastganError, TrainingStopped
 
@@ -59,14 +59,36 @@ def seed_int(text: str) -> int:
     return value
 
 
-def one_of(choices) -> str:
-    """The metavar of a training option's choices: Config.validate checks them (one place for the command line
-    and the Python API), and --help lists them."""
-    return "{" + ",".join(choices) + "}"
+GROUPS = {"data": "data", "model": "model", "optimisation": "optimisation", "speed": "speed",
+          "torchrun": "torchrun (many GPUs or machines: torchrun --nproc_per_node N -m fastgan train ...)",
+          "run": "run"}
+
+
+def add_declared(parser, command: str, groups: Optional[dict] = None) -> None:
+    """`command`'s options as config.py declares them: flag, type, value name, help with its default in
+    [brackets]. Every value defaults to None (not given): the preset (tutorial, demo, a --data file's, a resumed
+    run's) decides, and Config.validate checks what was given."""
+    from .data import loader_threads
+    made = {}
+    for field in options(command):
+        meta = field.metadata
+        group = groups and meta["group"] in groups and made.setdefault(
+            meta["group"], parser.add_argument_group(groups[meta["group"]]))
+        target = group or parser
+        shown = default_shown(field)
+        if shown == CORES_LESS_ONE:
+            shown += f", at least 1: {loader_threads()} here"
+        help_text = meta["help"] + (f" [{shown}]" if shown else "")
+        if meta["metavar"] is None:  # a switch
+            target.add_argument(flag_of(field.name), dest=field.name, action="store_true", default=None,
+                                help=help_text)
+            continue
+        kind = float if "float" in field.type else int if "int" in field.type else str
+        target.add_argument(flag_of(field.name), dest=field.name, type=kind, metavar=meta["metavar"], help=help_text,
+                            **({"nargs": meta["nargs"], "const": meta["const"]} if meta["nargs"] else {}))
 
 
 def add_train_parser(sub) -> None:
-    from .data import loader_threads
     defaults, demo = Config(), Config.demo()
     description = paragraphs(
         "Train a DCGAN (the PyTorch DCGAN faces tutorial) on a folder of images. Without --root it trains on "
@@ -86,95 +108,7 @@ def add_train_parser(sub) -> None:
                "  fastgan train --out runs/a --resume auto --epochs 10\n"
                "  torchrun --nproc_per_node 8 -m fastgan train --root ~/celeba --amp --compile\n\n"
                "Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second Ctrl-C quits at once.")
-    # None means "not given": the preset (tutorial, demo or the --data file's) or the resumed run decides
-    cores_less_one = f"[each training process's share of the cores less one, at least 1: {loader_threads()} here]"
-    data = p.add_argument_group("data")
-    data.add_argument("--root", metavar="DIR", help="image folder: DIR/*.jpg or the tutorial's DIR/subfolder/*.jpg "
-                                                    "[the built-in demo faces]")
-    data.add_argument("--data", metavar="FILE",
-                      help="a prepared file (fastgan prepare): images decoded once, held in memory; image size "
-                           "and channels are the file's")
-    data.add_argument("--mirror", action="store_true", default=None,
-                      help="with --data: flip a random half of each epoch's images horizontally")
-    data.add_argument("--demo-images", type=int, metavar="N",
-                      help=f"demo set size [{defaults.demo_images}]")
-    data.add_argument("--workers", type=int, metavar="N",
-                      help=f"torch loader: DataLoader worker processes; 0 decodes in the training process "
-                           f"{cores_less_one}")
-    data.add_argument("--loader", metavar=one_of(LOADER_CHOICES),
-                      help="auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch otherwise "
-                           "[auto]")
-    data.add_argument("--dali-decoder", metavar=one_of(DALI_DECODER_CHOICES),
-                      help="DALI's JPEG decoding: mixed = on the GPU, cpu = on the CPU [auto: mixed on CUDA]")
-    data.add_argument("--dali-threads", type=int, metavar="N", help=f"DALI's CPU threads {cores_less_one}")
-    data.add_argument("--hw-decoder-load", type=float, metavar="SHARE",
-                      help="share of JPEGs for the GPU's hardware decoder (A100, H100), 0..1 "
-                           f"[{defaults.hw_decoder_load}]")
-    model = p.add_argument_group("model")
-    model.add_argument("--image-size", type=int, metavar="PX",
-                       help=f"power of two, 16..256 [{defaults.image_size}; demo {demo.image_size}; --data: the "
-                            "file's]")
-    model.add_argument("--nc", type=int, metavar="{1,3}", help=f"image channels [{defaults.nc}; --data: the file's]")
-    model.add_argument("--nz", type=int, metavar="N", help=f"latent size [{defaults.nz}]")
-    model.add_argument("--ngf", type=int, metavar="N",
-                       help=f"generator width [{defaults.ngf}; demo {demo.ngf}]")
-    model.add_argument("--ndf", type=int, metavar="N",
-                       help=f"discriminator width [{defaults.ndf}; demo {demo.ndf}]")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, metavar="N",
-                       help=f"passes over the data [{defaults.epochs}; demo {demo.epochs}]")
-    optim.add_argument("--batch-size", type=int, metavar="N",
-                       help="images per step; under torchrun the total over all processes "
-                            f"[{defaults.batch_size}; demo {demo.batch_size}]")
-    optim.add_argument("--lr", type=float, help=f"Adam learning rate, 0 < lr < 1 [{defaults.lr}]")
-    optim.add_argument("--beta1", type=float, help=f"Adam beta1, 0 <= beta1 < 1 [{defaults.beta1}]")
-    optim.add_argument("--ema", dest="ema_kimg", nargs="?", const=10.0, type=float, metavar="KIMG",
-                       help="keep an exponential moving average of G's weights (StyleGAN2-ADA's G_ema) with a "
-                            "half-life of KIMG thousand images, ramped up over the first images; samples, "
-                            "netG_ema.pth and fastgan generate then use it [off; --ema alone: 10]")
-    optim.add_argument("--seed", type=int, metavar="N",
-                       help=f"seed of the weights, the fixed noise and the data order, {SEED_RANGE} "
-                            f"[{defaults.seed}]")
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--device", metavar=one_of(DEVICE_CHOICES), help="where to train [auto: cuda if available]")
-    speed.add_argument("--amp", nargs="?", const="auto", metavar=one_of(AMP_CHOICES),
-                       help="mixed precision; --amp alone: fp16 + GradScaler on CUDA, bf16 on the CPU [off]")
-    speed.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
-    speed.add_argument("--compile", action="store_true", default=None, help="torch.compile both networks")
-    speed.add_argument("--cuda-graphs", action="store_true", default=None,
-                       help="capture the whole D+G step in one CUDA graph and replay it (CUDA only)")
-    many = p.add_argument_group("torchrun (many GPUs or machines: torchrun --nproc_per_node N -m fastgan train ...)")
-    many.add_argument("--sync-bn", action="store_true", default=None,
-                      help="sync BatchNorm: BatchNorm statistics over the whole global batch instead of each "
-                           "process's share (CUDA and CPU). --batch-size is the total over all processes")
-    run = p.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR",
-                     help="run folder; must be new or empty unless resuming [runs/<timestamp>]")
-    run.add_argument("--resume", metavar="PATH|auto",
-                     help="continue from a checkpoint exactly where it stopped; auto: --out's latest")
-    run.add_argument("--ckpt-every", type=int, metavar="N",
-                     help="also write a checkpoint (checkpoints/last.pt) every N iterations; 0: at epoch ends "
-                          "only [0]")
-    run.add_argument("--log-every", type=int, metavar="N",
-                     help=f"iterations per statistics line [{defaults.log_every}; demo {demo.log_every}]")
-    run.add_argument("--sample-every", type=int, metavar="N",
-                     help="iterations per fixed-noise grid, besides each epoch end "
-                          f"[{defaults.sample_every}; demo {demo.sample_every}]")
-    run.add_argument("--eval-every", type=int, metavar="N",
-                     help="every N epochs, measure the generator (the EMA one with --ema) against the data as fastgan "
-                          "eval does: SWD, and FID/KID where their Inception weights are at hand (--inception or "
-                          "torch.hub's cache; never downloaded mid-run); recorded in metrics.jsonl [0: never]")
-    run.add_argument("--eval-images", type=int, metavar="N",
-                     help=f"images each --eval-every measurement compares [{defaults.eval_images}, or all the data's]")
-    run.add_argument("--inception", metavar="PATH", help="FID's Inception weights file for --eval-every")
-    run.add_argument("--quiet", action="store_true", default=None,
-                     help="log lines only, no progress bar (the default when stderr is not a terminal)")
-    run.add_argument("--tensorboard", action="store_true", default=None,
-                     help="also write the metrics and sample grids as TensorBoard events in the run folder's "
-                          "tensorboard/ (pip install \"fastgan[tensorboard]\")")
-    run.add_argument("--dry-run", action="store_true", default=None,
-                     help="print the run's plan (the resolved options, device, precision, loader) as JSON on "
-                          "stdout, run 2 steps on a tiny batch, write nothing")
+    add_declared(p, "train", GROUPS)
     p.set_defaults(func=run_train, parser=p)
 
 
@@ -304,7 +238,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def add_prepare_parser(sub) -> None:
-    demo = Config.demo()
     p = sub.add_parser("prepare", formatter_class=HelpFormatter, help="decode a folder of images once, for --data",
                        description=paragraphs(
                            "Decode the images under --root once (resized and centre-cropped as training does, "
@@ -313,10 +246,7 @@ def add_prepare_parser(sub) -> None:
                            "2.5 GB file. Without --root it prepares the built-in demo faces at the demo's size, "
                            "and `fastgan train --data FILE` trains them with the demo preset. Defaults are in "
                            "[brackets]."))
-    p.add_argument("--root", metavar="DIR", help="image folder [the built-in demo faces]")
-    p.add_argument("--image-size", type=int, metavar="PX",
-                   help=f"power of two, 16..256 [{Config().image_size}; without --root the demo's {demo.image_size}]")
-    p.add_argument("--nc", type=int, metavar="{1,3}", default=3, help="image channels [3]")
+    add_declared(p, "prepare")  # --root, --image-size, --nc: as train declares them
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.fgd); an existing file is refused")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="decoding processes (PIL) or threads (DALI) [one per core]")
@@ -338,9 +268,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     # the demo faces at the demo's size, so that the file trains with the demo preset; no bars (quiet)
     # without a terminal, where rich would leave blank lines
     preset = Config.demo if args.root is None else Config
-    given = {"image_size": args.image_size} if args.image_size is not None else {}
-    cfg = preset(root=args.root, nc=args.nc, workers=args.workers, quiet=not console.is_interactive,
-                 **given).validate(flags=True)
+    given = {f.name: getattr(args, f.name) for f in options("prepare") if getattr(args, f.name) is not None}
+    cfg = preset(workers=args.workers, quiet=not console.is_interactive, **given).validate(flags=True)
     choice = args.decoder
     if choice == "auto":
         choice = "dali-gpu" if torch.cuda.is_available() and dali_available() else "pil"

@@ -1,9 +1,12 @@
-"""The training options: one typed dataclass, validated at the edge, saved as the run folder's config.json."""
+"""The training options: one typed dataclass, each field declared once (its default, flag, help, rule and argument
+group), from which `fastgan train`'s parser (cli.py), the validation (Config.validate) and the README's options
+table (options_table) are all built. The run folder keeps the options as config.json.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import FastganError
 from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
@@ -13,69 +16,171 @@ DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
-FLAGS = {"ema_kimg": "--ema"}  # fields whose flag is not --field-name
 # Seeds go to numpy's SeedSequence (non-negative only) and torch generators (at most 2**64 - 1), and eval seeds
 # its generated side with seed + 1: 32 bits are safe everywhere, and every command takes the same range
 MAX_SEED = 2**32 - 1
 SEED_RANGE = f"an integer from 0 to {MAX_SEED}"
 
+# ---- rules: each returns why a value is refused (the words after "--flag"), or None ----------------------------
+
+Rule = Callable[[Any], Optional[str]]
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def at_least(minimum: int, wanted: str) -> Rule:
+    return lambda v: None if is_int(v) and v >= minimum else f"must be {wanted}, got {v!r}"
+
+
+def between(low: float, high: float, low_open: bool, high_open: bool) -> Rule:
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def rule(v):
+        inside = (isinstance(v, (int, float)) and not isinstance(v, bool) and (low < v if low_open else low <= v)
+                  and (v < high if high_open else v <= high))
+        return None if inside else f"must be in {shown}, got {v!r}"
+    return rule
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
 
 def seed_problem(value) -> Optional[str]:
     """Why `value` cannot be a seed of fastgan train, generate, eval or synth, or None."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
         return f"must be {SEED_RANGE}, got {value!r}"
     return None
 
 
-def flag_of(field: str) -> str:
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+def image_size_problem(value) -> Optional[str]:
+    try:
+        check_image_size(value)
+        return None
+    except (TypeError, ValueError):
+        return (f"must be a power of two from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (16, 32, 64, 128, 256), "
+                f"got {value!r}")
+
+
+def positive_kimg(value) -> Optional[str]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return None
+    return f"must be a positive number of thousands of images, got {value!r}"
+
+
+POSITIVE = at_least(1, "a positive integer")
+
+# ---- the declaration --------------------------------------------------------------------------------------------
+
+
+def option(default, help: str, group: str, *, rule: Optional[Rule] = None, metavar: Optional[str] = None,
+           flag: Optional[str] = None, shown: Optional[str] = None, nargs: Optional[str] = None, const=None,
+           commands: tuple[str, ...] = ("train",)):
+    """A Config field and its command-line option, declared once.
+
+    help: what it does (the README's table and --help); group: its --help section; rule: its check (None: a
+    plain choice, a path or a switch); metavar: how --help writes its value (None: a switch); flag: where it is not
+    --field-name; shown: its default in words where the value alone would mislead (None: the value, and the demo
+    preset's where that differs); nargs/const: a flag that may stand alone (--ema, --amp)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, group=group, rule=rule, metavar=metavar, flag=flag, shown=shown, nargs=nargs, const=const,
+        commands=commands))
+
+
+CORES_LESS_ONE = "each process's share of the cores less one"
 
 
 @dataclass
 class Config:
     # data
-    root: Optional[str] = None        # folder of images (root/*.jpg or root/sub/*.jpg); None: the demo faces
-    demo_images: int = 4096           # size of the built-in demo set, used only when root is None
-    data: Optional[str] = None        # a prepared .fgd file (fastgan prepare): decoded once, held in memory
-    mirror: bool = False              # with data: flip a random half of each epoch's images horizontally
-    workers: Optional[int] = None     # DataLoader worker processes; None: this process's share of the cores less one
-    loader: str = "auto"              # auto | dali | torch; auto: DALI on CUDA when it is installed, else torch
-    dali_decoder: str = "auto"        # auto | cpu | mixed (GPU); auto: mixed on CUDA, cpu otherwise
-    dali_threads: Optional[int] = None  # DALI's CPU threads; None: as workers
-    hw_decoder_load: float = 0.65     # share of JPEGs sent to the GPU's hardware decoder (DALI's default)
+    root: Optional[str] = option(
+        None, "image folder: DIR/*.jpg or the tutorial's DIR/subfolder/*.jpg", "data", metavar="DIR",
+        shown="the built-in demo faces", commands=("train", "prepare"))
+    demo_images: int = option(4096, "size of the built-in demo set (used without --root)", "data", rule=POSITIVE,
+                              metavar="N")
+    data: Optional[str] = option(
+        None, "a prepared file (fastgan prepare): images decoded once, held in memory; its image size and channels "
+        "are the file's, and a file of the demo faces trains with the demo preset", "data", metavar="FILE")
+    mirror: bool = option(False, "with --data: flip a random half of each epoch's images horizontally, another "
+                                 "half each epoch", "data")
+    workers: Optional[int] = option(
+        None, "torch loader: DataLoader worker processes, 0 to decode in the training process", "data",
+        rule=at_least(0, "0 or more"), metavar="N", shown=CORES_LESS_ONE)
+    loader: str = option("auto", "auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch "
+                                 "otherwise", "data", rule=one_of(LOADER_CHOICES), metavar="{auto,dali,torch}")
+    dali_decoder: str = option("auto", "DALI's JPEG decoding: mixed on the GPU, cpu on the CPU; auto: mixed on "
+                                       "CUDA", "data", rule=one_of(DALI_DECODER_CHOICES), metavar="{auto,cpu,mixed}")
+    dali_threads: Optional[int] = option(None, "DALI's CPU threads", "data", rule=POSITIVE, metavar="N",
+                                         shown=CORES_LESS_ONE)
+    hw_decoder_load: float = option(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100, H100), 0..1",
+                                    "data", rule=between(0, 1, False, False), metavar="SHARE")
     # model: the tutorial's defaults
-    image_size: int = 64              # power of two from 16 to 256
-    nc: int = 3                       # image channels: 3 (RGB) or 1 (grayscale)
-    nz: int = 100                     # length of the latent vector z
-    ngf: int = 64                     # generator width
-    ndf: int = 64                     # discriminator width
+    image_size: int = option(64, "image size, a power of two from 16 to 256 (stride-2 blocks are added or removed; "
+                                 "widths grow as in the tutorial, up to 8 x ngf)", "model",
+                             rule=image_size_problem, metavar="PX", commands=("train", "prepare"))
+    nc: int = option(3, "image channels: 1 (grayscale) or 3 (RGB)", "model",
+                     rule=lambda v: None if v in (1, 3) and is_int(v) else
+                     f"must be 1 (grayscale) or 3 (RGB), got {v!r}", metavar="{1,3}", commands=("train", "prepare"))
+    nz: int = option(100, "length of the latent vector z", "model", rule=POSITIVE, metavar="N")
+    ngf: int = option(64, "generator width", "model", rule=POSITIVE, metavar="N")
+    ndf: int = option(64, "discriminator width", "model", rule=POSITIVE, metavar="N")
     # optimisation: the tutorial's defaults
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 2e-4
-    beta1: float = 0.5                # Adam beta1; beta2 stays 0.999 as in the DCGAN paper
-    seed: int = 999
-    ema_kimg: Optional[float] = None  # --ema: G's moving average, half-life in thousands of images; None: off
+    epochs: int = option(5, "passes over the data", "optimisation", rule=POSITIVE, metavar="N")
+    batch_size: int = option(128, "images per step (the last incomplete batch of each epoch is dropped); under "
+                                  "torchrun the total over all processes", "optimisation", rule=POSITIVE, metavar="N")
+    lr: float = option(2e-4, "Adam learning rate", "optimisation", rule=between(0, 1, True, True), metavar="LR")
+    beta1: float = option(0.5, "Adam beta1 (beta2 stays 0.999, as in the DCGAN paper)", "optimisation",
+                          rule=between(0, 1, False, True), metavar="B")
+    seed: int = option(999, f"seed of the weights, the fixed noise and the data order, {SEED_RANGE}: the same seed "
+                            "trains the same weights", "optimisation", rule=seed_problem, metavar="N")
+    ema_kimg: Optional[float] = option(
+        None, "keep an exponential moving average of G's weights (StyleGAN2-ADA's G_ema) with a half-life of KIMG "
+        "thousand images, ramped up over the first images; samples, netG_ema.pth, eval and generate then use it "
+        "(--ema alone: 10)", "optimisation", rule=positive_kimg, metavar="KIMG", flag="--ema", shown="off",
+        nargs="?", const=10.0)
     # speed: each of these is checked against eager fp32 in the tests
-    device: str = "auto"              # auto: cuda when available, else cpu
-    amp: str = "off"                  # off | auto | fp16 | bf16
-    channels_last: bool = False
-    compile: bool = False             # torch.compile both networks
-    cuda_graphs: bool = False         # capture the whole D+G step in one CUDA graph (CUDA only)
+    device: str = option("auto", "where to train; auto: CUDA when torch sees a GPU", "speed",
+                         rule=one_of(DEVICE_CHOICES), metavar="{auto,cpu,cuda}")
+    amp: str = option("off", "mixed precision; --amp alone: fp16 with a GradScaler on CUDA, bf16 on the CPU (where "
+                             "fp16 autocast is poor); bf16 needs no scaler", "speed", rule=one_of(AMP_CHOICES),
+                      metavar="{off,auto,fp16,bf16}", nargs="?", const="auto")
+    channels_last: bool = option(False, "channels_last memory for the networks and batches", "speed")
+    compile: bool = option(False, "torch.compile both networks (CPU too; the first iterations compile)", "speed")
+    cuda_graphs: bool = option(
+        False, "capture the whole D+G step (the noise, both forwards, backwards and Adam steps, BatchNorm's "
+        "statistics, with fp16 the GradScaler; with --data the batch's gather too) in one CUDA graph and replay it; "
+        "CUDA only", "speed")
     # torchrun
-    sync_bn: bool = False             # sync BatchNorm (fastgan.syncbn): statistics over the global batch
-    # reporting
-    out: Optional[str] = None         # run folder; None: runs/<timestamp>
-    log_every: int = 50               # iterations between statistics reads (each one is a host sync)
-    sample_every: int = 500           # iterations between fixed-noise grids (also one at each epoch end)
-    quiet: bool = False               # log lines only, no progress bar
-    tensorboard: bool = False         # also TensorBoard events in run/tensorboard/ (the tensorboard extra)
-    ckpt_every: int = 0               # iterations between mid-epoch checkpoints (last.pt); 0: epoch ends only
-    eval_every: int = 0               # epochs between quality measurements (fastgan.evaluate) in metrics.jsonl; 0: none
-    eval_images: int = 16384          # real and generated images each measurement compares (SWD's ProGAN count)
-    inception: Optional[str] = None   # FID's Inception weights file for --eval-every; None: torch.hub's cache, if there
-    resume: Optional[str] = None      # checkpoint path, or "auto" for the run folder's latest
-    dry_run: bool = False             # a couple of steps on a tiny batch, nothing written
+    sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over the whole global batch (fastgan's "
+                                  "sync BatchNorm, CUDA and CPU, no host sync)", "torchrun")
+    # the run
+    out: Optional[str] = option(None, "run folder; new or empty, unless resuming or it holds a run that ended "
+                                      "before its first checkpoint", "run", metavar="DIR", shown="runs/<timestamp>")
+    resume: Optional[str] = option(None, "continue from a checkpoint exactly where it stopped; auto: --out's "
+                                         "checkpoints/last.pt", "run", metavar="PATH|auto")
+    ckpt_every: int = option(0, "also write checkpoints/last.pt every N iterations; 0: at epoch ends only", "run",
+                             rule=at_least(0, "0 (epoch ends only) or a positive integer"), metavar="N")
+    log_every: int = option(50, "iterations per statistics record and line; statistics stay on the device in "
+                                "between (each read is a host sync)", "run", rule=POSITIVE, metavar="N")
+    sample_every: int = option(500, "iterations per fixed-noise grid, besides each epoch's end", "run",
+                               rule=POSITIVE, metavar="N")
+    eval_every: int = option(0, "every N epochs, measure the generator (the average with --ema) against the data "
+                                "as fastgan eval does, into metrics.jsonl: SWD, and FID/KID where their Inception "
+                                "weights are at hand (never downloaded mid-run); 0: never", "run",
+                             rule=at_least(0, "0 (no measurements) or a positive number of epochs"), metavar="N")
+    eval_images: int = option(16384, "real and generated images each --eval-every measurement compares (all the "
+                                     "data's where it holds fewer)", "run", rule=POSITIVE, metavar="N")
+    inception: Optional[str] = option(None, "FID's Inception weights file for --eval-every", "run", metavar="PATH",
+                                      shown="torch.hub's cache")
+    quiet: bool = option(False, "log lines instead of the progress bar (the default when stderr is not a "
+                                "terminal)", "run")
+    tensorboard: bool = option(False, "also write the metrics and sample grids as TensorBoard events in the run "
+                                      "folder's tensorboard/ (pip install \"fastgan[tensorboard]\")", "run")
+    dry_run: bool = option(False, "print the run's plan (the resolved options, device, precision, loader, "
+                                  "parameter counts) as JSON on stdout, run 2 steps on a tiny batch, write nothing",
+                           "run")
 
     @classmethod
     def demo(cls, **overrides: Any) -> "Config":
@@ -90,61 +195,20 @@ class Config:
         the field and its flag (lr (--lr)) for the Python API."""
         def name(field: str) -> str:
             return flag_of(field) if flags else f"{field} ({flag_of(field)})"
-        try:
-            check_image_size(self.image_size)
-        except (TypeError, ValueError):
-            raise FastganError(f"{name('image_size')} must be a power of two from {MIN_IMAGE_SIZE} to "
-                               f"{MAX_IMAGE_SIZE} (16, 32, 64, 128, 256), got {self.image_size!r}") from None
-        positive = ("nz", "ngf", "ndf", "epochs", "batch_size", "log_every", "sample_every", "demo_images",
-                    "eval_images")
-        for field in positive:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FastganError(f"{name(field)} must be a positive integer, got {value!r}")
-        if seed_problem(self.seed):
-            raise FastganError(f"{name('seed')} {seed_problem(self.seed)}")
-        if self.nc not in (1, 3):
-            raise FastganError(f"{name('nc')} must be 1 (grayscale) or 3 (RGB), got {self.nc!r}")
-        if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:
-            raise FastganError(f"{name('ckpt_every')} must be 0 (epoch ends only) or a positive integer, "
-                               f"got {self.ckpt_every!r}")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise FastganError(f"{name('eval_every')} must be 0 (no measurements) or a positive number of epochs, "
-                               f"got {self.eval_every!r}")
+        for field in dataclasses.fields(self):
+            rule, value = field.metadata["rule"], getattr(self, field.name)
+            problem = rule(value) if rule is not None and (value is not None or field.default is not None) else None
+            if problem:
+                raise FastganError(f"{name(field.name)} {problem}")
+        # the rules between options
         if self.eval_every > self.epochs:
             raise FastganError(f"{name('eval_every')} {self.eval_every} measures at epoch {self.eval_every} and every "
                                f"{self.eval_every} epochs after, but the run ends at epoch {self.epochs}: nothing would "
                                f"be measured; lower {name('eval_every')} or raise {name('epochs')}")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
-                                         or self.workers < 0):
-            raise FastganError(f"{name('workers')} must be 0 or more, got {self.workers!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise FastganError(f"{name('lr')} must be in (0, 1), got {self.lr!r}")
-        if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
-            raise FastganError(f"{name('beta1')} must be in [0, 1), got {self.beta1!r}")
-        ema_kimg = self.ema_kimg
-        if ema_kimg is not None and (isinstance(ema_kimg, bool) or not isinstance(ema_kimg, (int, float))
-                                     or not 0 < ema_kimg < float("inf")):
-            raise FastganError(f"{name('ema_kimg')} must be a positive number of thousands of images, "
-                               f"got {self.ema_kimg!r}")
         if self.data is not None and self.root is not None:
             raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:
             raise FastganError(f"{name('mirror')} works with {name('data')} (a prepared file) only")
-        if self.loader not in LOADER_CHOICES:
-            raise FastganError(f"{name('loader')} must be one of {', '.join(LOADER_CHOICES)}, got {self.loader!r}")
-        if self.dali_decoder not in DALI_DECODER_CHOICES:
-            raise FastganError(f"{name('dali_decoder')} must be one of {', '.join(DALI_DECODER_CHOICES)}, "
-                               f"got {self.dali_decoder!r}")
-        if self.dali_threads is not None and (isinstance(self.dali_threads, bool)
-                                              or not isinstance(self.dali_threads, int) or self.dali_threads < 1):
-            raise FastganError(f"{name('dali_threads')} must be a positive integer, got {self.dali_threads!r}")
-        if not (isinstance(self.hw_decoder_load, (int, float)) and 0 <= self.hw_decoder_load <= 1):
-            raise FastganError(f"{name('hw_decoder_load')} must be in [0, 1], got {self.hw_decoder_load!r}")
-        if self.amp not in AMP_CHOICES:
-            raise FastganError(f"{name('amp')} must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-        if self.device not in DEVICE_CHOICES:
-            raise FastganError(f"{name('device')} must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,3 +219,38 @@ class Config:
         """Build from a saved config, ignoring keys this version does not know (older or newer files)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def flag_of(field: str) -> str:
+    return Config.__dataclass_fields__[field].metadata["flag"] or "--" + field.replace("_", "-")
+
+
+def options(command: str = "train") -> list[dataclasses.Field]:
+    """The declared options `command` takes, in their declaration's order."""
+    return [f for f in dataclasses.fields(Config) if command in f.metadata["commands"]]
+
+
+def default_shown(field: dataclasses.Field) -> str:
+    """The default as --help and the README write it: 'the value; demo the preset's' where the demo differs."""
+    meta = field.metadata
+    if meta["shown"] is not None:
+        return meta["shown"]
+    if field.type == "bool" or isinstance(field.default, bool):
+        return "off"
+    value, demo = field.default, getattr(Config.demo(), field.name)
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, float) else f"{value}" + (f"; demo {demo}" if demo != value else "")
+
+
+def options_table() -> str:
+    """The README's table of `fastgan train`'s options, from their declarations."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for field in options("train"):
+        meta = field.metadata
+        metavar = meta["metavar"]
+        flag = flag_of(field.name) + (f" [{metavar}]" if metavar and meta["nargs"] == "?" else
+                                      f" {metavar}" if metavar else "")
+        cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+        rows.append(f"| `{cell(flag)}` | {cell(default_shown(field))} | {cell(meta['help'])} |")
+    return "\n".join(rows)

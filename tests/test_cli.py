@@ -526,3 +526,20 @@ def test_compile_on_the_cpu_does_not_print_torchs_no_cuda_runtime_warning():
                             "import_cpp_extension_quietly(); import torch.utils.cpp_extension"],
                            capture_output=True, text=True, timeout=120)
     assert quiet.returncode == 0 and "No CUDA runtime is found" not in quiet.stderr, quiet.stderr
+
+
+def test_the_readmes_options_table_is_the_one_the_declarations_make():
+    """Each option is declared once (fastgan/config.py); the README's table is made from that, not typed."""
+    from fastgan.config import options_table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- options-table")
+    table = readme[readme.index("\n", start) + 1:readme.index("<!-- /options-table -->")].strip()
+    assert table == options_table(), ("README.md's options table is not the declarations': paste the output of "
+                                      "python -c 'from fastgan.config import options_table; print(options_table())'")
+
+
+def test_every_train_flag_is_a_declared_option_and_every_option_a_flag():
+    from fastgan.config import Config, flag_of, options
+    parser = dict(help_texts())["train"]
+    flags = {s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")}
+    assert flags == {flag_of(f.name) for f in options("train")} == {flag_of(name) for name in Config.__dataclass_fields__}
