@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastgan.files import default_workers  # noqa: E402
+from fastgan.data.files import default_workers  # noqa: E402
 from loaders import commit  # noqa: E402
 
 

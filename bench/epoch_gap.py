@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastgan.demo import demo_faces  # noqa: E402
-from fastgan.files import find_images  # noqa: E402
-from fastgan.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
-from fastgan.pipeline_torch import TorchLoader  # noqa: E402
+from fastgan.data.demo import demo_faces  # noqa: E402
+from fastgan.data.files import find_images  # noqa: E402
+from fastgan.data.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
+from fastgan.data.pipeline_torch import TorchLoader  # noqa: E402
 
 
 def epoch_boundary_gap(loader, epochs: int = 3, device: torch.device = torch.device("cpu"),

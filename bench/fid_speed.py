@@ -4,9 +4,9 @@
     python bench/fid_speed.py --n 2000 --json fid.json
 
 Three timed stages, as eval runs them: the DCGAN generator draws n images (uint8, as saved), pytorch-fid's
-Inception network turns them into 2048-d pool3 features (resized to 299 px, batches of fastgan.evaluate.BATCH),
+Inception network turns them into 2048-d pool3 features (resized to 299 px, batches of fastgan.metrics.evaluate.BATCH),
 and the Frechet distance of their statistics against a second set's (three 2048x2048 eigendecompositions, on the
-CPU). The network runs with random weights of the real architecture (fastgan.inception.build_inception): its
+CPU). The network runs with random weights of the real architecture (fastgan.metrics.inception.build_inception): its
 speed is the weights', and the bench needs no download. The issue's target: 50,000 images in under a minute on an
 H100. On a CPU the network costs about half a second an image (2-core EPYC), so use a small --n there.
 Device, versions and commit are printed beside the figures and written with them to --json.
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epoch_gap import commit, cpu_name  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.evaluate import batches_of, fake_images  # noqa: E402
-from fastgan.fid import feature_statistics, frechet_distance, inception_features  # noqa: E402
-from fastgan.inception import build_inception  # noqa: E402
+from fastgan.metrics.evaluate import batches_of, fake_images  # noqa: E402
+from fastgan.metrics.fid import feature_statistics, frechet_distance, inception_features  # noqa: E402
+from fastgan.metrics.inception import build_inception  # noqa: E402
 from fastgan.models import Generator, init_weights  # noqa: E402
 
 

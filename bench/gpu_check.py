@@ -411,7 +411,7 @@ def part_prepare_dali(check: Check) -> Result:
     check.fastgan("prepare", "--root", check.faces, "--image-size", check.image_size, "--out", out,
                   "--decoder", "dali-gpu")
     seconds = time.monotonic() - start
-    compare = ("import json, sys; from fastgan.prepared import load_pixels, read_manifest\n"
+    compare = ("import json, sys; from fastgan.data.prepared import load_pixels, read_manifest\n"
                f"s = {check.image_size}\n"
                "a, _ = load_pixels(sys.argv[1], s, 3); b, _ = load_pixels(sys.argv[2], s, 3)\n"
                "d = (a.int() - b.int()).abs().float()\n"

@@ -36,12 +36,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epoch_gap import commit, epoch_boundary_gap  # noqa: E402,F401 (commit: also the other scripts')
-from fastgan.demo import demo_faces  # noqa: E402
+from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
-from fastgan.files import default_workers, find_images  # noqa: E402
+from fastgan.data.files import default_workers, find_images  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
-from fastgan.pipeline_torch import TorchLoader  # noqa: E402
+from fastgan.data.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
+from fastgan.data.pipeline_torch import TorchLoader  # noqa: E402
 from fastgan.tutorial import tutorial_loader  # noqa: E402
 
 WARMUP_BATCHES = 8  # before the steady timings: 2 workers x prefetch 2, or DALI's queue of 2, are full by then

@@ -12,7 +12,7 @@ should match the reference's at seed 999, since the average must not change trai
 GPU decode on CUDA) where it is installed, and on CUDA fp16 with the GradScaler and CUDA graphs (on prepared
 data, the fastest path). A mode the device cannot run is a row that says why, never a silent fallback.
 
-Each final-epoch generator is measured by fastgan.evaluate: SWD x 1e3 (mean and per pyramid level) of as many
+Each final-epoch generator is measured by fastgan.metrics.evaluate: SWD x 1e3 (mean and per pyramid level) of as many
 generated images (seeded noise, the same for every row) as there are demo images (4,096), against all of them
 decoded as the torch loader decodes them. Rows differ only by how they were trained.
 
@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastgan  # noqa: E402
 from fastgan.config import Config, flag_of  # noqa: E402
-from fastgan.demo import demo_faces  # noqa: E402
+from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
-from fastgan.evaluate import evaluate  # noqa: E402
-from fastgan.files import default_workers, index_images  # noqa: E402
-from fastgan.pipeline_dali import dali_available, dali_version  # noqa: E402
-from fastgan.prepared import prepare  # noqa: E402
+from fastgan.metrics.evaluate import evaluate  # noqa: E402
+from fastgan.data.files import default_workers, index_images  # noqa: E402
+from fastgan.data.pipeline_dali import dali_available, dali_version  # noqa: E402
+from fastgan.data.prepared import prepare  # noqa: E402
 from epoch_gap import commit, cpu_name  # noqa: E402
 
 REFERENCE_SEEDS = (999, 1, 2)  # 999 first: the seed every other mode trains at (Config's default)

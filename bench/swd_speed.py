@@ -1,4 +1,4 @@
-"""How long fastgan.swd takes: the sliced Wasserstein distance of two sets of random uint8 images, ProGAN's recipe.
+"""How long fastgan.metrics.swd takes: the sliced Wasserstein distance of two sets of random uint8 images, ProGAN's recipe.
 
     python bench/swd_speed.py                  # 16,384 real and 16,384 fake 64x64 images (ProGAN's count)
     python bench/swd_speed.py --runs 3         # three timed runs and their median (a shared machine varies)
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epoch_gap import commit, cpu_name  # noqa: E402
-from fastgan.swd import DEFAULT_IMAGES, DIRECTION_REPEATS, sliced_wasserstein_distance, swd_resolutions  # noqa: E402
+from fastgan.metrics.swd import DEFAULT_IMAGES, DIRECTION_REPEATS, sliced_wasserstein_distance, swd_resolutions  # noqa: E402
 
 
 def random_images(n: int, size: int, seed: int) -> torch.Tensor:

@@ -46,13 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loaders as loader_bench  # noqa: E402
 from fastgan.config import Config  # noqa: E402
-from fastgan.demo import demo_faces  # noqa: E402
+from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
-from fastgan.files import default_workers, index_images  # noqa: E402
+from fastgan.data.files import default_workers, index_images  # noqa: E402
 from fastgan.data import open_data, resolve_loader  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.pipeline_dali import dali_available, dali_version  # noqa: E402
-from fastgan.prepared import prepare  # noqa: E402
+from fastgan.data.pipeline_dali import dali_available, dali_version  # noqa: E402
+from fastgan.data.prepared import prepare  # noqa: E402
 from fastgan.trainer import build_trainer, resolve_precision  # noqa: E402
 from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_loader, tutorial_step  # noqa: E402
 

@@ -132,8 +132,8 @@ def config_from_args(args: argparse.Namespace, resumed: Optional[dict] = None) -
             base["sync_bn"] = False
         return Config(**{**base, **given})
     if args.data is not None:  # the file's image size and channels; the demo preset for the demo faces' file
-        from .demo import is_demo_folder
-        from .prepared import read_manifest
+        from .data.demo import is_demo_folder
+        from .data.prepared import read_manifest
         manifest, _ = read_manifest(args.data)
         preset = Config.demo if is_demo_folder(manifest["source_root"]) else Config
         return preset(**{"image_size": manifest["image_size"], "nc": manifest["nc"], **given})
@@ -218,7 +218,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .report import console, plural
-    from .synth import write_faces
+    from .data.synth import write_faces
     folder = Path(args.dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise FastganError(f"{folder} exists and is not a folder")
@@ -260,11 +260,11 @@ def run_prepare(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .data import index_data
-    from .prepared import prepare
+    from .data.prepared import prepare
     from .report import console
     import torch
 
-    from .pipeline_dali import INSTALL_HINT, dali_available, readable_by_dali
+    from .data.pipeline_dali import INSTALL_HINT, dali_available, readable_by_dali
     # the demo faces at the demo's size, so that the file trains with the demo preset; no bars (quiet)
     # without a terminal, where rich would leave blank lines
     preset = Config.demo if args.root is None else Config
@@ -294,8 +294,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    from .evaluate import DEFAULT_METRICS, METRICS
-    from .swd import DEFAULT_IMAGES
+    from .metrics.evaluate import DEFAULT_METRICS, METRICS
+    from .metrics.swd import DEFAULT_IMAGES
     p = sub.add_parser(
         "eval", formatter_class=HelpFormatter, help="measure a trained generator against real images (SWD, FID, KID)",
         description=paragraphs(
@@ -336,7 +336,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from .evaluate import evaluate
+    from .metrics.evaluate import evaluate
     from .report import console, plural
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:

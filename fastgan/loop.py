@@ -124,7 +124,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
                           "checkpoint was written, so the rest of this epoch follows a different order")
     measure = None  # --eval-every: rank 0 measures, the others wait at the next vote
     if cfg.eval_every and ranks.is_main:
-        from .evaluate import DuringTraining
+        from .metrics.evaluate import DuringTraining
         measure = DuringTraining(cfg.to_dict(), cfg.eval_images, device, cfg.inception)
         console.print(f"fastgan: every {cfg.eval_every} epoch{'s' if cfg.eval_every > 1 else ''}: "
                       f"{', '.join(m.upper() for m in measure.metrics)} of {min(cfg.eval_images, data.count):,} "

@@ -20,7 +20,7 @@ import torch
 from . import checkpoint, runfolder
 from .atomic import atomic_write
 from .config import Config
-from .files import write_skipped
+from .data.files import write_skipped
 from .plot import plot_losses
 from .report import (MetricsLog, console, grid_step, image_grid, plural, sample_grids, save_animation,
                      save_image_atomic, write_json)

@@ -5,7 +5,7 @@ import torch
 import torchvision.datasets as dset
 from torch import nn
 
-from .pipeline_torch import image_transform
+from .data.pipeline_torch import image_transform
 
 
 class TutorialGenerator(nn.Module):

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import fastgan.demo
-import fastgan.evaluate
-import fastgan.files
-import fastgan.inception
-import fastgan.prepared
+import fastgan.data.demo
+import fastgan.metrics.evaluate
+import fastgan.data.files
+import fastgan.metrics.inception
+import fastgan.data.prepared
 from conftest import write_images
-from fastgan import evaluate
+from fastgan.metrics import evaluate
 from fastgan.cli import main
-from fastgan.files import index_images
+from fastgan.data.files import index_images
 from test_eval import StandIn
 
 
@@ -24,8 +24,8 @@ from test_eval import StandIn
 def decodes(monkeypatch):
     """The files each decode_with_pil call decoded (eval's real side)."""
     calls = []
-    real = fastgan.prepared.decode_with_pil
-    monkeypatch.setattr(fastgan.prepared, "decode_with_pil",
+    real = fastgan.data.prepared.decode_with_pil
+    monkeypatch.setattr(fastgan.data.prepared, "decode_with_pil",
                         lambda paths, *a: (calls.append(len(paths)), real(paths, *a))[1])
     return calls
 
@@ -69,7 +69,7 @@ def test_eval_real_pixels_miss_on_each_input(tmp_path, monkeypatch, decodes):
                                       ).pixels), name
     # another layout of the cache (its version): not read
     decodes.clear()
-    monkeypatch.setattr(fastgan.evaluate, "CACHE_VERSION", fastgan.evaluate.CACHE_VERSION + 1)
+    monkeypatch.setattr(fastgan.metrics.evaluate, "CACHE_VERSION", fastgan.metrics.evaluate.CACHE_VERSION + 1)
     evaluate.real_images(**base)
     assert decodes == [8]
 
@@ -82,7 +82,7 @@ def stand_in(monkeypatch):
     seen = []
     network = StandIn()
     network.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
-    monkeypatch.setattr(fastgan.inception, "load_inception", lambda path, device: network)
+    monkeypatch.setattr(fastgan.metrics.inception, "load_inception", lambda path, device: network)
     return network, seen
 
 
@@ -132,7 +132,7 @@ def test_the_file_index_is_not_read_from_a_cache_of_another_version_or_root(tmp_
     root = tmp_path / "data"
     write_images(root, 4)
     index_images(root, workers=1)
-    cache_file = fastgan.files._cache_path(root)
+    cache_file = fastgan.data.files._cache_path(root)
     saved = json.loads(cache_file.read_text())
     # the same verdicts, under another version or root: a cache that is not this one's
     cache_file.write_text(json.dumps({**saved, field: value}))
@@ -144,16 +144,16 @@ def test_the_file_index_is_not_read_from_a_cache_of_another_version_or_root(tmp_
 
 def test_the_demo_faces_are_drawn_once_per_size_and_drawing_code(tmp_path, monkeypatch):
     drawn = []
-    real = fastgan.demo.write_faces
-    monkeypatch.setattr(fastgan.demo, "write_faces", lambda folder, n, **kw: (drawn.append(n), real(folder, n, **kw))[1])
-    first = fastgan.demo.demo_faces(4, quiet=True)
-    assert fastgan.demo.demo_faces(4, quiet=True) == first and drawn == [4]  # a hit
-    assert fastgan.demo.is_demo_folder(first)
-    assert fastgan.demo.demo_faces(5, quiet=True) != first and drawn == [4, 5]  # another size
+    real = fastgan.data.demo.write_faces
+    monkeypatch.setattr(fastgan.data.demo, "write_faces", lambda folder, n, **kw: (drawn.append(n), real(folder, n, **kw))[1])
+    first = fastgan.data.demo.demo_faces(4, quiet=True)
+    assert fastgan.data.demo.demo_faces(4, quiet=True) == first and drawn == [4]  # a hit
+    assert fastgan.data.demo.is_demo_folder(first)
+    assert fastgan.data.demo.demo_faces(5, quiet=True) != first and drawn == [4, 5]  # another size
     (first / ".complete").unlink()  # a folder another process left unfinished
-    assert fastgan.demo.demo_faces(4, quiet=True) == first and drawn == [4, 5, 4]
+    assert fastgan.data.demo.demo_faces(4, quiet=True) == first and drawn == [4, 5, 4]
     # another drawing code (synth.py edited): another folder, drawn anew, and its faces are the new code's
-    monkeypatch.setattr(fastgan.demo, "drawing_digest", lambda: "0123abcd")
-    redrawn = fastgan.demo.demo_faces(4, quiet=True)
-    assert redrawn != first and drawn == [4, 5, 4, 4] and fastgan.demo.is_demo_folder(redrawn)
+    monkeypatch.setattr(fastgan.data.demo, "drawing_digest", lambda: "0123abcd")
+    redrawn = fastgan.data.demo.demo_faces(4, quiet=True)
+    assert redrawn != first and drawn == [4, 5, 4, 4] and fastgan.data.demo.is_demo_folder(redrawn)
     assert sorted(p.name for p in redrawn.glob("*.jpg")) == sorted(p.name for p in first.glob("*.jpg"))

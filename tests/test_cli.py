@@ -202,7 +202,7 @@ def small_demo(monkeypatch, n=16):
 def test_a_file_of_the_demo_faces_trains_with_the_demo_preset(image_folder, tmp_path, monkeypatch, capsys):
     from fastgan import Config
     from fastgan.cli import build_parser, config_from_args
-    from fastgan.prepared import read_manifest
+    from fastgan.data.prepared import read_manifest
     small_demo(monkeypatch)
     demo_file, own_file = tmp_path / "demo.fgd", tmp_path / "own.fgd"
     assert main(["prepare", "--out", str(demo_file), "--decoder", "pil", "--workers", "1"]) == 0
@@ -221,7 +221,7 @@ def test_a_file_of_the_demo_faces_trains_with_the_demo_preset(image_folder, tmp_
 
 
 def test_demo_folders_are_recognised_in_old_files_too(tmp_path):
-    from fastgan.demo import demo_folder, is_demo_folder
+    from fastgan.data.demo import demo_folder, is_demo_folder
     assert is_demo_folder(demo_folder(4096)) and is_demo_folder(str(demo_folder(64)))
     # a file prepared by an older fastgan, elsewhere, from the v1 demo at its default size
     assert is_demo_folder("/home/someone/.cache/fastgan/demo-faces-v1-n4096")
@@ -481,8 +481,8 @@ def test_train_on_cuda(image_folder, tmp_path, capsys, flags):
 
 
 def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch, capsys):
-    import fastgan.pipeline_dali
-    monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)
+    import fastgan.data.pipeline_dali
+    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: False)
     assert main(["train", *CPU, "--root", str(image_folder), "--loader", "dali"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastgan: error: --loader dali needs NVIDIA DALI, which is not installed: "
@@ -490,12 +490,12 @@ def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch,
 
 
 def test_auto_loader_choice(monkeypatch):
-    import fastgan.pipeline_dali
+    import fastgan.data.pipeline_dali
     from fastgan import Config
     from fastgan.data import resolve_loader
     cpu = torch.device("cpu")
     for installed in (False, True):
-        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
+        monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
         assert resolve_loader(Config(device="cpu"), cpu) == ("torch", "")  # no DALI by default on the CPU
     assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
     assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
@@ -503,7 +503,7 @@ def test_auto_loader_choice(monkeypatch):
     # needs no GPU to be built, so this choice is checked on every machine
     cuda = torch.device("cuda")
     for installed, chosen in ((True, ("dali", "mixed")), (False, ("torch", ""))):
-        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
+        monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
         assert resolve_loader(Config(device="cuda"), cuda) == chosen, installed
 
 

@@ -13,18 +13,18 @@ from PIL import Image
 
 from conftest import write_images
 from fastgan.cli import main
-from fastgan.pipeline_dali import dali_available
-from fastgan.pipeline_torch import TorchLoader, epoch_permutation
-from fastgan.synth import write_faces
+from fastgan.data.pipeline_dali import dali_available
+from fastgan.data.pipeline_torch import TorchLoader, epoch_permutation
+from fastgan.data.synth import write_faces
 
 if not dali_available():
     if os.environ.get("FASTGAN_REQUIRE_DALI"):
         raise RuntimeError("FASTGAN_REQUIRE_DALI is set but NVIDIA DALI is not installed")
     pytest.skip('NVIDIA DALI is not installed (pip install "fastgan[dali]")', allow_module_level=True)
 
-from fastgan import pipeline_dali  # noqa: E402
-from fastgan.pipeline_dali import DaliLoader, decode_all  # noqa: E402
-from fastgan.pipeline_torch import rank_order  # noqa: E402
+from fastgan.data import pipeline_dali  # noqa: E402
+from fastgan.data.pipeline_dali import DaliLoader, decode_all  # noqa: E402
+from fastgan.data.pipeline_torch import rank_order  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -293,7 +293,7 @@ def test_batches_are_ordered_on_torchs_stream_without_a_host_sync(faces, decoder
 
 
 def test_prepare_with_dali_on_the_cpu(faces, tmp_path):
-    from fastgan.prepared import load_pixels, read_manifest
+    from fastgan.data.prepared import load_pixels, read_manifest
     folder = faces[0].parent
     for decoder in ("pil", "dali-cpu"):
         assert main(["prepare", "--root", str(folder), "--image-size", "32", "--out", str(tmp_path / f"{decoder}.fgd"),

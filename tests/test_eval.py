@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-import fastgan.inception
-import fastgan.prepared
-from fastgan import evaluate
+import fastgan.metrics.inception
+import fastgan.data.prepared
+from fastgan.metrics import evaluate
 from fastgan.cli import main
-from fastgan.fid import feature_statistics, frechet_distance
+from fastgan.metrics.fid import feature_statistics, frechet_distance
 from fastgan.generate import load_generator
 from fastgan.report import image_grid
-from fastgan.swd import sliced_wasserstein_distance
+from fastgan.metrics.swd import sliced_wasserstein_distance
 
 TINY = ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8", "--workers", "0",
         "--quiet", "--log-every", "2", "--sample-every", "2", "--device", "cpu"]  # 24 images: 3 steps an epoch
@@ -60,7 +60,7 @@ def test_eval_of_a_run_measures_each_epoch_with_the_ema_generator(ema_run, image
     # the figure is SWD between the data's pixels, decoded as training decodes them, and the EMA generator's
     # images from noise seed 1, as saved (uint8): recomputed here from the parts
     real = np.empty((24, 16, 16, 3), dtype=np.uint8)
-    fastgan.prepared.decode_with_pil(sorted((image_folder / "faces").glob("*.jpg")), real, 16, 3, 1, None)
+    fastgan.data.prepared.decode_with_pil(sorted((image_folder / "faces").glob("*.jpg")), real, 16, 3, 1, None)
     netG = load_generator(ema_run / "checkpoints" / "epoch002.pt", ema=True)
     fake = evaluate.fake_images(netG, 24, 1, torch.device("cpu"))
     expected = sliced_wasserstein_distance(torch.from_numpy(real).permute(0, 3, 1, 2), fake, seed=0)
@@ -83,8 +83,8 @@ def test_generated_pixels_are_the_saved_images(tmp_path):
 
 def test_the_real_side_is_decoded_once_per_data_set(ema_run, image_folder, monkeypatch):
     calls = []
-    real_decode = fastgan.prepared.decode_with_pil
-    monkeypatch.setattr(fastgan.prepared, "decode_with_pil", lambda paths, *a: (calls.append(len(paths)),
+    real_decode = fastgan.data.prepared.decode_with_pil
+    monkeypatch.setattr(fastgan.data.prepared, "decode_with_pil", lambda paths, *a: (calls.append(len(paths)),
                                                                                  real_decode(paths, *a))[1])
     checkpoint = ema_run / "checkpoints" / "epoch001.pt"
     first, again = [evaluate.evaluate(checkpoint, root=str(image_folder), n=20, device="cpu", workers=1)[0]
@@ -111,7 +111,7 @@ def test_fid_and_kid_use_the_inception_features_and_cache_the_real_ones(ema_run,
     loads, forwards = [], []
     stand_in = StandIn()
     stand_in.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
-    monkeypatch.setattr(fastgan.inception, "load_inception", lambda path, device: (loads.append(path), stand_in)[1])
+    monkeypatch.setattr(fastgan.metrics.inception, "load_inception", lambda path, device: (loads.append(path), stand_in)[1])
     checkpoint = ema_run / "checkpoints" / "epoch002.pt"
     args = dict(root=str(image_folder), n=24, metrics=("fid", "kid"), device="cpu", workers=1,
                 inception="weights.pth")
@@ -231,7 +231,7 @@ def test_eval_png_draws_measurements_of_other_sizes_apart_and_says_so(tmp_path):
 
 def test_the_python_api(ema_run, tmp_path):
     """As the README's Python section writes it."""
-    from fastgan.evaluate import evaluate as evaluate_api
+    from fastgan.metrics.evaluate import evaluate as evaluate_api
     from fastgan.generate import generate, interpolate
     records = evaluate_api(ema_run, n=8, epochs=[2], device="cpu", workers=1)
     assert [(r["epoch"], r["generator"], r["n"]) for r in records] == [(2, "ema", 8)]

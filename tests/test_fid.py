@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3
 
-import fastgan.inception
+import fastgan.metrics.inception
 from fastgan.errors import FastganError
-from fastgan.fid import feature_statistics, frechet_distance, inception_features, kernel_inception_distance
-from fastgan.inception import (FEATURES, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
+from fastgan.metrics.fid import feature_statistics, frechet_distance, inception_features, kernel_inception_distance
+from fastgan.metrics.inception import (FEATURES, FID_WEIGHTS_FILE, FID_WEIGHTS_URL, FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
                                FIDInceptionE_2, build_inception, hub_checkpoint, load_inception)
 
 
@@ -315,8 +315,8 @@ def test_the_hub_caches_the_file_under_the_name_fastgan_names():
 def test_a_file_in_the_hub_cache_is_used_without_downloading(offline_hub, weights_file, inception, monkeypatch):
     # random weights cannot carry the published name (its hash is checked, next test), so the cache holds them
     # under their own hash-suffixed name, and the URL ends in that name as the real one ends in its own
-    monkeypatch.setattr(fastgan.inception, "FID_WEIGHTS_FILE", weights_file.name)
-    monkeypatch.setattr(fastgan.inception, "FID_WEIGHTS_URL", "https://example.invalid/" + weights_file.name)
+    monkeypatch.setattr(fastgan.metrics.inception, "FID_WEIGHTS_FILE", weights_file.name)
+    monkeypatch.setattr(fastgan.metrics.inception, "FID_WEIGHTS_URL", "https://example.invalid/" + weights_file.name)
     cached = hub_checkpoint()
     cached.parent.mkdir(parents=True)
     shutil.copy(weights_file, cached)

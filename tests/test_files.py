@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import write_images
-from fastgan import files
+from fastgan.data import files
 from fastgan.errors import FastganError
-from fastgan.synth import draw_face
-from fastgan.files import FileIndex, find_images, index_images, inspect_image, load_image, write_skipped
+from fastgan.data.synth import draw_face
+from fastgan.data.files import FileIndex, find_images, index_images, inspect_image, load_image, write_skipped
 
 
 def names(paths, root):
@@ -459,7 +459,7 @@ def test_index_parallel(tmp_path, monkeypatch):
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
-    from fastgan.files import load_image
+    from fastgan.data.files import load_image
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)  # mid-gray in 16 bits
     assert np.asarray(load_image(path, nc=1)).max() == 128
@@ -469,7 +469,7 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
 def test_a_symlink_loop_lists_each_image_once(tmp_path):
     import os
     from conftest import write_images
-    from fastgan.files import find_images
+    from fastgan.data.files import find_images
     write_images(tmp_path / "root" / "faces", 2)
     os.symlink(tmp_path / "root", tmp_path / "root" / "faces" / "loop")
     assert [p.name for p in find_images(tmp_path / "root")] == ["0000.jpg", "0001.jpg"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fastgan.cli import main
-from fastgan.pipeline_dali import dali_available
-from fastgan.synth import write_faces
+from fastgan.data.pipeline_dali import dali_available
+from fastgan.data.synth import write_faces
 
 pytestmark = pytest.mark.gpu
 
@@ -131,7 +131,7 @@ def test_a_run_written_without_cuda_graphs_resumes_with_them(prepared, tmp_path,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mirror", [False, True])
 def test_the_prepared_loader_on_cuda_yields_the_cpu_loaders_batches(dtype, mirror):
-    from fastgan.prepared import PreparedLoader
+    from fastgan.data.prepared import PreparedLoader
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
     for rank, world_size, start in [(0, 1, 0), (0, 1, 2), (1, 2, 0)]:  # a whole epoch, a resumed one, a shard
         loaders = [PreparedLoader(pixels, 4, device, channels_last=True, seed=7, mirror=mirror, rank=rank,
@@ -150,7 +150,7 @@ def test_the_prepared_loader_on_cuda_yields_the_cpu_loaders_batches(dtype, mirro
 
 def test_prepare_with_dali_on_the_gpu_is_close_to_pil(faces, tmp_path):
     need_dali()
-    from fastgan.prepared import load_pixels, read_manifest
+    from fastgan.data.prepared import load_pixels, read_manifest
     for decoder in ("pil", "dali-gpu"):
         assert main(["prepare", "--root", str(faces), "--image-size", "32", "--out", str(tmp_path / f"{decoder}.fgd"),
                      "--decoder", decoder]) == 0

@@ -8,7 +8,7 @@ import torch
 from fastgan.config import Config
 from fastgan.errors import FastganError
 from fastgan.graphs import GraphedStep
-from fastgan.prepared import PreparedLoader
+from fastgan.data.prepared import PreparedLoader
 from fastgan.trainer import build_trainer, resolve_precision
 
 CPU = torch.device("cpu")
@@ -67,8 +67,8 @@ def test_the_run_feeds_prepared_batches_in_the_precisions_dtype(tmp_path, monkey
         seen["dtype"] = kwargs.get("dtype")
         real_init(self, *args, **kwargs)
     monkeypatch.setattr(PreparedLoader, "__init__", spy)
-    from fastgan.prepared import prepare
-    from fastgan.files import index_images
+    from fastgan.data.prepared import prepare
+    from fastgan.data.files import index_images
     from conftest import write_images
     write_images(tmp_path / "imgs", 8)
     data_file = prepare(index_images(tmp_path / "imgs", 0), tmp_path / "d.fgd", 16, 3, workers=0)

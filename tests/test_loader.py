@@ -9,7 +9,7 @@ from torchvision import transforms
 
 from conftest import write_images
 from fastgan.errors import FastganError
-from fastgan.pipeline_torch import EpochShuffle, ImageFiles, TorchLoader, epoch_permutation, rank_order
+from fastgan.data.pipeline_torch import EpochShuffle, ImageFiles, TorchLoader, epoch_permutation, rank_order
 
 CPU = torch.device("cpu")
 

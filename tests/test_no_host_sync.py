@@ -15,7 +15,7 @@ import torch
 from fastgan.config import Config
 from fastgan.distributed import Ranks
 from fastgan.interval import IntervalStats
-from fastgan.prepared import PreparedLoader
+from fastgan.data.prepared import PreparedLoader
 from fastgan.report import to_uint8
 from fastgan.sampling import sample
 from fastgan.trainer import build_trainer, resolve_precision

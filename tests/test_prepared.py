@@ -6,9 +6,9 @@ import torch
 
 from fastgan.cli import main
 from fastgan.errors import FastganError
-from fastgan.files import index_images
-from fastgan.pipeline_torch import TorchLoader
-from fastgan.prepared import MAGIC, PreparedLoader, load_pixels, read_manifest
+from fastgan.data.files import index_images
+from fastgan.data.pipeline_torch import TorchLoader
+from fastgan.data.prepared import MAGIC, PreparedLoader, load_pixels, read_manifest
 
 CPU = torch.device("cpu")
 

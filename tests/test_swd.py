@@ -1,4 +1,4 @@
-"""fastgan.swd against plain NumPy: the 5x5 binomial pyramid written as 25 explicit taps, and the whole SWD recipe
+"""fastgan.metrics.swd against plain NumPy: the 5x5 binomial pyramid written as 25 explicit taps, and the whole SWD recipe
 of ProGAN's metrics/sliced_wasserstein.py re-implemented here with the same random draws. Small sets (16 to 64
 images of 32x32: levels 32 and 16), so that the file runs in seconds on a 2-core CPU."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan.errors import FastganError
-from fastgan.swd import (DIRECTION_REPEATS, laplacian_pyramid, pyr_down, pyr_up, sliced_wasserstein_distance,
+from fastgan.metrics.swd import (DIRECTION_REPEATS, laplacian_pyramid, pyr_down, pyr_up, sliced_wasserstein_distance,
                          swd_resolutions)
 
 BINOMIAL = np.array([1, 4, 6, 4, 1], np.float64)
@@ -61,7 +61,7 @@ def reference_pyramid(images: np.ndarray, levels: int) -> list[np.ndarray]:
 
 def reference_swd(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
     """ProGAN's recipe, written as the original is (descriptors, finalize, sliced_wasserstein), drawing from
-    default_rng(seed) in the order fastgan.swd documents."""
+    default_rng(seed) in the order fastgan.metrics.swd documents."""
     rng = np.random.default_rng(seed)
     n, c, h, w = real.shape
     resolutions = []
@@ -143,7 +143,7 @@ def test_swd_equals_a_plain_numpy_implementation_of_the_recipe(monkeypatch, slic
     """Both of gap_sum's ways: these sets' 2,048 projections a side are sorted, as any up to SORTED_UP_TO are; with
     that limit at 0 they go through the binning, as 16,384 images' 2.1 M do."""
     if sliced_distance == "binned":
-        monkeypatch.setattr("fastgan.swd.SORTED_UP_TO", 0)
+        monkeypatch.setattr("fastgan.metrics.swd.SORTED_UP_TO", 0)
     real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
     ours = sliced_wasserstein_distance(real, fake, seed=7)
     expected = reference_swd(real.numpy(), fake.numpy(), seed=7)
@@ -213,7 +213,7 @@ def test_the_torch_path_of_a_gpu_gives_the_numpy_paths_figure():
     the numpy path's, so float32 rounding apart (the same sorted values, summed in another order) the same."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fastgan.swd import _sliced_wasserstein, _sliced_wasserstein_on
+    from fastgan.metrics.swd import _sliced_wasserstein, _sliced_wasserstein_on
     g = torch.Generator().manual_seed(0)
     real, fake = torch.randn(3000, 147, generator=g), torch.randn(3000, 147, generator=g) * 1.1
     with ThreadPoolExecutor(1) as pool:
@@ -240,7 +240,7 @@ def test_swd_on_the_gpu_equals_the_cpu():
 def test_gap_sum_is_the_sum_of_sorted_differences(case):
     """gap_sum integrates the area between the step functions instead of sorting: it must give the sorted
     differences' sum to float32 rounding (the values are moved to bin units in float32: ~1e-7 relative)."""
-    from fastgan.swd import gap_sum
+    from fastgan.metrics.swd import gap_sum
     rng = np.random.default_rng(3)
     n = 5 if case == "tiny" else 200_000  # tiny: sorted (SORTED_UP_TO); the rest binned
     a = rng.standard_normal(n).astype(np.float32)
@@ -263,7 +263,7 @@ def test_gap_sum_subdivides_mixed_bins_exactly(monkeypatch, sort_at_most, per_bi
     """Bins where D may cross zero are cut in 16 parts and settled again, down to MAX_DEPTH rounds: with almost
     nothing left to the final sort (8 values), or with wide bins that leave most values mixed (400 a bin), every
     round must still give the sorted differences' sum."""
-    import fastgan.swd as swd
+    import fastgan.metrics.swd as swd
     monkeypatch.setattr(swd, "SORT_AT_MOST", sort_at_most)
     sorted_sizes = []
     sorted_area = swd._sorted_area
@@ -284,7 +284,7 @@ def test_chunks_and_blocks_do_not_change_the_figure(monkeypatch):
     """The pyramid, the patch gathering, the projections and the directions all go in chunks or blocks sized for
     16,384 images; cut small and uneven (3 images, 5 images, 1,000 rows, blocks of 40 of 128 directions), the
     figures must be the same but for float32 summation order."""
-    import fastgan.swd as swd
+    import fastgan.metrics.swd as swd
     real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
     whole = sliced_wasserstein_distance(real, fake, seed=2)
     monkeypatch.setattr(swd, "PYRAMID_IMAGES_PER_CHUNK", 3)
@@ -300,7 +300,7 @@ def test_channel_statistics_are_numpys_even_on_a_low_contrast_level():
     """Per-channel mean and population std of the descriptors, from chunked column sums and the squares about the
     mean: the same as float64 numpy on values whose mean is 400x their spread (E[x^2] - mean^2 in float32 would
     lose the std there)."""
-    from fastgan.swd import _channel_std_mean
+    from fastgan.metrics.swd import _channel_std_mean
     rng = np.random.default_rng(5)
     values = (rng.standard_normal((20_000, 3, 7, 7)) * [[[[0.5]], [[2.0]], [[30.0]]]] + 200).astype(np.float32)
     std, mean = _channel_std_mean(torch.from_numpy(values), rows=3000)  # uneven chunks
@@ -317,7 +317,7 @@ def test_each_task_gets_its_share_of_torch_threads_and_the_count_comes_back(monk
     a team of all the threads; torch's count is what it was afterwards, also when a task fails. Pool threads keep
     the count they first ran with, so each task must set its own: seen from inside the tasks; torch's and MKL's
     counts seen by the caller afterwards."""
-    import fastgan.swd as swd
+    import fastgan.metrics.swd as swd
     seen = {"pyramids": set(), "projections": set(), "distances": set()}
 
     def spy(name, function):
@@ -351,7 +351,7 @@ def test_each_task_gets_its_share_of_torch_threads_and_the_count_comes_back(monk
 def test_the_thread_count_is_set_back_after_the_pools_tasks_even_on_an_error():
     """A task's torch.set_num_threads can be the process's count afterwards (where the calling thread has not run
     a parallel op of its own yet); SWD sets it back on leaving, also when a task fails."""
-    from fastgan.swd import _threads_restored
+    from fastgan.metrics.swd import _threads_restored
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

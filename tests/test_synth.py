@@ -1,10 +1,10 @@
-"""Tests for fastgan.synth: the procedural CelebA stand-in."""
+"""Tests for fastgan.data.synth: the procedural CelebA stand-in."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fastgan.synth import IMAGE_HEIGHT, IMAGE_WIDTH, draw_face, write_faces
+from fastgan.data.synth import IMAGE_HEIGHT, IMAGE_WIDTH, draw_face, write_faces
 
 
 def _pixels(img):

@@ -18,18 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-import fastgan.evaluate
+import fastgan.metrics.evaluate
 import fastgan.outputs
 import fastgan.trainer
 from fastgan.cli import main
-from fastgan.evaluate import fake_images
-from fastgan.files import find_images
+from fastgan.metrics.evaluate import fake_images
+from fastgan.data.files import find_images
 from fastgan.generate import load_generator
-from fastgan.pipeline_torch import TorchLoader
-from fastgan.prepared import decode_with_pil
+from fastgan.data.pipeline_torch import TorchLoader
+from fastgan.data.prepared import decode_with_pil
 from fastgan.report import image_grid
 from fastgan.step import STAT_NAMES
-from fastgan.swd import sliced_wasserstein_distance
+from fastgan.metrics.swd import sliced_wasserstein_distance
 from test_ema import stylegan2_ada_update
 from test_tensorboard import needs_tensorboard, read_events
 
@@ -65,8 +65,8 @@ def train_watched(root, run, patch, stop_at=None, resume=False):
         seen["weights"].append(copy.deepcopy(netG.state_dict()))
         return stats
     patch.setattr(fastgan.trainer, "train_step", step)
-    measure = fastgan.evaluate.DuringTraining.__call__
-    patch.setattr(fastgan.evaluate.DuringTraining, "__call__",
+    measure = fastgan.metrics.evaluate.DuringTraining.__call__
+    patch.setattr(fastgan.metrics.evaluate.DuringTraining, "__call__",
                   lambda self, netG: (time.sleep(EVAL_SLEEP_S), measure(self, netG))[1])
     plot = fastgan.outputs.plot_losses
     patch.setattr(fastgan.outputs, "plot_losses", lambda steps, g, d, path: (
@@ -230,7 +230,7 @@ def test_a_prepared_files_real_png_and_quality_records_are_what_the_model_sees(s
     batches hold them, flipped where --mirror flips them (unflipped, they are the torch loader's: the --root run's
     real.png); the quality record is SWD against the file's own pixels, of the average generator."""
     root, alone, _ = straight
-    from fastgan.prepared import PreparedLoader, load_pixels
+    from fastgan.data.prepared import PreparedLoader, load_pixels
     data, run = tmp_path / "faces.fgd", tmp_path / "run"
     assert main(["prepare", "--root", str(root), "--image-size", "16", "--out", str(data), "--decoder", "pil",
                  "--workers", "1"]) == 0

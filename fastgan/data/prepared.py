@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import FastganError
-from .atomic import atomic_write
+from ..errors import FastganError
+from ..atomic import atomic_write
 from .files import FileIndex, default_workers, load_image, parallel_map
 from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 

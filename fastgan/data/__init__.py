@@ -1,4 +1,7 @@
-"""The run's data: the file index (or a prepared file) and the loader the run asked for, over this rank's shard.
+"""The data path, from image files to training batches: the file index (files.py), the torchvision and DALI loaders
+(pipeline_torch.py, pipeline_dali.py), prepared data (prepared.py) and the demo faces (synth.py, demo.py). This
+module opens the run's data: the file index (or a prepared file) and the loader the run asked for, over this
+rank's shard.
 
 Every loader keeps one contract (len, set_epoch, iteration over fixed-size [-1, 1] batches, NCHW with
 channels_last memory when asked, on the training device), so the training loop does not know which it has.
@@ -13,12 +16,12 @@ from typing import Callable
 import torch
 from rich.progress import Progress
 
-from . import distributed
-from .config import Config
-from .errors import FastganError
+from .. import distributed
+from ..config import Config
+from ..errors import FastganError
 from .files import FileIndex, default_workers, index_images
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
-from .report import console
+from ..report import console
 
 
 def index_data(cfg: Config) -> FileIndex:

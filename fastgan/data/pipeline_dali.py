@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .errors import FastganError
+from ..errors import FastganError
 from .files import FileIndex, default_workers
 from .pipeline_torch import no_full_batch, rank_order
 

@@ -24,14 +24,14 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint
-from .atomic import atomic_write
-from .config import seed_problem
-from .errors import FastganError
-from .files import cache_dir, default_workers
-from .models import Generator
-from .report import to_uint8
-from .sampling import sample
+from .. import checkpoint
+from ..atomic import atomic_write
+from ..config import seed_problem
+from ..errors import FastganError
+from ..data.files import cache_dir, default_workers
+from ..models import Generator
+from ..report import to_uint8
+from ..sampling import sample
 
 METRICS = ("swd", "fid", "kid")
 DEFAULT_METRICS = ("swd",)  # download-free; FID and KID on request (they need the Inception weights)
@@ -66,7 +66,7 @@ def real_images(image_size: int, nc: int, n: int, seed: int = 0, root: Optional[
     """n real images (all of them where the data holds fewer), as uint8 pixels of the training geometry: from a
     prepared file (`data`), or decoded from the folder `root` exactly as the torch loader decodes them."""
     if data is not None:
-        from .prepared import load_pixels
+        from ..data.prepared import load_pixels
         pixels, manifest = load_pixels(data, image_size, nc, advice=(  # checks the size and the checksum
             f"give --root, or --data with images of the model's size (fastgan prepare --image-size {image_size} "
             f"--nc {nc} makes one)"))
@@ -74,8 +74,8 @@ def real_images(image_size: int, nc: int, n: int, seed: int = 0, root: Optional[
         key = digest("data", manifest["sha256"], image_size, nc, len(picked), seed)
         description = f"{len(picked):,} of the {len(pixels):,} images of {Path(data).expanduser()}"
         return RealImages(pixels[torch.from_numpy(picked)].permute(0, 3, 1, 2).contiguous(), key, description)
-    from .files import index_images
-    from .prepared import decode_with_pil
+    from ..data.files import index_images
+    from ..data.prepared import decode_with_pil
     folder = Path(root).expanduser()
     index = index_images(folder, workers)
     if not index.good:
@@ -231,7 +231,7 @@ def target_of(path: Path) -> Target:
 
 
 def build_generator(target: Target, ema: bool, device: torch.device) -> tuple[Generator, str]:
-    from .generate import generator_from_payload
+    from ..generate import generator_from_payload
     return generator_from_payload(target.payload, target.path, device, ema)
 
 
@@ -267,7 +267,7 @@ def data_of(config: dict) -> tuple[Optional[str], Optional[str]]:
         return None, config["data"]
     if config.get("root"):
         return config["root"], None
-    from .demo import demo_faces
+    from ..data.demo import demo_faces
     return str(demo_faces(config.get("demo_images", 4096), quiet=True)), None
 
 
@@ -305,7 +305,7 @@ def evaluate(path: str | os.PathLike, root: Optional[str] = None, data: Optional
     """Measure the generator(s) at `path` (a run folder: each epoch's checkpoint, or those of `epochs`; or one
     checkpoint or generator file); return one record per checkpoint. A run folder gets the records appended to
     its eval.jsonl and eval.png redrawn from all of them."""
-    from .distributed import resolve_device
+    from ..distributed import resolve_device
     if n < 2:
         raise FastganError(f"--n must be at least 2, got {n}")
     if seed_problem(seed):
@@ -393,7 +393,7 @@ def eval_panels(records: list[dict]) -> list[tuple[str, list]]:
 
 def plot_eval(run: Path) -> Optional[Path]:
     """eval.png: each metric over training (x: epochs), from each epoch's latest record in eval.jsonl."""
-    from .plot import plot_panels
+    from ..plot import plot_panels
     panels = eval_panels(read_records(run / "eval.jsonl"))
     if not panels:
         return None

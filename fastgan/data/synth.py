@@ -26,7 +26,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 IMAGE_WIDTH = 178
 IMAGE_HEIGHT = 218
@@ -257,7 +257,7 @@ def draw_face(seed: int, index: int) -> Image.Image:
 
 
 def _check_seed(seed) -> int:
-    from .config import seed_problem  # the one seed range of every fastgan command
+    from ..config import seed_problem  # the one seed range of every fastgan command
     try:
         value = seed if isinstance(seed, bool) else operator.index(seed)  # numpy integers too
     except TypeError:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from .errors import FastganError
+from ..errors import FastganError
 from .files import load_image
 
 

@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import FastganError
-from .atomic import atomic_write
+from ..errors import FastganError
+from ..atomic import atomic_write
 
 # torchvision's IMG_EXTENSIONS, matched case-insensitively
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from .errors import FastganError
+from ..errors import FastganError
 
 
 def inception_features(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FastganError
+from ..errors import FastganError
 
 SWD_MIN_RESOLUTION = 16  # the coarsest pyramid level: the original's `while res >= 16`
 PATCHES_PER_IMAGE = 128  # 7x7 neighbourhoods drawn per image and level

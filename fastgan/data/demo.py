@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from .files import cache_dir
-from .report import console
+from ..report import console
 from . import synth
 from .synth import write_faces
 
