@@ -143,7 +143,7 @@ def test_swd_equals_a_plain_numpy_implementation_of_the_recipe(monkeypatch, slic
     """Both of gap_sum's ways: these sets' 2,048 projections a side are sorted, as any up to SORTED_UP_TO are; with
     that limit at 0 they go through the binning, as 16,384 images' 2.1 M do."""
     if sliced_distance == "binned":
-        monkeypatch.setattr("fastgan.metrics.swd.SORTED_UP_TO", 0)
+        monkeypatch.setattr("fastgan.metrics.gap_sum.SORTED_UP_TO", 0)
     real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
     ours = sliced_wasserstein_distance(real, fake, seed=7)
     expected = reference_swd(real.numpy(), fake.numpy(), seed=7)
@@ -240,7 +240,7 @@ def test_swd_on_the_gpu_equals_the_cpu():
 def test_gap_sum_is_the_sum_of_sorted_differences(case):
     """gap_sum integrates the area between the step functions instead of sorting: it must give the sorted
     differences' sum to float32 rounding (the values are moved to bin units in float32: ~1e-7 relative)."""
-    from fastgan.metrics.swd import gap_sum
+    from fastgan.metrics.gap_sum import gap_sum
     rng = np.random.default_rng(3)
     n = 5 if case == "tiny" else 200_000  # tiny: sorted (SORTED_UP_TO); the rest binned
     a = rng.standard_normal(n).astype(np.float32)
@@ -263,11 +263,11 @@ def test_gap_sum_subdivides_mixed_bins_exactly(monkeypatch, sort_at_most, per_bi
     """Bins where D may cross zero are cut in 16 parts and settled again, down to MAX_DEPTH rounds: with almost
     nothing left to the final sort (8 values), or with wide bins that leave most values mixed (400 a bin), every
     round must still give the sorted differences' sum."""
-    import fastgan.metrics.swd as swd
-    monkeypatch.setattr(swd, "SORT_AT_MOST", sort_at_most)
+    import fastgan.metrics.gap_sum as gap_sum
+    monkeypatch.setattr(gap_sum, "SORT_AT_MOST", sort_at_most)
     sorted_sizes = []
-    sorted_area = swd._sorted_area
-    monkeypatch.setattr(swd, "_sorted_area", lambda *args: sorted_sizes.append(len(args[0])) or sorted_area(*args))
+    sorted_area = gap_sum._sorted_area
+    monkeypatch.setattr(gap_sum, "_sorted_area", lambda *args: sorted_sizes.append(len(args[0])) or sorted_area(*args))
     rng = np.random.default_rng(4)
     n = 100_000
     for b_scale, b_shift in ((1.0, 0.0), (1.05, 0.02)):
@@ -275,39 +275,44 @@ def test_gap_sum_subdivides_mixed_bins_exactly(monkeypatch, sort_at_most, per_bi
         b = (rng.standard_normal(n) * b_scale + b_shift).astype(np.float32)
         expected = float(np.abs(np.sort(a).astype(np.float64) - np.sort(b)).sum())
         sorted_sizes.clear()
-        assert swd.gap_sum(a.copy(), b.copy(), per_bin=per_bin) == pytest.approx(expected, rel=2e-6)
+        assert gap_sum.gap_sum(a.copy(), b.copy(), per_bin=per_bin) == pytest.approx(expected, rel=2e-6)
         # the subdivision did the work: what reached the sort is a small part of the 2 x 100,000 values
         assert sum(sorted_sizes) < 0.05 * 2 * n, sorted_sizes
 
 
 def test_chunks_and_blocks_do_not_change_the_figure(monkeypatch):
-    """The pyramid, the patch gathering, the projections and the directions all go in chunks or blocks sized for
-    16,384 images; cut small and uneven (3 images, 5 images, 1,000 rows, blocks of 40 of 128 directions), the
+    """The pyramid, the patch gathering and the directions all go in chunks or blocks sized for 16,384 images;
+    cut small and uneven (3 images, 5 images, blocks of 40 of 128 directions), the
     figures must be the same but for float32 summation order."""
     import fastgan.metrics.swd as swd
     real, fake = smooth_faces(16, seed=0), blurred(smooth_faces(16, seed=1))
     whole = sliced_wasserstein_distance(real, fake, seed=2)
     monkeypatch.setattr(swd, "PYRAMID_IMAGES_PER_CHUNK", 3)
     monkeypatch.setattr(swd, "PATCH_IMAGES_PER_CHUNK", 5)
-    monkeypatch.setattr(swd, "PROJECTION_ROWS", 1000)
     monkeypatch.setattr(swd, "PROJECTIONS_PER_BLOCK", 40 * 16 * swd.PATCHES_PER_IMAGE)
     pieces = sliced_wasserstein_distance(real, fake, seed=2)
     for key, value in whole.items():
         assert pieces[key] == pytest.approx(value, rel=1e-6), key
 
 
-def test_channel_statistics_are_numpys_even_on_a_low_contrast_level():
-    """Per-channel mean and population std of the descriptors, from chunked column sums and the squares about the
-    mean: the same as float64 numpy on values whose mean is 400x their spread (E[x^2] - mean^2 in float32 would
-    lose the std there)."""
-    from fastgan.metrics.swd import _channel_std_mean
+def test_descriptors_are_numpys_neighbourhoods_normalised_per_channel_even_at_low_contrast():
+    """Each descriptor is its image's 7x7 neighbourhood of every channel (rows, then columns), centred and divided
+    by its channel's mean and population std over all neighbourhoods and pixels: the same as float64 numpy, on a
+    level whose channels differ in spread (0.5 to 30) and whose mean is 400x the smallest spread, where a std from
+    E[x^2] - mean^2 in float32, or one statistic for all channels, would be far off."""
+    from fastgan.metrics.swd import PATCHES_PER_IMAGE, _descriptors
     rng = np.random.default_rng(5)
-    values = (rng.standard_normal((20_000, 3, 7, 7)) * [[[[0.5]], [[2.0]], [[30.0]]]] + 200).astype(np.float32)
-    std, mean = _channel_std_mean(torch.from_numpy(values), rows=3000)  # uneven chunks
-    assert std.shape == mean.shape == (1, 3, 1, 1)
-    exact = np.float64(values)
-    np.testing.assert_allclose(mean.view(-1).numpy(), exact.mean(axis=(0, 2, 3)), rtol=1e-6)
-    np.testing.assert_allclose(std.view(-1).numpy(), exact.std(axis=(0, 2, 3)), rtol=1e-5)
+    n, size = 6, 16
+    level = (rng.standard_normal((n, 3, size, size)) * [[[[0.5]], [[2.0]], [[30.0]]]] + 200).astype(np.float32)
+    xs, ys = rng.integers(3, size - 3, n * PATCHES_PER_IMAGE), rng.integers(3, size - 3, n * PATCHES_PER_IMAGE)
+    out = torch.empty(n * PATCHES_PER_IMAGE, 3 * 49)
+    ours = _descriptors(torch.from_numpy(level), xs, ys, out=out).numpy()
+    image = np.arange(n * PATCHES_PER_IMAGE) // PATCHES_PER_IMAGE
+    patches = np.stack([level[i, :, y - 3:y + 4, x - 3:x + 4] for i, x, y in zip(image, xs, ys)]).astype(np.float64)
+    mean, std = patches.mean(axis=(0, 2, 3), keepdims=True), patches.std(axis=(0, 2, 3), keepdims=True)
+    expected = ((patches - mean) / std).reshape(len(patches), -1)
+    # float32 values of ~200 carry ~1e-5 absolute rounding; divided by the smallest std (0.5) that is ~3e-5
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [2, 4])

@@ -27,7 +27,6 @@ On the 2-core CPU about a minute (bench/RESULTS.md). With a CUDA device the proj
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Optional
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastganError
+from .gap_sum import gap_sum
 
 SWD_MIN_RESOLUTION = 16  # the coarsest pyramid level: the original's `while res >= 16`
 PATCHES_PER_IMAGE = 128  # 7x7 neighbourhoods drawn per image and level
@@ -45,35 +45,25 @@ DIRECTION_REPEATS = 4
 DIRECTIONS_PER_REPEAT = 128
 DEFAULT_IMAGES = 16384  # ProGAN's count for CelebA-HQ and LSUN tables
 
-PYRAMID_IMAGES_PER_CHUNK = 32  # 32 x 3 x 68 x 68 padded floats, 1.8 MB: the blur's passes stay in the caches
-                               # (3.8x faster than 256 images a chunk on the 2-core CPU)
-PATCH_IMAGES_PER_CHUNK = 256  # patch gathering: 256 x 128 x 3 x 7 int64 run indices, 5.5 MB (small enough to be
-                              # reused from the heap: 44 MB chunks were mapped and faulted in afresh each time)
-PROJECTION_ROWS = 4096  # descriptors projected at once: a (4096, 128) product, 2 MB, transposed while cached
+PYRAMID_IMAGES_PER_CHUNK = 32  # the pyramids built 32 images at a time: the blur's temporaries stay small (the
+                               # whole set at once took 23% longer and 5.9 GB more, bench/RESULTS.md)
+PATCH_IMAGES_PER_CHUNK = 256  # patches gathered 256 images at a time: 5.5 MB of int64 run indices (the whole set's
+                              # at once: 0.8 GB more at 16,384 images)
 PROJECTIONS_PER_BLOCK = 2 ** 28  # float32 projections held at once per side: 1 GB (all 128 directions up to
                                  # 16,384 images, fewer above)
 
-def _blur_pass(x: torch.Tensor, dim: int, size: int, stride: int, gain: float) -> torch.Tensor:
-    """The 5-tap binomial (1 4 6 4 1) / 16 x gain along `dim` of a tensor padded by 2 there: `size` outputs, every
-    `stride`-th kept. Written as (x0 + x4) + 4 (x1 + x3) + 6 x2, five passes over the data instead of nine."""
-    def tap(k: int) -> torch.Tensor:
-        index = [slice(None)] * x.ndim
-        index[dim] = slice(k, k + size, stride)
-        return x[tuple(index)]
-    out = tap(0) + tap(4)
-    return out.add_(tap(1) + tap(3), alpha=4.0).add_(tap(2), alpha=6.0).mul_(gain / 16)
+BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
 
 
 def _convolve(images: torch.Tensor, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
     """Each channel of (N, C, H, W) convolved with the 5x5 binomial outer(1 4 6 4 1) / 256 (cv2.pyrDown's) x gain,
     mirror borders (d c b | a b c d), scipy.ndimage's mode='mirror'; stride 2 keeps the outputs at even rows and
-    columns, [::2, ::2].
-
-    Two 1-D passes of shifted slices: a single-channel 5x5 conv2d is several times slower on the CPU."""
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
-    across = _blur_pass(padded, -1, w, stride, gain ** 0.5)  # gain 4: 2 per pass, exact in binary
-    return _blur_pass(across, -2, h, stride, gain ** 0.5)
+    columns, [::2, ::2]."""
+    n, c, h, w = images.shape
+    kernel = (torch.outer(BINOMIAL, BINOMIAL) * (gain / 256)).view(1, 1, 5, 5)
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect").reshape(n * c, 1, h + 4, w + 4)
+    blurred = F.conv2d(padded, kernel, stride=stride)
+    return blurred.view(n, c, *blurred.shape[-2:])
 
 
 def pyr_down(images: torch.Tensor) -> torch.Tensor:
@@ -170,30 +160,11 @@ def _descriptors(laplacian: torch.Tensor, xs: np.ndarray, ys: np.ndarray, out: t
         first = image_index * (c * size * size) + centres[rows]
         torch.index_select(runs, 0, (first.view(-1, 1) + run_starts).view(-1),
                            out=descriptors[rows].view(-1, PATCH_SIZE))
-    std, mean = _channel_std_mean(descriptors)
+    # per channel over all neighbourhoods and their 7x7 pixels; the population std (numpy's, correction 0)
+    std, mean = torch.std_mean(descriptors, dim=(0, 2, 3), correction=0, keepdim=True)
     if not bool((std > 0).all()):
         raise FastganError(f"SWD is undefined for images without any variation at {size} px (a constant set)")
     return descriptors.sub_(mean).div_(std).view(len(descriptors), -1)
-
-
-def _channel_std_mean(descriptors: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, C, 7, 7) -> the std and mean of each channel over all neighbourhoods and their 7x7 pixels, (1, C, 1, 1)
-    float32; the population std (numpy's, correction 0), from the squares about the mean (two passes, not
-    E[x^2] - mean^2, which cancels on low-contrast levels). Column sums of row chunks, totalled in float64: 5x
-    faster than torch.std_mean over dims (0, 2, 3)."""
-    m, c = descriptors.shape[:2]
-    flat = descriptors.view(m, -1)
-    per_channel = flat.shape[1] // c
-    sums = torch.zeros(flat.shape[1], dtype=torch.float64)
-    for chunk in flat.split(rows):
-        sums += chunk.sum(0)
-    mean = sums.view(c, -1).sum(1) / (m * per_channel)
-    centre = mean.float().repeat_interleave(per_channel)
-    squares = torch.zeros(flat.shape[1], dtype=torch.float64)
-    for chunk in flat.split(rows):
-        squares += (chunk - centre).square_().sum(0)
-    std = (squares.view(c, -1).sum(1) / (m * per_channel)).sqrt()
-    return std.float().view(1, c, 1, 1), mean.float().view(1, c, 1, 1)
 
 
 def _unit_directions(rng: np.random.Generator, dims: int) -> torch.Tensor:
@@ -201,154 +172,6 @@ def _unit_directions(rng: np.random.Generator, dims: int) -> torch.Tensor:
     directions = rng.standard_normal((dims, DIRECTIONS_PER_REPEAT))
     directions /= np.sqrt(np.sum(np.square(directions), axis=0, keepdims=True))
     return torch.from_numpy(directions.astype(np.float32))
-
-
-SORTED_UP_TO = 16384  # gap_sum sorts arrays this short: 0.6 ms against the binning's 0.8 ms on one core
-_workspace = threading.local()  # each sorting thread's index and sign buffers, kept between calls
-
-
-def _buffers(n: int) -> list[torch.Tensor]:
-    """Two int32 and two float32 buffers of n values for this thread, made once: fresh 8 MB arrays each call would
-    cost their page faults, a third of gap_sum's time."""
-    buffers = getattr(_workspace, "buffers", None)
-    if buffers is None or len(buffers[0]) < n:
-        buffers = _workspace.buffers = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32),
-                                        torch.empty(n), torch.empty(n))
-    return [buffer[:n] for buffer in buffers]
-
-
-def gap_sum(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, per_bin: int = 16) -> float:
-    """sum |sort(a) - sort(b)| of two 1-D float32 arrays (numpy or torch, CPU) of equal length, without sorting
-    most of their values (a and b are overwritten).
-
-    For equal counts that sum is the area between the two step functions #a<=t and #b<=t (the 1-D Wasserstein
-    distance, times n). Bin the values (about `per_bin` of each array a bin): where the difference
-    D(t) = #a<=t - #b<=t keeps one sign across a bin, its area there follows from the bin's counts and the sum of
-    its values' places inside it (a dot product with each value's bin sign); only the few bins where D may cross
-    zero (where the two sets' quantiles meet: about 1% of the values for two samples of one Gaussian) are sorted
-    and integrated point by point. Exact but for rounding: the values are moved to bin units in float32 (a
-    relative 1e-7, as the original's own float32 projections). torch ops, which let other threads run: 20 to
-    45 ms for 2 x 2.1 M values on one core (more where the two sets' distribution functions cross more often),
-    3 to 7x less than two numpy sorts."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    n = len(a)
-    if n <= SORTED_UP_TO:  # few values: two numpy sorts cost less than the binning's fixed costs
-        return float(np.abs(np.sort(a.numpy()) - np.sort(b.numpy())).sum(dtype=np.float64))
-    (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)
-    lo, hi = min(float(a_min), float(b_min)), max(float(a_max), float(b_max))
-    if hi <= lo:
-        return 0.0
-    bins = max(2, n // per_bin)
-    scale = float(np.float32((bins - 1) / (hi - lo)))  # hi lands in bin bins - 1, rounding apart
-    index_a, index_b, sign_a, sign_b = _buffers(n)
-    for values, index in ((a, index_a), (b, index_b)):  # bin k holds the values in [k, k + 1)
-        values.sub_(lo).mul_(scale)
-        index.copy_(values)  # >= 0, so truncation is the floor: the bin
-        values.frac_()  # the place inside it, exact
-    count_a = torch.bincount(index_a, minlength=bins)
-    count_b = torch.bincount(index_b, minlength=len(count_a))  # longer only if rounding put a value past bins - 1
-    count_a = F.pad(count_a, (0, len(count_b) - len(count_a)))
-    net = count_a - count_b
-    left = torch.cumsum(net, 0) - net  # D at each bin's left edge: exact integers
-    settled, total = _settle(left, count_a, count_b)
-    sign = settled.float()
-    torch.index_select(sign, 0, index_a, out=sign_a)
-    torch.index_select(sign, 0, index_b, out=sign_b)
-    total -= float(torch.dot(sign_a, a)) - float(torch.dot(sign_b, b))
-    in_a = torch.from_numpy(np.flatnonzero(sign_a.numpy() == 0))  # the values of mixed bins
-    in_b = torch.from_numpy(np.flatnonzero(sign_b.numpy() == 0))
-    if len(in_a) + len(in_b):
-        mixed = settled == 0
-        compact = torch.cumsum(mixed, 0) - 1  # the mixed bins numbered 0, 1, ... in their order
-        take = torch.index_select  # not x[index]: advanced indexing is 8x slower here
-        bins_ = take(compact, 0, torch.cat([take(index_a, 0, in_a), take(index_b, 0, in_b)]))
-        places = torch.cat([take(a, 0, in_a), take(b, 0, in_b)]).double()
-        steps = torch.ones(len(places), dtype=torch.float64)
-        steps[len(in_a):] = -1.0
-        total += _mixed_area(bins_, places, steps, left[mixed])
-    return total / scale
-
-
-def _settle(left: torch.Tensor, count_a: torch.Tensor, count_b: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The bins D keeps one sign across, and their area but for the values' places. Bin k: D is left[k] at its left
-    edge and holds count_a[k] values of a (a step of +1 each) and count_b[k] of b (-1 each). Its sign (int64): +1
-    where D >= 0 across the bin whatever the order inside it, -1 where D <= 0, 0 where D may change sign there
-    (mixed). D's area over a settled bin, integrated on [k, k + 1), is left + net - (sum of a's places in the bin)
-    + (sum of b's), signed: returned is the first part, sum of (left + net) x sign; the caller subtracts the
-    places' (gap_sum and _mixed_area both)."""
-    positive = left - count_b >= 0  # D >= 0 across the bin whatever the order inside it
-    negative = ~positive & (left + count_a <= 0)
-    sign = positive.long() - negative.long()
-    return sign, float(((left + count_a - count_b) * sign).sum())
-
-
-SUBDIVISIONS = 16  # a mixed bin is cut in 16 and settled again, until few values are left to sort
-SORT_AT_MOST = 4096  # values sorted point by point at once; above, bins are subdivided (at most MAX_DEPTH times)
-MAX_DEPTH = 3  # 16^3 parts of a bin: ties, which no subdivision separates, are sorted after three rounds
-
-
-def _mixed_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, left: torch.Tensor,
-                depth: int = 0) -> float:
-    """The area of |D| over the bins that hold these values, in bin units: bin k (int64, 0 .. len(left) - 1)
-    spans [k, k + 1), D is left[k] at its left edge and changes by each value's step (+1 for a, -1 for b; float64)
-    at its place (float64, [0, 1)) inside its bin. Each bin is cut in SUBDIVISIONS equal parts, the parts where D
-    keeps one sign settled from their counts and places as gap_sum settles its bins, and the rest subdivided
-    again, or sorted when few values or MAX_DEPTH rounds remain: two samples of one distribution leave 5% of their
-    values in mixed bins, which one sort of them all took longer than the rest of gap_sum."""
-    if len(bins) <= SORT_AT_MOST or depth == MAX_DEPTH:
-        return _sorted_area(bins, places, steps, left)
-    parts = SUBDIVISIONS
-    places = places * parts  # exact: parts is a power of 2
-    part = bins * parts + places.long()
-    places.frac_()
-    side = (steps < 0).long()  # counts of both sides from one bincount: part p's a-count at 2p, b-count at 2p + 1
-    counts = torch.bincount(part * 2 + side, minlength=len(left) * parts * 2).view(-1, 2)
-    count_a, count_b = counts[:, 0], counts[:, 1]
-    net = count_a - count_b
-    before = (torch.cumsum(net, 0) - net).view(-1, parts)
-    part_left = (left.view(-1, 1) + before - before[:, :1]).view(-1)  # D at each part's left edge
-    settled, total = _settle(part_left, count_a, count_b)
-    value_sign = torch.index_select(settled.double(), 0, part)
-    total -= float(torch.dot(value_sign, places * steps))  # a's places count -, b's +: -(step x place)
-    keep = torch.from_numpy(np.flatnonzero(value_sign.numpy() == 0))
-    if len(keep):
-        mixed = settled == 0
-        compact = torch.cumsum(mixed, 0) - 1
-        take = torch.index_select
-        total += _mixed_area(take(compact, 0, take(part, 0, keep)), take(places, 0, keep), take(steps, 0, keep),
-                             part_left[mixed], depth + 1)
-    return total / parts  # in the parts' units above: a part is 1 / parts of a bin
-
-
-def _sorted_area(bins: torch.Tensor, places: torch.Tensor, steps: torch.Tensor, left: torch.Tensor) -> float:
-    """_mixed_area point by point: |D| integrated between the bins' sorted values."""
-    values, order = torch.sort(bins + places, stable=True)  # bin units, exactly (float64); the bins follow the
-    steps, k = steps[order].long(), bins[order]             # values' order: the bin index is monotone
-
-    change = k[1:] != k[:-1]
-    edge = torch.ones(1, dtype=torch.bool)
-    first, last = torch.cat([edge, change]), torch.cat([change, edge])
-    running = torch.cumsum(steps, 0)
-    starts = torch.nonzero(first).view(-1)
-    before_bin = torch.repeat_interleave(running[starts] - steps[starts],
-                                         torch.diff(starts, append=torch.tensor([len(k)])))
-    after = left[k] + running - before_bin  # D just after each value
-    # the next value, or the bin's right edge
-    following = torch.where(last, k + 1.0, torch.cat([values[1:], values.new_zeros(1)]))
-    total = float((after * (following - values)).abs().sum())
-    # from each bin's left edge to its first value
-    return total + float((left[k[first]] * (values[first] - k[first])).abs().sum())
-
-
-def _warm_allocator() -> None:
-    """Allocate and free one 16 MB block, so that the temporaries below come from the heap, not fresh pages.
-
-    glibc's malloc maps blocks above a threshold (128 KB at first) afresh each time, and gives heap memory back
-    above another; freeing a mapped block raises both to its size and twice that (up to 32 MB): after this the
-    pyramids' and gap_sum's temporaries (a few MB a chunk) are reused instead of faulted in page by page: 1.7 M of
-    2.2 M page faults and 1 to 2 s of the pyramids on the 2-core CPU. Elsewhere than glibc, a block freed."""
-    block = torch.empty(4 << 20)  # float32: 16 MB, mapped (never touched) and freed
-    del block
 
 
 @contextmanager
@@ -374,14 +197,9 @@ def _map(pool: ThreadPoolExecutor, threads: int, function: Callable, *iterables)
 
 
 def _project(descriptors: torch.Tensor, directions: torch.Tensor, out: torch.Tensor) -> None:
-    """out (k, M) = the projections of descriptors (M, D) on directions (D, k), each direction's contiguous (a row,
-    for gap_sum). In chunks of PROJECTION_ROWS descriptors, each transposed into `out` while cached: MKL runs
-    (R, D) @ (D, k) 1.35x faster than (k, D) @ (D, M) here, and the same products (bit for bit)."""
-    chunk = torch.empty(PROJECTION_ROWS, directions.shape[1])
-    for start in range(0, len(descriptors), PROJECTION_ROWS):
-        rows = descriptors[start:start + PROJECTION_ROWS]
-        product = torch.mm(rows, directions, out=chunk[:len(rows)])
-        out[:, start:start + len(rows)].copy_(product.T)
+    """out (k, M) = the projections of descriptors (M, D) on directions (D, k), each direction's a contiguous row
+    (for gap_sum)."""
+    torch.mm(directions.T, descriptors.T, out=out)
 
 
 def _projection_buffers(count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,8 +215,8 @@ def _sliced_wasserstein(real: torch.Tensor, fake: torch.Tensor, rng: np.random.G
                         threads: Optional[int] = None) -> float:
     """Mean over DIRECTION_REPEATS repeats of the mean |sorted real - sorted fake| projection, over all
     descriptors and directions; real and fake (M, D) are projected on the same directions. The pool projects the
-    two sides side by side (half of torch's threads each: one side's chunk transposes overlap the other's
-    matmuls), then measures each direction's sliced distance (gap_sum) as a task, on one torch thread each.
+    two sides side by side (half of torch's threads each), then measures each direction's sliced distance
+    (gap_sum) as a task, on one torch thread each.
     `rows`: two (k, M) buffers from _projection_buffers (k directions a block), reused from the last level when
     given; `threads`: torch's thread count to share out, by default what it is now. On a GPU (`device`) the
     projections and their sorts run there (torch.sort), the draws staying numpy's on the CPU."""
@@ -454,7 +272,6 @@ def sliced_wasserstein_distance(real: torch.Tensor, fake: torch.Tensor, seed: in
     projections and sorts run on the GPU (the descriptors are cut on the CPU): the same figures to float rounding
     (its speed there not yet measured: bench/gpu_check.py's swd-speed part times it)."""
     _check_images(real, fake)
-    _warm_allocator()
     device = torch.device(device)
     real, fake = real.cpu(), fake.cpu()
     n, c, h, w = real.shape
