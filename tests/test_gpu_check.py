@@ -15,6 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
+import gpu_parts  # noqa: E402
 
 # every part that a CPU runs (the rest are CUDA-only and say so)
 CPU_PARTS = [p.name for p in gpu_check.PARTS if not p.cuda_only]
@@ -152,7 +153,7 @@ SKIPPED [2] tests/test_distributed.py:268: needs two CUDA GPUs
 ])
 def test_a_pytest_run_is_judged_by_its_exit_status_and_summary(code, counts, extra, allowed, want_passed, verdict):
     output = "$ python -m pytest -m gpu\n..s.\n" + PYTEST_TAIL.format(extra=extra, counts=counts)
-    result = gpu_check.judge_pytest(code, output, allowed, want_passed)
+    result = gpu_parts.judge_pytest(code, output, allowed, want_passed)
     assert gpu_check.status_text(result) == verdict
 
 

@@ -552,13 +552,13 @@ MUTANTS = [
            "purge_step=None if last is None else last)",
            "a resumed run's TensorBoard hides the last record its checkpoint kept",
            ("tests/test_values.py", "tests/test_tensorboard.py")),
-    # --- bench/gpu_check.py: a false verdict wastes the GPU minutes -------------------------------------------
-    Mutant("gpu-check-literal-count", "bench/gpu_check.py",
+    # --- bench/gpu_check.py and gpu_parts.py: a false verdict wastes the GPU minutes -------------------------------
+    Mutant("gpu-check-literal-count", "bench/gpu_parts.py",
            "    if want_passed and not counts.get(\"passed\"):\n",
            "    if want_passed and counts.get(\"passed\") != 1:\n",
            "gpu_check judges a test part by one literal count of passed tests (a node with two cases fails)",
            ("tests/test_gpu_check.py::test_a_pytest_run_is_judged_by_its_exit_status_and_summary",)),
-    Mutant("gpu-check-any-skip-allowed", "bench/gpu_check.py",
+    Mutant("gpu-check-any-skip-allowed", "bench/gpu_parts.py",
            "                  if not any(allowed in why for allowed in allowed_skips)]\n",
            "                  if False]\n",
            "gpu_check lets a GPU test pass by skipping (\"needs a CUDA GPU\" on the GPU machine)",
