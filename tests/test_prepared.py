@@ -1,5 +1,10 @@
 """fastgan prepare and train --data: the prepared file, its checks, and its loader."""
+import hashlib
 import json
+import struct
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from fastgan.cli import main
 from fastgan.errors import FastganError
 from fastgan.data.files import index_images
 from fastgan.data.pipeline_torch import TorchLoader
+import fastgan.data.prepared
 from fastgan.data.prepared import MAGIC, PreparedLoader, load_pixels, read_manifest
 
 CPU = torch.device("cpu")
@@ -142,3 +148,86 @@ def test_prepare_and_data_errors(prepared, image_folder, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, (argv, err)
     assert not (tmp_path / "x.fgd").exists()
 
+
+
+def test_each_chunk_of_pixels_has_its_own_checksum_and_a_damaged_one_is_named(image_folder, tmp_path, monkeypatch):
+    """With 1,000-byte chunks, 24 16x16 RGB images (18,432 bytes) make 19 checksums, the last over 432 bytes: each
+    is the SHA-256 of its bytes in the file, computed here from the file itself; a flipped byte in chunk 7 is
+    reported as that chunk."""
+    monkeypatch.setattr(fastgan.data.prepared, "CHUNK_BYTES", 1000)
+    path = tmp_path / "chunked.fgd"
+    assert main(["prepare", "--root", str(image_folder), "--image-size", "16", "--out", str(path),
+                 "--workers", "1", "--decoder", "pil"]) == 0
+    manifest, offset = read_manifest(path)
+    pixels = path.read_bytes()[offset:]
+    assert manifest["version"] == 2 and manifest["chunk_bytes"] == 1000 and len(pixels) == 18432
+    assert manifest["chunk_sha256"] == [hashlib.sha256(pixels[i:i + 1000]).hexdigest() for i in range(0, 18432, 1000)]
+    loaded, _ = load_pixels(path, 16, 3)
+    assert loaded.numpy().tobytes() == pixels
+    data = bytearray(path.read_bytes())
+    data[offset + 6 * 1000 + 17] ^= 1
+    damaged = tmp_path / "damaged.fgd"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FastganError, match="fails its checksum .*chunk 7 of 19"):
+        load_pixels(damaged, 16, 3)
+
+
+def write_version_1(path, pixels: bytes, count: int, size: int) -> None:
+    """A file as fastgan wrote it before checksums per chunk: one SHA-256 of all the pixels."""
+    manifest = {"format": "fastgan-data", "version": 1, "source_root": "/old", "count": count, "image_size": size,
+                "nc": 3, "layout": "NHWC", "dtype": "uint8", "decoder": "PIL", "skipped": [],
+                "sha256": hashlib.sha256(pixels).hexdigest(), "created": "2026-11-26 12:00:00"}
+    header = json.dumps(manifest).encode()
+    head = MAGIC + struct.pack("<Q", len(header)) + header
+    path.write_bytes(head + b"\0" * (-len(head) % 64) + pixels)
+
+
+def test_a_version_1_file_is_still_read_and_checked(prepared, tmp_path):
+    manifest, offset = read_manifest(prepared)
+    pixels = prepared.read_bytes()[offset:]
+    old = tmp_path / "old.fgd"
+    write_version_1(old, pixels, manifest["count"], 16)
+    loaded, old_manifest = load_pixels(old, 16, 3)
+    assert old_manifest["version"] == 1 and loaded.numpy().tobytes() == pixels
+    data = old.read_bytes()
+    old.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(FastganError, match="fails its checksum"):
+        load_pixels(old, 16, 3)
+
+
+def test_a_header_whose_checksums_do_not_cover_the_pixels_is_refused(prepared, tmp_path):
+    data = prepared.read_bytes()
+    (length,) = struct.unpack("<Q", data[len(MAGIC):len(MAGIC) + 8])
+    header = json.loads(data[len(MAGIC) + 8:len(MAGIC) + 8 + length])
+    header["chunk_sha256"] = []
+    short = json.dumps(header).encode().ljust(length)  # the same length: the pixels stay where they were
+    bad = tmp_path / "bad.fgd"
+    bad.write_bytes(data[:len(MAGIC) + 8] + short + data[len(MAGIC) + 8 + length:])
+    with pytest.raises(FastganError, match="damaged header"):
+        load_pixels(bad, 16, 3)
+
+
+def test_prepare_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """prepare writes each image as it is decoded: 1,200 images at 128 px (59 MB of pixels, 8x8 sources upscaled,
+    decoded in this process) must raise the peak resident memory by far less than the pixels, which holding them
+    all before writing would add whole. The bound, 24 MB, is generous for the per-image buffers."""
+    from PIL import Image
+    faces = tmp_path / "root" / "faces"
+    faces.mkdir(parents=True)
+    for i in range(1200):
+        Image.new("RGB", (8, 8), (i % 256, i // 256 * 40, 99)).save(faces / f"{i:04d}.png")
+    script = textwrap.dedent(f"""
+        import resource
+        from fastgan.data.files import index_images
+        from fastgan.data.prepared import prepare
+        index = index_images({str(tmp_path / "root")!r}, workers=1, use_cache=False)
+        import numpy  # the decode's own one-off allocations, before the baseline
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        prepare(index, {str(tmp_path / "out.fgd")!r}, 128, 3, workers=1)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+                .stdout.split()[-1])
+    pixels = 1200 * 128 * 128 * 3
+    assert (tmp_path / "out.fgd").stat().st_size > pixels
+    assert grown < 24 << 20, f"peak memory grew by {grown / 2**20:.0f} MB while preparing {pixels / 2**20:.0f} MB"

@@ -3,9 +3,14 @@ centre-cropped as the tutorial does, and `fastgan train --data FILE` holds them 
 so that a batch costs one gather and one conversion instead of a JPEG decode per image.
 
 File format (.fgd): the magic b"FASTGAN-DATA\\n", a little-endian uint64 with the manifest's length, the
-manifest (UTF-8 JSON: source root, count, image size, channels, layout NHWC, the skipped files, the SHA-256
-of the pixels), zero padding to a multiple of 64 bytes, then count * size * size * channels uint8 pixels.
-A truncated or altered file fails its size or checksum test and is refused.
+manifest (UTF-8 JSON: source root, count, image size, channels, layout NHWC, the skipped files, and a SHA-256
+for every CHUNK_BYTES of the pixels), zero padding to a multiple of 64 bytes, then count * size * size * channels
+uint8 pixels. Version 1 (still read) held one SHA-256 of all the pixels instead of one per chunk. A truncated or
+altered file fails its size or checksum test and is refused.
+
+`prepare` streams: each image is written as it is decoded and its chunk's checksum updated, so its memory does not
+grow with the number of images. The manifest is written first with placeholder checksums of the same length,
+and written again over them at the end; the whole file goes through a temporary file, renamed when complete.
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ from .files import FileIndex, default_workers, load_image, parallel_map
 from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 
 MAGIC = b"FASTGAN-DATA\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ALIGN = 64
+CHUNK_BYTES = 64 << 20  # pixels per checksum: a damaged chunk is found without hashing the whole file
 
 
 def _pixels(job: tuple[str, int, int]) -> np.ndarray:
@@ -40,19 +47,63 @@ def _pixels(job: tuple[str, int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, nc)
 
 
+def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str) -> Iterator[np.ndarray]:
+    """The images of `paths` in order, as uint8 (B, S, S, C) arrays of one or more images: PIL in `workers`
+    processes (the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder in batches."""
+    if decoder == "pil":
+        jobs = [(str(p), image_size, nc) for p in paths]
+        with parallel_map(_pixels, jobs, workers) as results:
+            for image in results:
+                yield image[None]
+    else:
+        from .pipeline_dali import decode_all
+        for batch in decode_all(paths, image_size, nc, decoder, threads=workers):
+            yield batch.numpy()
+
+
 def decode_with_pil(paths, pixels: np.ndarray, image_size: int, nc: int, workers: int, progress) -> None:
     """Fill `pixels` with the images, decoded by PIL in `workers` processes: the torch loader's exact pixels."""
-    jobs = [(str(p), image_size, nc) for p in paths]
-    with parallel_map(_pixels, jobs, workers) as results:
-        for i, image in enumerate(results):
-            pixels[i] = image
-            if progress:
-                progress(1)
+    done = 0
+    for images in decoded_images(paths, image_size, nc, workers, "pil"):
+        pixels[done:done + len(images)] = images
+        done += len(images)
+        if progress:
+            progress(len(images))
+
+
+class ChunkDigests:
+    """SHA-256 of every CHUNK_BYTES of a byte stream, computed as the bytes go by; the last chunk may be short."""
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES):
+        self.chunk_bytes, self.digests, self.hash, self.filled = chunk_bytes, [], hashlib.sha256(), 0
+
+    def update(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), self.chunk_bytes - self.filled)
+            self.hash.update(data[:take])
+            self.filled, data = self.filled + take, data[take:]
+            if self.filled == self.chunk_bytes:
+                self.digests.append(self.hash.hexdigest())
+                self.hash, self.filled = hashlib.sha256(), 0
+
+    def finish(self) -> list[str]:
+        if self.filled:
+            self.digests.append(self.hash.hexdigest())
+            self.hash, self.filled = hashlib.sha256(), 0
+        return self.digests
+
+
+def _head(manifest: dict) -> bytes:
+    """The bytes before the pixels: magic, manifest length, manifest, zero padding to ALIGN."""
+    header = json.dumps(manifest).encode()
+    head = MAGIC + struct.pack("<Q", len(header)) + header
+    return head + b"\0" * (-len(head) % ALIGN)
 
 
 def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
             progress: Optional[Callable[[int], None]] = None, decoder: str = "pil") -> Path:
-    """Decode every good file of `index` once and write them to `out` (which must not exist yet).
+    """Decode every good file of `index` once and write them to `out` (which must not exist yet), image by image:
+    memory stays flat whatever the number of images.
 
     decoder: "pil" (all cores; the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder,
     whose resize filter differs from PIL's by a few levels (see pipeline_dali); give DALI an index already
@@ -62,30 +113,33 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
         raise FastganError(f"{out} already exists; choose another --out (fastgan overwrites nothing)")
     count = len(index.good)
     workers = default_workers() if workers is None else workers
-    pixels = np.empty((count, image_size, image_size, nc), dtype=np.uint8)
-    if decoder == "pil":
-        decode_with_pil(index.good, pixels, image_size, nc, workers, progress)
-    else:
-        from .pipeline_dali import decode_all
-        done = 0
-        for batch in decode_all(index.good, image_size, nc, decoder, threads=workers):
-            pixels[done:done + len(batch)] = batch.numpy()
-            done += len(batch)
-            if progress:
-                progress(len(batch))
+    total = count * image_size * image_size * nc
     manifest = {
         "format": "fastgan-data", "version": FORMAT_VERSION, "source_root": str(index.root), "count": count,
         "image_size": image_size, "nc": nc, "layout": "NHWC", "dtype": "uint8",
         "decoder": {"pil": "PIL", "cpu": "DALI (CPU)", "mixed": "DALI (GPU)"}[decoder],
         "skipped": [[str(p), reason] for p, reason in index.bad],
-        "sha256": hashlib.sha256(pixels.data).hexdigest(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "chunk_bytes": CHUNK_BYTES, "chunk_sha256": ["0" * 64] * -(-total // CHUNK_BYTES),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    header = json.dumps(manifest).encode()
-    head = MAGIC + struct.pack("<Q", len(header)) + header
-    head += b"\0" * (-len(head) % ALIGN)
+    placeholder = _head(manifest)
+    digests, written = ChunkDigests(CHUNK_BYTES), 0
     with atomic_write(out) as f:
+        f.write(placeholder)
+        for images in decoded_images(index.good, image_size, nc, workers, decoder):
+            data = memoryview(np.ascontiguousarray(images)).cast("B")
+            digests.update(data)
+            f.write(data)
+            written += len(data)
+            if progress:
+                progress(len(images))
+        if written != total:
+            raise FastganError(f"prepare decoded {written:,} bytes of pixels where {count:,} images make {total:,}")
+        manifest["chunk_sha256"] = digests.finish()
+        head = _head(manifest)
+        assert len(head) == len(placeholder)  # hex digests replace placeholders of their length
+        f.seek(0)
         f.write(head)
-        f.write(pixels.data)
     return out
 
 
@@ -103,9 +157,12 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, int]:
             manifest = json.loads(f.read(length))
         except (struct.error, ValueError):
             raise FastganError(f"--data {path} has a damaged header; prepare it again") from None
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise FastganError(f"--data {path} is format version {manifest.get('version')}; this fastgan reads "
-                           f"version {FORMAT_VERSION}: prepare it again")
+                           f"versions {', '.join(map(str, READABLE_VERSIONS))}: prepare it again")
+    if manifest["version"] >= 2 and not _digests_fit(manifest):
+        raise FastganError(f"--data {path} has a damaged header (its checksums do not cover its pixels); "
+                           "prepare it again")
     offset = len(MAGIC) + 8 + length
     offset += -offset % ALIGN
     expected = offset + manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
@@ -125,11 +182,43 @@ def load_pixels(path: str | os.PathLike, image_size: int, nc: int,
         raise FastganError(f"--data {path} holds {manifest['image_size']}x{manifest['image_size']} images with "
                            f"{manifest['nc']} channel(s); the model wants {image_size}x{image_size} with {nc}: "
                            + advice)
-    count = manifest["count"]
-    pixels = np.fromfile(path, dtype=np.uint8, offset=offset).reshape(count, image_size, image_size, nc)
-    if hashlib.sha256(pixels.data).hexdigest() != manifest["sha256"]:
-        raise FastganError(f"--data {path} fails its checksum (altered or damaged); prepare it again")
+    pixels = np.empty((manifest["count"], image_size, image_size, nc), dtype=np.uint8)
+    flat = memoryview(pixels).cast("B")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for number, (start, end, digest) in enumerate(chunks(manifest)):
+            f.readinto(flat[start:end])
+            if hashlib.sha256(flat[start:end]).hexdigest() != digest:
+                raise FastganError(f"--data {path} fails its checksum (altered or damaged"
+                                   + (f": chunk {number + 1} of {len(manifest['chunk_sha256'])}"
+                                      if "chunk_sha256" in manifest else "") + "); prepare it again")
     return torch.from_numpy(pixels), manifest
+
+
+def _digests_fit(manifest: dict) -> bool:
+    """A version-2 manifest has a positive chunk size and one digest per chunk of its pixels."""
+    size, digests = manifest.get("chunk_bytes"), manifest.get("chunk_sha256")
+    if not isinstance(size, int) or size < 1 or not isinstance(digests, list):
+        return False
+    return len(digests) == -(-manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"] // size)
+
+
+def content_digest(manifest: dict) -> str:
+    """One SHA-256 that names the pixels of a prepared file (for caches keyed by its content): version 1's own,
+    or that of version 2's chunk checksums in order."""
+    if manifest["version"] == 1:
+        return manifest["sha256"]
+    return hashlib.sha256("".join(manifest["chunk_sha256"]).encode()).hexdigest()
+
+
+def chunks(manifest: dict) -> list[tuple[int, int, str]]:
+    """(start, end, SHA-256) of each checksummed byte range of the pixels; version 1 has one, all of them."""
+    total = manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
+    if manifest["version"] == 1:
+        return [(0, total, manifest["sha256"])]
+    size = manifest["chunk_bytes"]
+    return [(start, min(start + size, total), digest)
+            for start, digest in zip(range(0, total, size), manifest["chunk_sha256"])]
 
 
 def to_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:

@@ -66,12 +66,12 @@ def real_images(image_size: int, nc: int, n: int, seed: int = 0, root: Optional[
     """n real images (all of them where the data holds fewer), as uint8 pixels of the training geometry: from a
     prepared file (`data`), or decoded from the folder `root` exactly as the torch loader decodes them."""
     if data is not None:
-        from ..data.prepared import load_pixels
+        from ..data.prepared import content_digest, load_pixels
         pixels, manifest = load_pixels(data, image_size, nc, advice=(  # checks the size and the checksum
             f"give --root, or --data with images of the model's size (fastgan prepare --image-size {image_size} "
             f"--nc {nc} makes one)"))
         picked = choose(len(pixels), n, seed)
-        key = digest("data", manifest["sha256"], image_size, nc, len(picked), seed)
+        key = digest("data", content_digest(manifest), image_size, nc, len(picked), seed)
         description = f"{len(picked):,} of the {len(pixels):,} images of {Path(data).expanduser()}"
         return RealImages(pixels[torch.from_numpy(picked)].permute(0, 3, 1, 2).contiguous(), key, description)
     from ..data.files import index_images
