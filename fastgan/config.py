@@ -13,6 +13,7 @@ from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 
 LOADER_CHOICES = ("auto", "dali", "torch")
 DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
+DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
@@ -101,10 +102,15 @@ class Config:
     demo_images: int = option(4096, "size of the built-in demo set (used without --root)", "data", rule=POSITIVE,
                               metavar="N")
     data: Optional[str] = option(
-        None, "a prepared file (fastgan prepare): images decoded once, held in memory; its image size and channels "
-        "are the file's, and a file of the demo faces trains with the demo preset", "data", metavar="FILE")
+        None, "a prepared file (fastgan prepare): images decoded once, read where --data-memory says; its image size "
+        "and channels are the file's, and a file of the demo faces trains with the demo preset", "data", metavar="FILE")
     mirror: bool = option(False, "with --data: flip a random half of each epoch's images horizontally, another "
                                  "half each epoch", "data")
+    data_memory: str = option("auto", "with --data, where the pixels live: device (GPU memory; RAM on the CPU), host "
+                                      "(RAM, batches copied ahead), disk (the file memory-mapped, read a few batches "
+                                      "ahead); auto: device, else host, else disk, the first that fits in half of "
+                                      "the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
+                              metavar="{auto,device,host,disk}")
     workers: Optional[int] = option(
         None, "torch loader: DataLoader worker processes, 0 to decode in the training process", "data",
         rule=at_least(0, "0 or more"), metavar="N", shown=CORES_LESS_ONE)
@@ -209,6 +215,8 @@ class Config:
             raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:
             raise FastganError(f"{name('mirror')} works with {name('data')} (a prepared file) only")
+        if self.data_memory != "auto" and self.data is None:
+            raise FastganError(f"{name('data_memory')} works with {name('data')} (a prepared file) only")
         return self
 
     def to_dict(self) -> dict[str, Any]:

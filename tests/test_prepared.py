@@ -122,7 +122,7 @@ def test_train_from_a_prepared_file(prepared, tmp_path, capsys):
     assert main(["train", "--data", str(prepared), "--out", str(run), "--epochs", "2", "--ngf", "4", "--ndf", "4",
                  "--nz", "8", "--batch-size", "8", "--quiet", "--mirror", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "24 prepared images in" in err and "loader prepared (cpu memory, mirrored)" in err
+    assert "24 prepared images in" in err and "loader prepared (cpu memory, mirrored; auto: 18.4 KB of " in err
     assert json.loads((run / "config.json").read_text())["image_size"] == 16  # taken from the file
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
     assert (run / "samples" / "real.png").exists()

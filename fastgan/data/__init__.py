@@ -114,17 +114,7 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     """The run's images and the loader over this rank's shard: image files (torch or DALI), or a prepared file.
     `dtype`: the dtype the networks compute in (the precision's), which batches come in where a loader can."""
     if loader_name == "prepared":
-        from .prepared import PreparedLoader, load_pixels
-        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc, advice=(
-            "leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
-            f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}"))
-        # batches in the dtype the networks compute in: autocast then has nothing to cast
-        loader = PreparedLoader(pixels, distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device,
-                                channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror,
-                                rank=ranks.rank, world_size=ranks.world_size, dtype=dtype)
-        return Data(loader, f"loader prepared ({device.type} memory{', mirrored' if cfg.mirror else ''})",
-                    f"{len(pixels):,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
-                    loader.preview, len(pixels))
+        return open_prepared(cfg, device, dtype, ranks)
     index = index_data(cfg)
     if loader_name == "dali":
         from .pipeline_dali import readable_by_dali
@@ -136,3 +126,32 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
         dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
         return torch.stack([dataset[int(j)] for j in epoch_permutation(len(dataset), cfg.seed, 0)[:count]])
     return Data(loader, description, index.summary(), index.bad, preview, len(index.good))
+
+
+def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks) -> Data:
+    """A prepared file's loader, its pixels where --data-memory says (or where they fit, under auto)."""
+    from .prepared import PreparedLoader, load_pixels, read_manifest
+    from .streamed import StreamedLoader, choose_tier, map_pixels
+    advice = ("leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
+              f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}")
+    manifest, _ = read_manifest(cfg.data)
+    nbytes = manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    tier, why = choose_tier(cfg.data_memory, nbytes, device, local_ranks)
+    options = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device=device,
+                   channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror, rank=ranks.rank,
+                   world_size=ranks.world_size, dtype=dtype)  # batches in the dtype the networks compute in
+    if tier == "disk":
+        source, manifest, check = map_pixels(cfg.data, cfg.image_size, cfg.nc, advice)
+        loader, where = StreamedLoader(source, check=check, **options), "disk: the file memory-mapped"
+    else:
+        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc, advice)  # checks every chunk now
+        if tier == "host" and device.type == "cuda":
+            loader, where = StreamedLoader(pixels.numpy(), **options), "host memory, copied ahead"
+        else:  # on the CPU host memory is device memory
+            loader = PreparedLoader(pixels, **options)
+            where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
+    mirrored = ", mirrored" if cfg.mirror else ""
+    return Data(loader, f"loader prepared ({where}{mirrored}; {why})",
+                f"{manifest['count']:,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
+                loader.preview, manifest["count"])

@@ -1,6 +1,8 @@
 """A data set decoded once: `fastgan prepare` writes the validated images as uint8 pixels, already resized and
-centre-cropped as the tutorial does, and `fastgan train --data FILE` holds them in memory (GPU memory on CUDA),
-so that a batch costs one gather and one conversion instead of a JPEG decode per image.
+centre-cropped as the tutorial does, and `fastgan train --data FILE` gathers its batches from them, so that a
+batch costs one gather and one conversion instead of a JPEG decode per image. Here: the file's format, `prepare`,
+and the pixels held in device memory (PreparedLoader, the gather inside the step); streamed.py holds the tiers
+that keep them in host memory or on the disk (--data-memory).
 
 File format (.fgd): the magic b"FASTGAN-DATA\\n", a little-endian uint64 with the manifest's length, the
 manifest (UTF-8 JSON: source root, count, image size, channels, layout NHWC, the skipped files, and a SHA-256
@@ -173,15 +175,19 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, int]:
     return manifest, offset
 
 
+def check_shape(path, manifest: dict, image_size: int, nc: int, advice: str) -> None:
+    if (manifest["image_size"], manifest["nc"]) != (image_size, nc):
+        raise FastganError(f"--data {path} holds {manifest['image_size']}x{manifest['image_size']} images with "
+                           f"{manifest['nc']} channel(s); the model wants {image_size}x{image_size} with {nc}: "
+                           + advice)
+
+
 def load_pixels(path: str | os.PathLike, image_size: int, nc: int,
                 advice: str = "prepare the data again at that size") -> tuple[torch.Tensor, dict]:
     """The pixels (N, S, S, C) uint8 on the CPU, after checking shape against the model and the checksum.
     `advice`: what the user of the calling command can do when the shapes differ (in that command's flags)."""
     manifest, offset = read_manifest(path)
-    if (manifest["image_size"], manifest["nc"]) != (image_size, nc):
-        raise FastganError(f"--data {path} holds {manifest['image_size']}x{manifest['image_size']} images with "
-                           f"{manifest['nc']} channel(s); the model wants {image_size}x{image_size} with {nc}: "
-                           + advice)
+    check_shape(path, manifest, image_size, nc, advice)
     pixels = np.empty((manifest["count"], image_size, image_size, nc), dtype=np.uint8)
     flat = memoryview(pixels).cast("B")
     with open(path, "rb") as f:
@@ -229,64 +235,103 @@ def to_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-class PreparedLoader:
-    """Batches gathered from images held on `device`: one index gather and one table look-up per batch.
+class PreparedBatches:
+    """What every place of prepared pixels shares (device memory, host memory, the mapped file): each epoch's
+    order and flips, and a batch's conversion to what the model takes, so that every place yields the same batches,
+    bit for bit.
 
     Each epoch follows `rank_order(n, seed, epoch, ...)`, the order of the other loaders, so the same seed
     trains on the same batches whichever loader decoded them; `mirror` flips a random half of each epoch's
     images horizontally (from the same seed). Batches come in `dtype`, the model's input dtype (bfloat16 or
     float16 under AMP): each pixel value's [-1, 1] value is looked up in a 256-entry table computed in float32
-    and rounded once, so a half batch is exactly the float32 batch that autocast would have cast.
-
-    Under --cuda-graphs the gather itself runs inside the graph: `in_graph()` gives the capturable function
-    that gathers the next batch at a position kept on the device, and iterating the loader then yields
-    placeholders (None), one per step; set_epoch writes the epoch's order into a device buffer."""
+    and rounded once, so a half batch is exactly the float32 batch that autocast would have cast."""
 
     name = "prepared"
 
-    def __init__(self, pixels: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False,
+    def __init__(self, count: int, batch_size: int, device: torch.device, channels_last: bool = False,
                  seed: int = 0, mirror: bool = False, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32):
-        self.device = torch.device(device)
-        # NHWC uint8 on the device: the whole of CelebA at 64x64 is 2.5 GB (every rank holds all of it, since
-        # each epoch reshuffles the whole set across the ranks)
-        self.pixels = pixels.to(self.device)
+        self.count, self.device = count, torch.device(device)
         self.batch_size, self.channels_last, self.seed, self.mirror = batch_size, channels_last, seed, mirror
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.steps = len(pixels) // (batch_size * world_size)
+        self.steps = count // (batch_size * world_size)
         if self.steps < 1:
-            raise no_full_batch(len(pixels), "prepared images", batch_size, world_size)
+            raise no_full_batch(count, "prepared images", batch_size, world_size)
         # x / 127.5 - 1 is ToTensor's x / 255 followed by Normalize(0.5, 0.5); computed in float32, rounded once
         self.values = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(self.device, dtype)
-        self.graph_feed = None  # the device-side order, flips and position, once in_graph() was asked for
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
         self.epoch, self.start = epoch, start
-        if self.graph_feed is not None:
-            self.graph_feed.load(*self.epoch_plan(), start)
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch_plan(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(this rank's image indices for the epoch in step order, per-image flips or None), on the CPU."""
-        order = rank_order(len(self.pixels), self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
+        order = rank_order(self.count, self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
         flips = None
         if self.mirror:
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 1])
                                                           .generate_state(1)[0]))
-            flips = torch.rand(len(self.pixels), generator=generator) < 0.5
+            flips = torch.rand(self.count, generator=generator) < 0.5
         return order, flips
+
+    def convert(self, pixels: torch.Tensor, flips: Optional[torch.Tensor]) -> torch.Tensor:
+        """uint8 NHWC images on the device (and each one's flip, or None) -> the batch, NCHW in the model's dtype:
+        device work only, no host sync."""
+        batch = self.values[pixels.int()].permute(0, 3, 1, 2)  # NCHW view of NHWC: channels_last
+        if flips is not None:
+            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(3), batch)
+        return batch.contiguous(memory_format=self.memory_format)  # a no-op when already in that format
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 NHWC images `idx` (CPU indices), on the device."""
+        raise NotImplementedError
+
+    def preview(self, count: int) -> torch.Tensor:
+        """The first `count` images of the first epoch as the model sees them, flipped where --mirror flips them,
+        as float32 (for samples/real.png)."""
+        order = epoch_permutation(self.count, self.seed, 0)[:count]
+        images = self.rows(order).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        if self.mirror:
+            epoch, self.epoch = self.epoch, 0
+            flips = self.epoch_plan()[1][order].to(self.device)
+            self.epoch = epoch
+            images = torch.where(flips.view(-1, 1, 1, 1), images.flip(3), images)
+        return images
+
+
+class PreparedLoader(PreparedBatches):
+    """Batches gathered from images held on `device` (--data-memory device): one index gather and one table
+    look-up per batch.
+
+    Under --cuda-graphs the gather itself runs inside the graph: `in_graph()` gives the capturable function
+    that gathers the next batch at a position kept on the device, and iterating the loader then yields
+    placeholders (None), one per step; set_epoch writes the epoch's order into a device buffer."""
+
+    def __init__(self, pixels: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False,
+                 seed: int = 0, mirror: bool = False, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(len(pixels), batch_size, device, channels_last, seed, mirror, rank, world_size, dtype)
+        # NHWC uint8 on the device: the whole of CelebA at 64x64 is 2.5 GB (every rank holds all of it, since
+        # each epoch reshuffles the whole set across the ranks)
+        self.pixels = pixels.to(self.device)
+        self.graph_feed = None  # the device-side order, flips and position, once in_graph() was asked for
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch, start)
+        if self.graph_feed is not None:
+            self.graph_feed.load(*self.epoch_plan(), start)
 
     def gather(self, idx: torch.Tensor, flips: Optional[torch.Tensor]) -> torch.Tensor:
         """The batch of images `idx` (device indices), NCHW in the model's dtype: device work only, no host sync."""
-        batch = self.values[self.pixels[idx].int()].permute(0, 3, 1, 2)  # NCHW view of NHWC: channels_last
-        if flips is not None:
-            batch = torch.where(flips[idx].view(-1, 1, 1, 1), batch.flip(3), batch)
-        return batch.contiguous(memory_format=self.memory_format)  # a no-op when already in that format
+        return self.convert(self.pixels[idx], None if flips is None else flips[idx])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.pixels[idx.to(self.device)]
 
     def __iter__(self) -> Iterator[Optional[torch.Tensor]]:
         if self.graph_feed is not None:  # the graph gathers each batch itself
@@ -303,18 +348,6 @@ class PreparedLoader:
             self.graph_feed = GraphFeed(self)
             self.graph_feed.load(*self.epoch_plan(), self.start)
         return self.graph_feed
-
-    def preview(self, count: int) -> torch.Tensor:
-        """The first `count` images of the first epoch as the model sees them, flipped where --mirror flips them,
-        as float32 (for samples/real.png)."""
-        order = epoch_permutation(len(self.pixels), self.seed, 0)[:count]
-        images = self.pixels[order.to(self.device)].permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        if self.mirror:
-            epoch, self.epoch = self.epoch, 0
-            flips = self.epoch_plan()[1][order].to(self.device)
-            self.epoch = epoch
-            images = torch.where(flips.view(-1, 1, 1, 1), images.flip(3), images)
-        return images
 
 
 class GraphFeed:

@@ -1,0 +1,193 @@
+"""--data-memory: the prepared pixels in device memory, host memory or the memory-mapped file, the same batches
+from each, the mapped file's chunks checked as they are first read, and the choice of a tier."""
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import fastgan.data.streamed as streamed
+from fastgan.cli import main
+from fastgan.errors import FastganError
+from fastgan.data.prepared import MAGIC, PreparedLoader, load_pixels
+from fastgan.data.streamed import StreamedLoader, choose_tier, map_pixels
+
+CPU = torch.device("cpu")
+
+
+def write_prepared(path, pixels: np.ndarray, chunk_bytes: int) -> None:
+    """A version-2 prepared file written from its description (prepared.py's docstring), not by fastgan."""
+    data = pixels.tobytes()
+    count, size, _, nc = pixels.shape
+    manifest = {"format": "fastgan-data", "version": 2, "source_root": "/made/by/the/test", "count": count,
+                "image_size": size, "nc": nc, "layout": "NHWC", "dtype": "uint8", "decoder": "PIL", "skipped": [],
+                "chunk_bytes": chunk_bytes, "created": "2026-12-03 12:00:00",
+                "chunk_sha256": [hashlib.sha256(data[i:i + chunk_bytes]).hexdigest()
+                                 for i in range(0, len(data), chunk_bytes)]}
+    header = json.dumps(manifest).encode()
+    head = MAGIC + struct.pack("<Q", len(header)) + header
+    path.write_bytes(head + b"\0" * (-len(head) % 64) + data)
+
+
+def random_pixels(count: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def prepared_file(tmp_path):
+    path = tmp_path / "set.fgd"
+    write_prepared(path, random_pixels(50), chunk_bytes=1000)  # 192-byte images: some span two chunks
+    return path
+
+
+@pytest.fixture
+def prepared16(tmp_path):
+    """A set training can take (16 px, the smallest --image-size): 24 images of 768 bytes, chunks of 1000."""
+    path = tmp_path / "set16.fgd"
+    write_prepared(path, random_pixels(24, size=16), chunk_bytes=1000)
+    return path
+
+
+def loaders(path, **options):
+    """The three tiers over one file: device (PreparedLoader), host (in RAM, gathered ahead), disk (mapped)."""
+    pixels, _ = load_pixels(path, 8, 3)
+    source, _, check = map_pixels(path, 8, 3, "")
+    return {"device": PreparedLoader(pixels, device=CPU, **options),
+            "host": StreamedLoader(pixels.numpy(), device=CPU, **options),
+            "disk": StreamedLoader(source, device=CPU, check=check, **options)}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(mirror=True, channels_last=True, dtype=torch.bfloat16),
+                                     dict(rank=1, world_size=2, mirror=True)])
+def test_every_tier_yields_the_same_batches_and_resumes_inside_an_epoch(prepared_file, options):
+    tiers = loaders(prepared_file, batch_size=6, seed=5, **options)
+    for epoch in (0, 1):
+        batches = {}
+        for name, loader in tiers.items():
+            loader.set_epoch(epoch)
+            batches[name] = list(loader)
+        assert len(batches["device"]) == (8 if options.get("world_size") != 2 else 4)
+        for name in ("host", "disk"):
+            for ours, theirs in zip(batches[name], batches["device"], strict=True):
+                assert ours.dtype == theirs.dtype and ours.is_contiguous(memory_format=torch.channels_last) == \
+                    theirs.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(ours, theirs), (name, epoch)
+            loader = tiers[name]
+            loader.set_epoch(epoch, start=3)  # resumed after three batches of the epoch
+            resumed = list(loader)
+            assert len(resumed) == len(batches["device"]) - 3
+            assert all(torch.equal(a, b) for a, b in zip(resumed, batches["device"][3:]))
+    for name in ("host", "disk"):
+        assert torch.equal(tiers[name].preview(7), tiers["device"].preview(7))
+
+
+def test_the_disk_tier_checks_each_chunk_when_first_read_and_names_a_damaged_one(prepared_file, tmp_path):
+    source, manifest, check = map_pixels(prepared_file, 8, 3, "")
+    assert not check.checked.any()  # opening reads no pixels
+    loader = StreamedLoader(source, 6, CPU, seed=1, check=check, threads=1, ahead=1)
+    next(iter(loader))
+    touched = check.checked.sum()
+    assert 0 < touched < len(check.checked)  # the first batch's chunks, not all 10
+    data = bytearray(prepared_file.read_bytes())
+    offset = len(data) - 50 * 192
+    data[offset + 4 * 1000 + 3] ^= 1  # chunk 5
+    damaged = tmp_path / "damaged.fgd"
+    damaged.write_bytes(bytes(data))
+    source, _, check = map_pixels(damaged, 8, 3, "")
+    with pytest.raises(FastganError, match=r"damaged.fgd fails its checksum .*chunk 5 of 10"):
+        for _ in StreamedLoader(source, 6, CPU, seed=1, check=check):
+            pass
+
+
+def test_chunk_check_covers_images_that_span_chunks(prepared_file):
+    source, manifest, check = map_pixels(prepared_file, 8, 3, "")
+    check.images(np.array([5]))  # bytes 960..1151: chunks 1 and 2
+    assert check.checked.nonzero()[0].tolist() == [0, 1]
+
+
+def test_the_disk_tier_holds_no_copy_of_the_set(tmp_path):
+    """An epoch from a 98 MB mapped file raises the process's own (anonymous) memory, from before the file is
+    opened (after a warm-up epoch of a small set), by a few batches, not by the set: the pixels it reads are the
+    page cache's (file-backed). malloc is told to give large blocks back when freed, so that its slack (10-41 MB
+    under load without it) does not hide what is held. Measured: 7 MB. Holding the set in memory adds 98 MB
+    (planted np.fromfile: 109 MB); the bound, 30 MB, leaves room for the batches ahead (3 MB each as float32)."""
+    path = tmp_path / "big.fgd"
+    write_prepared(path, random_pixels(2000, size=128), chunk_bytes=4 << 20)  # 48 KB images
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import torch
+        from fastgan.data.streamed import StreamedLoader, map_pixels
+        def anonymous():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        for _ in StreamedLoader(np.zeros((64, 128, 128, 3), np.uint8), 16, torch.device("cpu"), seed=0):
+            pass  # the threads, the allocator's pools and torch's first calls: paid before the baseline
+        before = anonymous()
+        source, manifest, check = map_pixels({str(path)!r}, 128, 3, "")
+        loader = StreamedLoader(source, 16, torch.device("cpu"), seed=0, check=check)
+        print(max(anonymous() for _ in loader) - before)
+    """)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # blocks over 64 KB mapped, and unmapped when freed
+    grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+                .stdout.split()[-1])
+    assert grown < 30 << 20, f"anonymous memory grew by {grown / 2**20:.0f} MB over an epoch of a 98 MB file"
+
+
+def test_auto_picks_device_memory_when_the_set_fits_and_the_file_when_not(monkeypatch):
+    monkeypatch.setattr(streamed, "available_ram", lambda: 10_000_000_000)
+    assert choose_tier("auto", 4_000_000_000, CPU) == ("device", "auto: 4.0 GB of 10.0 GB free RAM")
+    tier, why = choose_tier("auto", 6_000_000_000, CPU)
+    assert tier == "disk" and "6.0 GB of 10.0 GB free RAM, more than half" in why
+    tier, why = choose_tier("auto", 3_000_000_000, CPU, local_ranks=2)  # each rank holds its copy
+    assert tier == "disk" and "3.0 GB x 2 ranks" in why
+    assert choose_tier("host", 1_000, CPU)[0] == "host"
+    with pytest.raises(FastganError, match=r"--data-memory device cannot hold the set: 6.0 GB of 10.0 GB free RAM.*"
+                                           r"--data-memory disk would work"):
+        choose_tier("device", 6_000_000_000, CPU)
+
+
+def test_a_tier_that_cannot_hold_the_set_is_refused_in_one_line_before_anything_is_written(prepared16, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(streamed, "available_ram", lambda: 10_000)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(prepared16), "--out", str(run), "--device", "cpu", "--batch-size", "6",
+            "--ngf", "4", "--ndf", "4", "--nz", "8", "--epochs", "1", "--image-size", "16"]
+    assert main([*argv, "--data-memory", "device"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot hold the set: 18.4 KB of 10.0 KB free RAM" in err and "--data-memory disk would work" in err
+    assert len(err.splitlines()) == 1 and not run.exists()
+    assert main(["train", "--data-memory", "disk", "--device", "cpu"]) == 2
+    assert "--data-memory works with --data" in capsys.readouterr().err
+
+
+def test_a_run_from_the_mapped_file_trains_and_resumes_as_one_from_device_memory(prepared16, tmp_path, capsys):
+    """Where the tiers meet the run: the disk tier's run, stopped after an epoch and resumed, ends with the
+    device tier's straight run's weights, bit for bit."""
+    argv = ["train", "--data", str(prepared16), "--device", "cpu", "--batch-size", "6", "--ngf", "4",
+            "--ndf", "4", "--nz", "8", "--quiet", "--mirror", "--image-size", "16"]
+    assert main([*argv, "--out", str(tmp_path / "device"), "--epochs", "2", "--data-memory", "device"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "disk"), "--epochs", "1", "--data-memory", "disk"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "disk"), "--epochs", "2", "--data-memory", "disk",
+                 "--resume", "auto"]) == 0
+    assert "loader prepared (disk: the file memory-mapped, mirrored; asked for)" in capsys.readouterr().err
+    straight = torch.load(tmp_path / "device" / "netG.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "disk" / "netG.pth", weights_only=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_damaged_chunk_in_a_device_tier_file_is_refused_at_start(prepared_file, tmp_path):
+    data = bytearray(prepared_file.read_bytes())
+    data[-1] ^= 1
+    damaged = tmp_path / "damaged.fgd"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FastganError, match="chunk 10 of 10"):
+        load_pixels(damaged, 8, 3)
+
