@@ -118,7 +118,73 @@ def timed(step, batches: Iterator, steps: int, warmup: int, repeats: int, batch:
     return {"images_per_second": round(statistics.median(rates), 1), "warmup_s": round(warmup_s, 2)}
 
 
-def main() -> int:
+@dataclasses.dataclass
+class Bench:
+    """One bench run: its settings, the same images for every row, and the figures as they come."""
+    args: argparse.Namespace
+    device: torch.device
+    batch: int
+    steps: int  # per timing: 2 steps of ~2.3 s each on a 2-core CPU; 50 on a GPU, where one step is ~2 ms
+    warmup: int
+    repeats: int
+    loader_batches: int  # per loader timing: see bench/loaders.py
+    peak: Optional[float]  # the device's peak matrix TFLOP/s, where known
+    info: dict
+    console: Console
+    base: Config
+    paths: list = dataclasses.field(default_factory=list)  # the images every row reads
+    folder: Optional[Path] = None  # the same images in the tutorial's ImageFolder layout
+    prepared_file: Optional[Path] = None  # the same images prepared (fastgan prepare)
+    results: dict = dataclasses.field(default_factory=lambda: {"loaders": [], "steps": [], "end_to_end": []})
+    configs: dict = dataclasses.field(default_factory=dict)  # each timed row's Config, by row name
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def save(self, **extra) -> None:
+        """Every figure so far to --json: a run cut short (a time limit) still leaves the rows it measured."""
+        if self.args.json:
+            Path(self.args.json).write_text(json.dumps({**self.info, **self.results, **extra}, indent=2) + "\n")
+
+    def peak_figures(self, rate: float) -> dict:
+        """Peak device memory since the last reset, and the step's share of the device's FLOP floor."""
+        figures = {}
+        if self.gpu:
+            figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+        if self.peak:
+            figures["fraction_of_flop_floor"] = round(rate * GFLOP_PER_IMAGE / (self.peak * 1e3), 4)
+        return figures
+
+    def run_rows(self, section: str, rows, make_batches) -> None:
+        """Time each (name, cfg or "skipped: why") row; cfg None is the tutorial, the section's first row and
+        the baseline of every row's ratio."""
+        for name, cfg in rows:
+            if isinstance(cfg, str):
+                self.results[section].append({"row": name, "images_per_second": None, "ratio": None, "note": cfg})
+                self.console.print(f"{section}  {name}: {cfg}")
+                continue
+            if self.gpu:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            batches, loader = make_batches(cfg)
+            step = tutorial_stepper(self.base, self.device) if cfg is None else fastgan_step(cfg, self.device, loader)
+            figures = timed(step, batches, self.steps, self.warmup, self.repeats, self.batch, self.device)
+            rate = figures["images_per_second"]
+            tutorial = self.results[section][0]["images_per_second"] if self.results[section] else rate
+            row = {"row": name, **figures, "ratio": round(rate / tutorial, 3), **self.peak_figures(rate)}
+            if cfg is not None:
+                self.configs[name] = cfg
+                row["settings"] = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
+            self.results[section].append(row)
+            self.save()
+            if hasattr(batches, "close"):
+                batches.close()  # ends the loader's pass (DALI frees its pipeline)
+            del step, batches, loader
+            self.console.print(f"{section}  {name}: {rate:,.1f} images/s, {row['ratio']:.2f}x the tutorial "
+                               f"(warm-up {figures['warmup_s']:.1f} s)")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root", help="image folder (default: the demo faces)")
@@ -135,23 +201,20 @@ def main() -> int:
                         help="the device's peak matrix TFLOP/s, to report steps against the FLOP floor "
                              "[H100, H200: 800 bf16]")
     parser.add_argument("--json", help="write every figure here")
-    args = parser.parse_args()
-    try:
-        device = resolve_device(args.device)
-    except FastganError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 2
+    return parser.parse_args()
 
+
+def settings(args: argparse.Namespace, device: torch.device) -> Bench:
+    """The run's sizes for this device and --quick, printed with the device, versions and commit."""
     gpu = device.type == "cuda"
     batch = args.batch_size or (32 if args.quick else 128)
-    # 2 steps of ~2.3 s each per timing on a 2-core CPU; 50 on a GPU, where one step is ~2 ms
     steps = args.steps or (2 if args.quick else (50 if gpu else 2))
     # compile and capture happen in the warm-up's first calls; on a GPU more warm-up settles cuDNN's autotuning
     # and the clocks, on the CPU every step costs seconds and is steady from the second
     warmup = steps if gpu else 2
     repeats = args.repeats or (2 if args.quick else 3)
     n_images = args.images or (512 if args.quick else 2048)
-    loader_batches = 100 if gpu else (4 if args.quick else 24)  # per loader timing: see bench/loaders.py
+    loader_batches = 100 if gpu else (4 if args.quick else 24)
     gpu_name = torch.cuda.get_device_name(device) if gpu else None
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu_name), None)
     if gpu:
@@ -162,74 +225,49 @@ def main() -> int:
             "image_size": 64, "batch_size": batch, "ngf": args.ngf, "steps_per_timing": steps,
             "warmup_steps": warmup, "repeats": repeats, "images": n_images, "loader_batches_per_timing": loader_batches}
     console.print(" · ".join(f"{k} {v}" for k, v in info.items()))
+    return Bench(args, device, batch, steps, warmup, repeats, loader_batches, peak, info, console,
+                 Config(batch_size=batch, ngf=args.ngf, ndf=args.ngf, quiet=True))
 
-    # ---- data: the same images for every row
-    root = Path(args.root).expanduser() if args.root else demo_faces(max(n_images, 2048))
-    paths = index_images(root).good[:n_images]
+
+def same_images(bench: Bench) -> None:
+    """The images every row reads: --root's (or the demo faces), as the tutorial's ImageFolder and prepared."""
+    n_images = bench.info["images"]
+    root = Path(bench.args.root).expanduser() if bench.args.root else demo_faces(max(n_images, 2048))
+    bench.paths = index_images(root).good[:n_images]
     work = Path(tempfile.mkdtemp(prefix="fastgan-bench-"))
-    folder = work / "images" / "faces"  # the tutorial's ImageFolder layout, as links to these files
-    folder.mkdir(parents=True)
-    for p in paths:
-        (folder / p.name).symlink_to(p)
-    prepared_file = prepare(index_images(folder.parent), work / "images.fgd", 64, 3)
-    base = Config(batch_size=batch, ngf=args.ngf, ndf=args.ngf, quiet=True)
-    results = {"loaders": [], "steps": [], "end_to_end": []}
-    configs: dict[str, Config] = {}  # each timed row's Config, by row name
+    bench.folder = work / "images" / "faces"  # the tutorial's ImageFolder layout, as links to these files
+    bench.folder.mkdir(parents=True)
+    for p in bench.paths:
+        (bench.folder / p.name).symlink_to(p)
+    bench.prepared_file = prepare(index_images(bench.folder.parent), work / "images.fgd", 64, 3)
 
-    def save(**extra) -> None:
-        """Every figure so far to --json: a run cut short (a time limit) still leaves the rows it measured."""
-        if args.json:
-            Path(args.json).write_text(json.dumps({**info, **results, **extra}, indent=2) + "\n")
 
-    def peak_figures(rate: float) -> dict:
-        """Peak device memory since the last reset, and the step's share of the device's FLOP floor."""
-        figures = {}
-        if gpu:
-            figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
-        if peak:
-            figures["fraction_of_flop_floor"] = round(rate * GFLOP_PER_IMAGE / (peak * 1e3), 4)
-        return figures
-
-    def run_rows(section: str, rows, make_batches) -> None:
-        """Time each (name, cfg or "skipped: why") row; cfg None is the tutorial, the section's first row and
-        the baseline of every row's ratio."""
-        for name, cfg in rows:
-            if isinstance(cfg, str):
-                results[section].append({"row": name, "images_per_second": None, "ratio": None, "note": cfg})
-                console.print(f"{section}  {name}: {cfg}")
-                continue
-            if gpu:
-                torch.cuda.reset_peak_memory_stats(device)
-            batches, loader = make_batches(cfg)
-            step = tutorial_stepper(base, device) if cfg is None else fastgan_step(cfg, device, loader)
-            figures = timed(step, batches, steps, warmup, repeats, batch, device)
-            rate = figures["images_per_second"]
-            tutorial = results[section][0]["images_per_second"] if results[section] else rate
-            row = {"row": name, **figures, "ratio": round(rate / tutorial, 3), **peak_figures(rate)}
-            if cfg is not None:
-                configs[name] = cfg
-                row["settings"] = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
-            results[section].append(row)
-            save()
-            if hasattr(batches, "close"):
-                batches.close()  # ends the loader's pass (DALI frees its pipeline)
-            del step, batches, loader
-            console.print(f"{section}  {name}: {rate:,.1f} images/s, {row['ratio']:.2f}x the tutorial "
-                          f"(warm-up {figures['warmup_s']:.1f} s)")
-
-    # ---- 3. end to end on the same images: each loader built once and read epoch after epoch. Measured first:
-    # these rows are the headline, which a run cut short (bench/gpu_check.py's time cap) must have
+def end_to_end(bench: Bench) -> None:
+    """Table 3, measured first: it is the headline, which a run cut short (bench/gpu_check.py's time cap) must
+    have. Each loader is built once and read epoch after epoch; the DALI row runs the best prepared row's step."""
     def loader_batches_for(cfg: Optional[Config]):
         if cfg is None:  # the tutorial: ImageFolder + DataLoader(shuffle=True, num_workers=2)
-            loader = loader_bench.ImagesOnly(tutorial_loader(folder.parent, 64, batch, 2))
+            loader = loader_bench.ImagesOnly(tutorial_loader(bench.folder.parent, 64, bench.batch, 2))
         else:
-            loader = fastgan_loader(cfg, device)
+            loader = fastgan_loader(cfg, bench.device)
         return loader_bench.epochs(loader), loader
 
-    prepared = dataclasses.replace(base, data=str(prepared_file))
-    on_gpu = (lambda cfg: cfg) if gpu else (lambda cfg: "skipped: no CUDA GPU")
-    compiled = (lambda cfg: "skipped: --no-compile") if args.no_compile else (lambda cfg: cfg)
-    e2e_rows = [
+    bench.run_rows("end_to_end", end_to_end_rows(bench), loader_batches_for)
+    ran = [r for r in bench.results["end_to_end"][1:] if r["images_per_second"]]
+    best_prepared = max(ran, key=lambda r: r["images_per_second"])
+    dali_cfg = dataclasses.replace(bench.configs[best_prepared["row"]], data=None, root=str(bench.folder.parent),
+                                   loader="dali", dali_decoder="mixed" if bench.gpu else "cpu")
+    bench.run_rows("end_to_end", [(f"DALI {'GPU' if bench.gpu else 'CPU'} decode + the best step "
+                                   f"({best_prepared['row']})", dali_cfg if dali_available() else
+                                   "skipped: DALI not installed")], loader_batches_for)
+
+
+def end_to_end_rows(bench: Bench) -> list:
+    """The tutorial, then prepared data with each step variant this device can run."""
+    prepared = dataclasses.replace(bench.base, data=str(bench.prepared_file))
+    on_gpu = (lambda cfg: cfg) if bench.gpu else (lambda cfg: "skipped: no CUDA GPU")
+    compiled = (lambda cfg: "skipped: --no-compile") if bench.args.no_compile else (lambda cfg: cfg)
+    rows = [
         ("tutorial: ImageFolder DataLoader (2 workers) + its eager fp32 step", None),
         ("prepared, eager fp32", prepared),
         ("prepared + channels_last", dataclasses.replace(prepared, channels_last=True)),
@@ -237,40 +275,34 @@ def main() -> int:
         # compile in fp32 is the CPU's row (bf16 is emulated on many CPUs); on CUDA it runs in fp16 and bf16 below,
         # a compile fewer for the GPU check's few minutes
         ("prepared + channels_last + compile (fp32)",
-         "skipped: a CPU row; on CUDA compile runs in fp16 and bf16 (rows below)" if gpu else
+         "skipped: a CPU row; on CUDA compile runs in fp16 and bf16 (rows below)" if bench.gpu else
          compiled(dataclasses.replace(prepared, channels_last=True, compile=True))),
     ]
     for precision in ("fp16", "bf16"):
         fast = dataclasses.replace(prepared, channels_last=True, amp=precision)
-        e2e_rows += [
+        rows += [
             (f"prepared + compile ({precision})", on_gpu(compiled(dataclasses.replace(fast, compile=True)))),
             (f"prepared + CUDA graphs ({precision})", on_gpu(dataclasses.replace(fast, cuda_graphs=True))),
             (f"prepared + compile + CUDA graphs ({precision})",
              on_gpu(compiled(dataclasses.replace(fast, compile=True, cuda_graphs=True)))),
         ]
-    run_rows("end_to_end", e2e_rows, loader_batches_for)
-    ran = [r for r in results["end_to_end"][1:] if r["images_per_second"]]
-    best_prepared = max(ran, key=lambda r: r["images_per_second"])
-    decoder = "mixed" if gpu else "cpu"
-    dali_cfg = dataclasses.replace(configs[best_prepared["row"]], data=None, root=str(folder.parent),
-                                   loader="dali", dali_decoder=decoder)
-    run_rows("end_to_end", [(f"DALI {'GPU' if gpu else 'CPU'} decode + the best step ({best_prepared['row']})",
-                             dali_cfg if dali_available() else "skipped: DALI not installed")],
-             loader_batches_for)
+    return rows
 
-    # ---- 2. the step, on a batch already on the device (measured second)
-    real = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
-    amp = "fp16" if gpu else "bf16"  # what --amp picks on this device
-    last = dataclasses.replace(base, channels_last=True)
-    # torch.compile's rows are end-to-end rows only (table 3): on prepared data the loader costs next to nothing,
-    # so they show compile's share as well, and each compile costs a minute of the run
-    step_rows = [
+
+def step_alone(bench: Bench) -> None:
+    """Table 2, measured second: the step on a batch already on the device, handed over as each row's loader
+    would. torch.compile's rows are end-to-end rows only (table 3): on prepared data the loader costs next to
+    nothing, so they show compile's share as well, and each compile costs a minute of the run."""
+    real = torch.rand(bench.batch, 3, 64, 64, device=bench.device) * 2 - 1
+    amp = "fp16" if bench.gpu else "bf16"  # what --amp picks on this device
+    last = dataclasses.replace(bench.base, channels_last=True)
+    rows = [
         ("tutorial step: eager fp32, Sigmoid + BCELoss, 4 .item() per step", None),
-        ("fastgan step, eager fp32 (logits, no host sync, fused Adam, no D grads in G's update)", base),
+        ("fastgan step, eager fp32 (logits, no host sync, fused Adam, no D grads in G's update)", bench.base),
         ("+ channels_last", last),
         (f"+ AMP ({amp})", dataclasses.replace(last, amp=amp)),
         (f"+ CUDA graphs ({amp}, channels_last)",
-         dataclasses.replace(last, amp=amp, cuda_graphs=True) if gpu else "skipped: no CUDA GPU"),
+         dataclasses.replace(last, amp=amp, cuda_graphs=True) if bench.gpu else "skipped: no CUDA GPU"),
     ]
 
     def batch_as_loaded(cfg: Optional[Config]):
@@ -278,29 +310,33 @@ def main() -> int:
         prepared loader's batches are already bf16/fp16 under AMP); fp32 NCHW for the tutorial."""
         if cfg is None:
             return itertools.repeat(real), None
-        dtype = resolve_precision(cfg.amp, device, cfg.cuda_graphs).dtype
+        dtype = resolve_precision(cfg.amp, bench.device, cfg.cuda_graphs).dtype
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         return itertools.repeat(real.to(dtype=dtype, memory_format=memory_format)), None
-    run_rows("steps", step_rows, batch_as_loaded)
+    bench.run_rows("steps", rows, batch_as_loaded)
 
-    # ---- 1. loaders (measured last)
-    cores = default_workers()
-    loader_rows = loader_bench.loader_rows(paths, folder, 64, batch, device, [cores], [0.65])
-    loader_rows.append(("prepared file in memory (fastgan train --data)",
-                        lambda: fastgan_loader(dataclasses.replace(base, data=str(prepared_file),
-                                                                   channels_last=True), device)))
-    for name, make in loader_rows:
+
+def loaders_alone(bench: Bench) -> None:
+    """Table 1, measured last: bench/loaders.py's rows and the prepared file, start-up then images/s."""
+    rows = loader_bench.loader_rows(bench.paths, bench.folder, 64, bench.batch, bench.device, [default_workers()],
+                                    [0.65])
+    rows.append(("prepared file in memory (fastgan train --data)",
+                 lambda: fastgan_loader(dataclasses.replace(bench.base, data=str(bench.prepared_file),
+                                                            channels_last=True), bench.device)))
+    for name, make in rows:
         if isinstance(make, str):
-            results["loaders"].append({"row": name, "images_per_second": None, "note": make})
-            console.print(f"loader  {name}: {make}")
+            bench.results["loaders"].append({"row": name, "images_per_second": None, "note": make})
+            bench.console.print(f"loader  {name}: {make}")
             continue
-        figures = loader_bench.measure(make, batch, repeats, device, loader_batches)
-        results["loaders"].append({"row": name, **figures})
-        save()
-        console.print(f"loader  {name}: start-up {figures['startup_s']:.2f} s, "
-                      f"{figures['images_per_second']:,.0f} images/s, {loader_bench.describe_gap(figures)}")
+        figures = loader_bench.measure(make, bench.batch, bench.repeats, bench.device, bench.loader_batches)
+        bench.results["loaders"].append({"row": name, **figures})
+        bench.save()
+        bench.console.print(f"loader  {name}: start-up {figures['startup_s']:.2f} s, "
+                            f"{figures['images_per_second']:,.0f} images/s, {loader_bench.describe_gap(figures)}")
 
-    # ---- tables
+
+def print_tables(bench: Bench) -> None:
+    results, console = bench.results, bench.console
     loader_table = Table(title="loaders: start-up, then steady images/s from the same loader, epoch after epoch")
     for column in ("", "start-up (s)", "images/s", "vs tutorial", "epoch boundary"):
         loader_table.add_column(column, justify="right" if column else "left")
@@ -313,20 +349,25 @@ def main() -> int:
     for title, section in [("training step, data on the device (images/s)", "steps"),
                            ("end to end, same images (images/s)", "end_to_end")]:
         table = Table(title=title)
-        columns = ["", "images/s", "vs tutorial"] + ["peak MB"] * gpu + ["of FLOP floor"] * bool(peak)
+        columns = ["", "images/s", "vs tutorial"] + ["peak MB"] * bench.gpu + ["of FLOP floor"] * bool(bench.peak)
         for column in columns:
             table.add_column(column, justify="right" if column else "left")
         for r in results[section]:
             rate = r["images_per_second"]
             cells = [r["row"], f"{rate:,.1f}" if rate else r["note"], f"{r['ratio']:.2f}x" if rate else ""]
-            if gpu:
+            if bench.gpu:
                 cells.append(f"{r['peak_memory_mb']:,}" if rate else "")
-            if peak:
+            if bench.peak:
                 cells.append(f"{r['fraction_of_flop_floor']:.1%}" if rate else "")
             table.add_row(*cells)
         console.print(table)
 
-    best = max((r for r in results["end_to_end"][1:] if r["images_per_second"]), key=lambda r: r["images_per_second"])
+
+def judge_targets(bench: Bench) -> None:
+    """The best end-to-end row, and on a GPU whether it meets DESIGN.md's targets; the last figures saved."""
+    gpu, console = bench.gpu, bench.console
+    best = max((r for r in bench.results["end_to_end"][1:] if r["images_per_second"]),
+               key=lambda r: r["images_per_second"])
     met = gpu and best["images_per_second"] >= TARGET_IMAGES_PER_SECOND and best["ratio"] >= TARGET_RATIO
     stretch = gpu and best["images_per_second"] >= STRETCH_IMAGES_PER_SECOND
     targets = {"images_per_second": TARGET_IMAGES_PER_SECOND, "ratio": TARGET_RATIO,
@@ -340,8 +381,24 @@ def main() -> int:
         ("met" if met else "NOT met") + f"; stretch {'met' if stretch else 'not met'}" if gpu
         else "not judged, no CUDA GPU in this run"))
     console.print(f"peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB · "
-                  + " · ".join(f"{k} {v}" for k, v in info.items()))
-    save(best_end_to_end=best["row"], end_to_end_ratio=best["ratio"], targets=targets)
+                  + " · ".join(f"{k} {v}" for k, v in bench.info.items()))
+    bench.save(best_end_to_end=best["row"], end_to_end_ratio=best["ratio"], targets=targets)
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        device = resolve_device(args.device)
+    except FastganError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    bench = settings(args, device)
+    same_images(bench)
+    end_to_end(bench)  # measured in the order 3, 2, 1: a run cut short has the headline
+    step_alone(bench)
+    loaders_alone(bench)
+    print_tables(bench)
+    judge_targets(bench)
     return 0
 
 
