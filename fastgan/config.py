@@ -1,6 +1,6 @@
 """The training options: one typed dataclass, each field declared once (its default, flag, help, rule and argument
-group), from which `fastgan train`'s parser (cli.py), the validation (Config.validate) and the README's options
-table (options_table) are all built. The run folder keeps the options as config.json.
+group), from which `fastgan train`'s parser (cli.py), the validation (Config.validate) and the options
+table of docs/options.md (options_table) are all built. The run folder keeps the options as config.json.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def option(default, help: str, group: str, *, rule: Optional[Rule] = None, metav
            commands: tuple[str, ...] = ("train",)):
     """A Config field and its command-line option, declared once.
 
-    help: what it does (the README's table and --help); group: its --help section; rule: its check (None: a
+    help: what it does (docs/options.md's table and --help); group: its --help section; rule: its check (None: a
     plain choice, a path or a switch); metavar: how --help writes its value (None: a switch); flag: where it is not
     --field-name; shown: its default in words where the value alone would mislead (None: the value, and the demo
     preset's where that differs); nargs/const: a flag that may stand alone (--ema, --amp)."""
@@ -239,7 +239,7 @@ def options(command: str = "train") -> list[dataclasses.Field]:
 
 
 def default_shown(field: dataclasses.Field) -> str:
-    """The default as --help and the README write it: 'the value; demo the preset's' where the demo differs."""
+    """The default as --help and docs/options.md write it: 'the value; demo the preset's' where the demo differs."""
     meta = field.metadata
     if meta["shown"] is not None:
         return meta["shown"]
@@ -252,7 +252,7 @@ def default_shown(field: dataclasses.Field) -> str:
 
 
 def options_table() -> str:
-    """The README's table of `fastgan train`'s options, from their declarations."""
+    """docs/options.md's table of `fastgan train`'s options, from their declarations."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for field in options("train"):
         meta = field.metadata

@@ -528,13 +528,13 @@ def test_compile_on_the_cpu_does_not_print_torchs_no_cuda_runtime_warning():
     assert quiet.returncode == 0 and "No CUDA runtime is found" not in quiet.stderr, quiet.stderr
 
 
-def test_the_readmes_options_table_is_the_one_the_declarations_make():
-    """Each option is declared once (fastgan/config.py); the README's table is made from that, not typed."""
+def test_the_docs_options_table_is_the_one_the_declarations_make():
+    """Each option is declared once (fastgan/config.py); docs/options.md's table is made from that, not typed."""
     from fastgan.config import options_table
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("<!-- options-table")
-    table = readme[readme.index("\n", start) + 1:readme.index("<!-- /options-table -->")].strip()
-    assert table == options_table(), ("README.md's options table is not the declarations': paste the output of "
+    page = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    start = page.index("<!-- options-table")
+    table = page[page.index("\n", start) + 1:page.index("<!-- /options-table -->")].strip()
+    assert table == options_table(), ("docs/options.md's options table is not the declarations': paste the output of "
                                       "python -c 'from fastgan.config import options_table; print(options_table())'")
 
 

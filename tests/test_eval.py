@@ -230,7 +230,7 @@ def test_eval_png_draws_measurements_of_other_sizes_apart_and_says_so(tmp_path):
 
 
 def test_the_python_api(ema_run, tmp_path):
-    """As the README's Python section writes it."""
+    """As docs/python.md writes it."""
     from fastgan.metrics.evaluate import evaluate as evaluate_api
     from fastgan.generate import generate, interpolate
     records = evaluate_api(ema_run, n=8, epochs=[2], device="cpu", workers=1)

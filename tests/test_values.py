@@ -1,6 +1,6 @@
 """The values a run promises, checked against independent computations, where the features meet: one tiny run with
 --ema, --eval-every 2, --tensorboard and --amp fp16 together, and the same run stopped inside a log interval and
-resumed. tests/README.md lists every promise of the README and the test that checks its value.
+resumed. tests/README.md lists every promise of the README and docs/ and the test that checks its value.
 
 A spy on the training step keeps each step's own statistics and G's weights after it; the records, the moving
 average, the quality records, TensorBoard's events, the images/s and the sample images are recomputed from them
