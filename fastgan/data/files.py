@@ -7,14 +7,16 @@ on CelebA's 202,599 files only stats them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -153,19 +155,41 @@ def _write_cache(path: Path, root: Path, entries: dict) -> None:
 
 
 @contextmanager
-def parallel_map(function: Callable, items: list, workers: int) -> Iterator:
+def parallel_map(function: Callable, items: Iterable, workers: int, count: Optional[int] = None) -> Iterator:
     """function(item) for every item, in order, in `workers` processes; in this process when there is one
-    worker or too few items (under 64) to be worth starting processes. Work not yet done is cancelled when the
+    worker or too few items (under 64) to be worth starting processes. `count`: the number of items, where
+    `items` has no len(). The items go to the workers a few chunks at a time, so that neither the work not yet
+    sent nor the results not yet read pile up, whatever their number. Work not yet done is cancelled when the
     block ends early (an error, Ctrl-C)."""
-    if workers <= 1 or len(items) < 64:
+    count = len(items) if count is None else count
+    if workers <= 1 or count < 64:
         yield map(function, items)
         return
     executor = ProcessPoolExecutor(workers)
     try:
         # chunks of up to 256 items, at least 8 per worker: few round trips, and the work stays balanced
-        yield executor.map(function, items, chunksize=max(1, min(256, len(items) // (8 * workers))))
+        chunk = max(1, min(256, count // (8 * workers)))
+        yield _in_chunks(executor, function, iter(items), chunk, CHUNKS_IN_FLIGHT_PER_WORKER * workers)
     finally:
         executor.shutdown(cancel_futures=True)
+
+
+CHUNKS_IN_FLIGHT_PER_WORKER = 4  # sent ahead of the results read: the workers never wait for the reader
+
+
+def _in_chunks(executor: ProcessPoolExecutor, function: Callable, items: Iterator, chunk: int,
+               in_flight: int) -> Iterator:
+    pending = deque()
+    while True:
+        while len(pending) < in_flight and (part := list(itertools.islice(items, chunk))):
+            pending.append(executor.submit(_map_chunk, function, part))
+        if not pending:
+            return
+        yield from pending.popleft().result()
+
+
+def _map_chunk(function: Callable, part: list) -> list:
+    return [function(item) for item in part]
 
 
 def index_images(root: str | os.PathLike, workers: Optional[int] = None,

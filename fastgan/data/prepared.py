@@ -53,8 +53,8 @@ def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str) 
     """The images of `paths` in order, as uint8 (B, S, S, C) arrays of one or more images: PIL in `workers`
     processes (the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder in batches."""
     if decoder == "pil":
-        jobs = [(str(p), image_size, nc) for p in paths]
-        with parallel_map(_pixels, jobs, workers) as results:
+        jobs = ((str(p), image_size, nc) for p in paths)  # made as the workers take them
+        with parallel_map(_pixels, jobs, workers, count=len(paths)) as results:
             for image in results:
                 yield image[None]
     else:
