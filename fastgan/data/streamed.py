@@ -100,7 +100,7 @@ class ChunkCheck:
         self.chunk_bytes = self.ranges[0][1] - self.ranges[0][0]
         self.image_bytes = manifest["image_size"] ** 2 * manifest["nc"]
         self.checked = np.zeros(len(self.ranges), dtype=bool)
-        self.lock = threading.Lock()
+        self.locks = [threading.Lock() for _ in self.ranges]
 
     def images(self, idx: np.ndarray) -> None:
         """Verify the chunks that hold the images `idx` and were not verified yet."""
@@ -109,16 +109,17 @@ class ChunkCheck:
         spans = first if (last == first).all() else np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)])
         needed = np.unique(spans)
         needed = needed[~self.checked[needed]]
-        if len(needed):
-            with self.lock:
-                for number in needed:
-                    if self.checked[number]:  # another thread got there first
-                        continue
-                    start, end, digest = self.ranges[number]
-                    if hashlib.sha256(memoryview(self.flat[start:end])).hexdigest() != digest:
-                        raise FastganError(f"--data {self.path} fails its checksum (altered or damaged: chunk "
-                                           f"{number + 1} of {len(self.ranges)}); prepare it again")
-                    self.checked[number] = True
+        # in a shuffled order: the threads gathering the first batches need the same chunks, and hash different
+        # ones at once (hashlib lets go of the GIL) instead of queueing for each in turn
+        for number in np.random.default_rng().permutation(needed):
+            with self.locks[number]:
+                if self.checked[number]:  # another thread got there first
+                    continue
+                start, end, digest = self.ranges[number]
+                if hashlib.sha256(memoryview(self.flat[start:end])).hexdigest() != digest:
+                    raise FastganError(f"--data {self.path} fails its checksum (altered or damaged: chunk "
+                                       f"{number + 1} of {len(self.ranges)}); prepare it again")
+                self.checked[number] = True
 
 
 def map_pixels(path: str | os.PathLike, image_size: int, nc: int, advice: str) -> tuple[np.ndarray, dict, ChunkCheck]:
