@@ -370,6 +370,22 @@ def part_swd_speed(check: Check) -> Result:
                                 f"{figures['seconds']:.1f} s", figures=figures)
 
 
+def part_data_tiers(check: Check) -> Result:
+    """bench/data_scale.py: prepare's time and memory, and each --data-memory tier's images/s against the step's."""
+    sizes = (["--counts", 256, "--image-size", 16, "--faces", 16, "--batch-size", 16, "--batches", 4, "--ngf", 8,
+              "--device", "cpu"]
+             if check.cpu else ["--counts", 100_000, "--image-size", 64])
+    figures = bench_figures(check, "bench/data_scale.py", ["--work", check.work / "scale", *sizes])
+    step = figures.get("step", {}).get("images_per_second")
+    last = figures["sets"][-1] if figures.get("sets") else {}
+    tiers = [f"{tier} {last[tier]['images_per_second']:,} img/s" for tier in ("device", "host", "disk", "disk_cold")
+             if isinstance(last.get(tier), dict) and "images_per_second" in last[tier]]
+    if not tiers:
+        raise PartFailed(f"bench/data_scale.py measured no tier: {last}")
+    return Result("passed", key=f"{last['count']:,} images: " + ", ".join(tiers)
+                  + (f"; the step {step:,.0f} img/s" if step else ""), figures=figures)
+
+
 BEST = ["--compile", "--cuda-graphs", "--amp", "bf16", "--channels-last"]  # the headline mode, as users run it
 PARTS = [
     # the default plan, in order of value; estimates add up to 480 s (see gpu_check.GPU_BUDGET_S)
@@ -411,6 +427,8 @@ PARTS = [
          groups=("train", "dali"), extra=True),
     Part("torchrun", "torchrun --nproc_per_node 1 -m fastgan train --data, over NCCL (--cpu: gloo)",
          part_torchrun, 30, 120, needs=("prepare",), groups=("train",), extra=True),
+    Part("data-tiers", "bench/data_scale.py --counts 100000 --image-size 64: prepare, then each --data-memory "
+         "tier's images/s (host: pinned, side stream) against the step's", part_data_tiers, 60, 180, extra=True),
     Part("fid-speed", "bench/fid_speed.py: FID of 50,000 generated 64x64 images (random Inception weights)",
          part_fid_speed, 60, 150, groups=("quality",), extra=True),
 ]

@@ -191,3 +191,29 @@ def test_a_damaged_chunk_in_a_device_tier_file_is_refused_at_start(prepared_file
     with pytest.raises(FastganError, match="chunk 10 of 10"):
         load_pixels(damaged, 8, 3)
 
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_host_and_disk_tiers_copy_through_pinned_memory_and_give_the_device_tiers_batches(prepared_file):
+    """On CUDA the host and disk tiers gather into pinned memory and copy on a side stream that the step's stream
+    waits on: the batches are the device tier's, bit for bit, and nothing waits on the host (each batch's copy is
+    ordered on the device; the gathering is the pool's). The step's stream is a non-default one, as under
+    --cuda-graphs' warm-up, so that an ordering bug shows as a wrong batch."""
+    cuda = torch.device("cuda")
+    pixels, _ = load_pixels(prepared_file, 8, 3)
+    source, _, check = map_pixels(prepared_file, 8, 3, "")
+    options = dict(batch_size=6, device=cuda, seed=5, mirror=True, channels_last=True, dtype=torch.float16)
+    device = PreparedLoader(pixels, **options)
+    host = StreamedLoader(pixels.numpy(), **options)
+    disk = StreamedLoader(source, check=check, **options)
+    assert host.copies is not None and host.host_rows(np.arange(3)).is_pinned()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for loader in (device, host, disk):
+            loader.set_epoch(1)
+        expected = list(device)
+        for tier in (host, disk):
+            got = [batch.clone() for batch in tier]
+            stream.synchronize()
+            assert len(got) == len(expected)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), tier
