@@ -217,3 +217,20 @@ def test_on_cuda_the_host_and_disk_tiers_copy_through_pinned_memory_and_give_the
             stream.synchronize()
             assert len(got) == len(expected)
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), tier
+
+
+def test_a_damaged_chunk_found_during_a_disk_tier_run_stops_it_in_one_line(prepared16, tmp_path, capsys):
+    """The disk tier finds damage only when a batch first touches it, after the run has started: the run stops
+    with the chunk's name, exit 2 and no traceback, and its folder is set aside when the same --out runs again."""
+    data = bytearray(prepared16.read_bytes())
+    data[-1] ^= 1
+    damaged = tmp_path / "damaged.fgd"
+    damaged.write_bytes(bytes(data))
+    argv = ["train", "--device", "cpu", "--batch-size", "6", "--ngf", "4", "--ndf", "4", "--nz", "8", "--quiet",
+            "--image-size", "16", "--epochs", "1", "--data-memory", "disk", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--data", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"fastgan: error: --data {damaged} fails its checksum (altered or damaged: chunk 19 of 19); "
+                       "prepare it again")
+    assert main([*argv, "--data", str(prepared16)]) == 0
+    assert (tmp_path / "run" / "netG.pth").is_file() and (tmp_path / "run" / "unfinished-1").is_dir()
