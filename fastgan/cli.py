@@ -1,4 +1,4 @@
-"""The `fastgan` command: train, generate, eval, prepare, synth. It only builds options; the work is in train(),
+"""The `fastgan` command: train, generate, eval, prepare, cache, synth. It only builds options; the work is in train(),
 generate(), evaluate() and the others."""
 from __future__ import annotations
 
@@ -237,6 +237,40 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", formatter_class=HelpFormatter,
+                       help="show or remove the decoded images `fastgan train --root` keeps",
+                       description=paragraphs(
+                           "fastgan train --root (--loader auto or cache) decodes the images once into a cache file "
+                           "and trains from it; a changed folder, image size or decoder makes a new file. `list` "
+                           "shows them with their sizes, newest use first; `clear` removes the named ones, or all "
+                           "of them (a file being written is left alone). Defaults are in [brackets]."))
+    p.add_argument("action", choices=("list", "clear"), help="list: show the files; clear: remove them")
+    p.add_argument("names", nargs="*", metavar="NAME", help="with clear: the files to remove (as list names them) "
+                                                            "[all of them]")
+    p.add_argument("--cache-dir", metavar="DIR", help="the cache's folder [~/.cache/fastgan/prepared]")
+    p.set_defaults(func=run_cache, parser=p)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from .data.cache import cache_files, cache_folder, clear, describe
+    from .data.streamed import gb
+    from .report import plural
+    folder = cache_folder(args.cache_dir)
+    if args.action == "list":
+        if args.names:
+            raise FastganError("cache list takes no file names; `fastgan cache clear NAME` removes one")
+        rows = cache_files(folder)
+        for row in rows:  # the listing is the command's output: stdout, a line each
+            print(describe(row))
+        print(f"{plural(len(rows), 'cache file')}, {gb(sum(r['bytes'] for r in rows))}, in {folder}")
+        return 0
+    removed = clear(folder, args.names)
+    print(f"fastgan: removed {plural(len(removed), 'cache file')} ({gb(sum(removed.values()))} freed) "
+                  f"from {folder}")
+    return 0
+
+
 def add_prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", formatter_class=HelpFormatter, help="decode a folder of images once, for --data",
                        description=paragraphs(
@@ -376,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "`fastgan train` (on the demo faces without --root), then `fastgan generate`.")
     parser.add_argument("--version", action="version", version=f"fastgan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_train_parser, add_generate_parser, add_eval_parser, add_prepare_parser, add_synth_parser):
+    for add in (add_train_parser, add_generate_parser, add_eval_parser, add_prepare_parser, add_cache_parser,
+                add_synth_parser):
         add(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"  # every command, in --help and in the error without one
     return parser

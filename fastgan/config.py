@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 from .errors import FastganError
 from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 
-LOADER_CHOICES = ("auto", "dali", "torch")
+LOADER_CHOICES = ("auto", "cache", "dali", "torch")
 DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
 DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
@@ -106,7 +106,7 @@ class Config:
         "and channels are the file's, and a file of the demo faces trains with the demo preset", "data", metavar="FILE")
     mirror: bool = option(False, "with --data: flip a random half of each epoch's images horizontally, another "
                                  "half each epoch", "data")
-    data_memory: str = option("auto", "with --data, where the pixels live: device (GPU memory; RAM on the CPU), host "
+    data_memory: str = option("auto", "with --data or the cache, where the pixels live: device (GPU memory; RAM on the CPU), host "
                                       "(RAM, batches copied ahead), disk (the file memory-mapped, read a few batches "
                                       "ahead); auto: device, else host, else disk, the first that fits in half of "
                                       "the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
@@ -114,8 +114,13 @@ class Config:
     workers: Optional[int] = option(
         None, "torch loader: DataLoader worker processes, 0 to decode in the training process", "data",
         rule=at_least(0, "0 or more"), metavar="N", shown=CORES_LESS_ONE)
-    loader: str = option("auto", "auto: DALI on CUDA when installed (pip install \"fastgan[dali]\"), torch "
-                                 "otherwise", "data", rule=one_of(LOADER_CHOICES), metavar="{auto,dali,torch}")
+    loader: str = option("auto", "cache: decode the images once into a cache file (DALI on the GPU when installed, "
+                                 "else PIL on all cores) and train from it; torch or dali: decode every epoch "
+                                 "(pip install \"fastgan[dali]\"); auto: cache where its disk has room, else dali on "
+                                 "CUDA when installed, else torch", "data", rule=one_of(LOADER_CHOICES),
+                         metavar="{auto,cache,dali,torch}")
+    cache_dir: Optional[str] = option(None, "where --loader cache keeps its files (fastgan cache list|clear)", "data",
+                                      metavar="DIR", shown="~/.cache/fastgan/prepared")
     dali_decoder: str = option("auto", "DALI's JPEG decoding: mixed on the GPU, cpu on the CPU; auto: mixed on "
                                        "CUDA", "data", rule=one_of(DALI_DECODER_CHOICES), metavar="{auto,cpu,mixed}")
     dali_threads: Optional[int] = option(None, "DALI's CPU threads", "data", rule=POSITIVE, metavar="N",
@@ -215,8 +220,9 @@ class Config:
             raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:
             raise FastganError(f"{name('mirror')} works with {name('data')} (a prepared file) only")
-        if self.data_memory != "auto" and self.data is None:
-            raise FastganError(f"{name('data_memory')} works with {name('data')} (a prepared file) only")
+        if self.data_memory != "auto" and self.data is None and self.loader in ("dali", "torch"):
+            raise FastganError(f"{name('data_memory')} works with {name('data')} (a prepared file) or the cache "
+                               f"({name('loader')} auto or cache), not {name('loader')} {self.loader}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -327,7 +327,7 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *tiny_root, "--epochs", "0"], "error: --epochs must be a positive integer, got 0"),
         (["train", *tiny_root, "--ngf", "x"], "argument --ngf: invalid int value: 'x'"),
         (["train", *tiny_root, "--ckpt-every", "-1"], "error: --ckpt-every must be 0 (epoch ends only) or a positive"),
-        (["train", *tiny_root, "--loader", "opencv"], "error: --loader must be one of auto, dali, torch, got 'opencv'"),
+        (["train", *tiny_root, "--loader", "opencv"], "error: --loader must be one of auto, cache, dali, torch, got 'opencv'"),
         (["train", *tiny_root, "--amp", "fp8"], "error: --amp must be one of off, auto, fp16, bf16, got 'fp8'"),
         (["train", *tiny_root, "--device", "tpu"], "error: --device must be one of auto, cpu, cuda, got 'tpu'"),
         (["train", *tiny_root, "--nc", "2"], "error: --nc must be 1 (grayscale) or 3 (RGB), got 2"),
@@ -490,29 +490,35 @@ def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch,
 
 
 def test_auto_loader_choice(monkeypatch):
+    """--loader auto (and cache) decodes once into the cache: with DALI on the GPU where CUDA and DALI are there,
+    with PIL otherwise; where the cache has no room, auto decodes every epoch with per_epoch_loader's choice."""
     import fastgan.data.pipeline_dali
     from fastgan import Config
-    from fastgan.data import resolve_loader
+    from fastgan.data import per_epoch_loader, resolve_loader
     cpu = torch.device("cpu")
     for installed in (False, True):
         monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
-        assert resolve_loader(Config(device="cpu"), cpu) == ("torch", "")  # no DALI by default on the CPU
+        assert resolve_loader(Config(device="cpu"), cpu) == ("cache", "pil")  # no DALI by default on the CPU
+        assert resolve_loader(Config(device="cpu", loader="cache"), cpu) == ("cache", "pil")
+        assert per_epoch_loader(Config(device="cpu"), cpu) == ("torch", "")
+    assert resolve_loader(Config(loader="torch", device="cpu"), cpu) == ("torch", "")
     assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
     assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
-    # on CUDA, auto is DALI (decoding on the GPU) where it is installed, torch where not; a CUDA device object
+    # on CUDA, DALI (decoding on the GPU) where it is installed, PIL or torch where not; a CUDA device object
     # needs no GPU to be built, so this choice is checked on every machine
     cuda = torch.device("cuda")
-    for installed, chosen in ((True, ("dali", "mixed")), (False, ("torch", ""))):
+    for installed, cached, every_epoch in ((True, "mixed", ("dali", "mixed")), (False, "pil", ("torch", ""))):
         monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
-        assert resolve_loader(Config(device="cuda"), cuda) == chosen, installed
+        assert resolve_loader(Config(device="cuda"), cuda) == ("cache", cached), installed
+        assert per_epoch_loader(Config(device="cuda"), cuda) == every_epoch, installed
 
 
 def test_help_and_a_missing_command_list_every_command(capsys):
     assert main(["--help"]) == 0
-    assert "{train,generate,eval,prepare,synth}" in capsys.readouterr().out
+    assert "{train,generate,eval,prepare,cache,synth}" in capsys.readouterr().out
     assert main([]) == 2
     assert capsys.readouterr().err.strip() == ("fastgan: error: the following arguments are required: "
-                                               "{train,generate,eval,prepare,synth} (see fastgan --help)")
+                                               "{train,generate,eval,prepare,cache,synth} (see fastgan --help)")
 
 
 def test_compile_on_the_cpu_does_not_print_torchs_no_cuda_runtime_warning():

@@ -163,8 +163,8 @@ def test_a_tier_that_cannot_hold_the_set_is_refused_in_one_line_before_anything_
     err = capsys.readouterr().err.strip()
     assert "cannot hold the set: 18.4 KB of 10.0 KB free RAM" in err and "--data-memory disk would work" in err
     assert len(err.splitlines()) == 1 and not run.exists()
-    assert main(["train", "--data-memory", "disk", "--device", "cpu"]) == 2
-    assert "--data-memory works with --data" in capsys.readouterr().err
+    assert main(["train", "--data-memory", "disk", "--loader", "torch", "--device", "cpu"]) == 2
+    assert "--data-memory works with --data (a prepared file) or the cache" in capsys.readouterr().err
 
 
 def test_a_run_from_the_mapped_file_trains_and_resumes_as_one_from_device_memory(prepared16, tmp_path, capsys):

@@ -8,10 +8,11 @@ channels_last memory when asked, on the training device), so the training loop d
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from rich.progress import Progress
@@ -39,24 +40,38 @@ def index_data(cfg: Config) -> FileIndex:
 
 
 def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
-    """(loader, DALI decoder): --loader auto is DALI on CUDA when it is installed, torch otherwise."""
-    from .pipeline_dali import INSTALL_HINT, dali_available
+    """(loader, decoder): "prepared" for --data; "cache" for --loader cache, and for auto (open_data falls back
+    to decoding every epoch when the cache's disk has no room); "dali" or "torch" as asked. The decoder: DALI's
+    ("mixed" on the GPU, "cpu"), or "pil" for the cache without DALI on CUDA."""
     if cfg.data is not None:
         if cfg.loader != "auto":
             raise FastganError(f"--loader {cfg.loader} decodes image files; --data is decoded already: "
                                "leave --loader out")
         return "prepared", ""
-    loader = cfg.loader
-    if loader == "auto":
-        loader = "dali" if device.type == "cuda" and dali_available() else "torch"
-    if loader == "torch":
-        return loader, ""
+    if cfg.loader in ("auto", "cache"):
+        from .pipeline_dali import dali_available
+        return "cache", "mixed" if device.type == "cuda" and dali_available() else "pil"
+    if cfg.loader == "torch":
+        return "torch", ""
+    return "dali", dali_decoder(cfg, device)
+
+
+def per_epoch_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """What --loader auto decodes with every epoch where the cache has no room: DALI on CUDA when installed."""
+    from .pipeline_dali import dali_available
+    if device.type == "cuda" and dali_available():
+        return "dali", dali_decoder(cfg, device)
+    return "torch", ""
+
+
+def dali_decoder(cfg: Config, device: torch.device) -> str:
+    from .pipeline_dali import INSTALL_HINT, dali_available
     if not dali_available():
         raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
     decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
     if decoder == "mixed" and device.type != "cuda":
         raise FastganError("--dali-decoder mixed decodes on the GPU and needs --device cuda")
-    return loader, decoder
+    return decoder
 
 
 def loader_threads() -> int:
@@ -116,6 +131,13 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     if loader_name == "prepared":
         return open_prepared(cfg, device, dtype, ranks)
     index = index_data(cfg)
+    if loader_name == "cache":
+        cached, loader_name, decoder, index = through_cache(cfg, index, decoder, ranks, device)
+        if cached is not None:
+            data = open_prepared(cfg, device, dtype, ranks, cached)
+            data.description = data.description.replace("loader prepared", "loader cache", 1)
+            data.summary, data.bad = index.summary(), index.bad
+            return data
     if loader_name == "dali":
         from .pipeline_dali import readable_by_dali
         index = readable_by_dali(index)
@@ -128,13 +150,52 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     return Data(loader, description, index.summary(), index.bad, preview, len(index.good))
 
 
-def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks) -> Data:
-    """A prepared file's loader, its pixels where --data-memory says (or where they fit, under auto)."""
+def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distributed.Ranks,
+                  device: torch.device) -> tuple[Optional[Path], str, str, FileIndex]:
+    """(the cache file, "cache", decoder, the index it holds), written first where it is not there yet; or, under --loader auto
+    where its disk has no room (or for --dry-run, which writes nothing, where it is not there yet), (None, and
+    the loader and decoder that decode every epoch), with a line that says why. --loader cache without room
+    is refused."""
+    from .cache import cache_folder, cache_path, cached, file_bytes, room_for
+    if decoder != "pil":
+        from .pipeline_dali import readable_by_dali
+        index = readable_by_dali(index)  # the cache holds what DALI can decode
+    check_enough_images(index, cfg)
+    folder = cache_folder(cfg.cache_dir)
+    path = cache_path(folder, index, cfg.image_size, cfg.nc, decoder)
+    if cfg.dry_run and not path.exists():
+        console.print(f"fastgan: the run would decode {len(index.good):,} images once into {path}; the dry run "
+                      "writes nothing and tries the torch loader instead")
+        return None, "torch", "", index
+    if not path.exists():
+        fits, why = room_for(folder, file_bytes(index, cfg.image_size, cfg.nc))
+        if not fits:
+            if cfg.loader == "cache":
+                raise FastganError(f"--loader cache has no room for the decoded images: {why}; choose --cache-dir, "
+                                   "decode every epoch with --loader torch, or free room (fastgan cache clear)")
+            loader_name, decoder = per_epoch_loader(cfg, device)
+            console.print(f"fastgan: decoding every epoch ({loader_name}), not once into a cache: {why}")
+            return None, loader_name, decoder, index
+
+    # the local ranks wait at open_data's caller (local main first) and then find the file
+    with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
+        path = cached(index, folder, cfg.image_size, cfg.nc, decoder, cfg.workers,
+                      lambda line: console.print(f"fastgan: {line}") if ranks.is_main else None,
+                      lambda total: functools.partial(bar.advance, bar.add_task(
+                          f"decoding {total:,} images once", total=total)))
+    return path, "cache", decoder, index
+
+
+def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks,
+                  file: Optional[Path] = None) -> Data:
+    """A prepared file's loader (--data, or `file`: the cache's), its pixels where --data-memory says (or where
+    they fit, under auto)."""
     from .prepared import PreparedLoader, load_pixels, read_manifest
     from .streamed import StreamedLoader, choose_tier, map_pixels
     advice = ("leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
               f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}")
-    manifest, _ = read_manifest(cfg.data)
+    file = cfg.data if file is None else file
+    manifest, _ = read_manifest(file)
     nbytes = manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     tier, why = choose_tier(cfg.data_memory, nbytes, device, local_ranks)
@@ -142,10 +203,10 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
                    channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror, rank=ranks.rank,
                    world_size=ranks.world_size, dtype=dtype)  # batches in the dtype the networks compute in
     if tier == "disk":
-        source, manifest, check = map_pixels(cfg.data, cfg.image_size, cfg.nc, advice)
+        source, manifest, check = map_pixels(file, cfg.image_size, cfg.nc, advice)
         loader, where = StreamedLoader(source, check=check, **options), "disk: the file memory-mapped"
     else:
-        pixels, manifest = load_pixels(cfg.data, cfg.image_size, cfg.nc, advice)  # checks every chunk now
+        pixels, manifest = load_pixels(file, cfg.image_size, cfg.nc, advice)  # checks every chunk now
         if tier == "host" and device.type == "cuda":
             loader, where = StreamedLoader(pixels.numpy(), **options), "host memory, copied ahead"
         else:  # on the CPU host memory is device memory
@@ -153,5 +214,5 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
             where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
     mirrored = ", mirrored" if cfg.mirror else ""
     return Data(loader, f"loader prepared ({where}{mirrored}; {why})",
-                f"{manifest['count']:,} prepared images in {cfg.data} (from {manifest['source_root']})", [],
+                f"{manifest['count']:,} prepared images in {file} (from {manifest['source_root']})", [],
                 loader.preview, manifest["count"])

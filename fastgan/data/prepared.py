@@ -235,6 +235,12 @@ def to_device(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to [-1, 1] float32 exactly as the torch loader computes them: ToTensor's x / 255, then
+    Normalize(0.5, 0.5)'s (x - 0.5) / 0.5, each in float32, so that prepared batches equal its batches bit for bit."""
+    return pixels.float().div(255).sub(0.5).div(0.5)
+
+
 class PreparedBatches:
     """What every place of prepared pixels shares (device memory, host memory, the mapped file): each epoch's
     order and flips, and a batch's conversion to what the model takes, so that every place yields the same batches,
@@ -259,8 +265,7 @@ class PreparedBatches:
         self.steps = count // (batch_size * world_size)
         if self.steps < 1:
             raise no_full_batch(count, "prepared images", batch_size, world_size)
-        # x / 127.5 - 1 is ToTensor's x / 255 followed by Normalize(0.5, 0.5); computed in float32, rounded once
-        self.values = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(self.device, dtype)
+        self.values = to_unit_range(torch.arange(256)).to(self.device, dtype)  # in float32, rounded once
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """The epoch to read next, from its batch `start` on (0 unless resuming in the middle of it)."""
@@ -295,7 +300,7 @@ class PreparedBatches:
         """The first `count` images of the first epoch as the model sees them, flipped where --mirror flips them,
         as float32 (for samples/real.png)."""
         order = epoch_permutation(self.count, self.seed, 0)[:count]
-        images = self.rows(order).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        images = to_unit_range(self.rows(order).permute(0, 3, 1, 2))
         if self.mirror:
             epoch, self.epoch = self.epoch, 0
             flips = self.epoch_plan()[1][order].to(self.device)

@@ -1,0 +1,156 @@
+"""Decode once, by itself: `fastgan train --root DIR` prepares the checked images into a cache file the first time
+(the same format and checks as `fastgan prepare`) and trains from it at the prepared data's speed; later runs, and
+resumed ones, find it at once.
+
+A cache file is named by what its pixels depend on: the folder's file index (each good file's path, size and
+modification time, and the files set aside), the image size, the channels and the decoder. A changed folder
+makes a new file, never a stale read. Files live in ~/.cache/fastgan/prepared/ (XDG_CACHE_HOME) or --cache-dir.
+Two runs on the same folder never decode it twice: the first holds an exclusive flock on `<name>.lock` while it
+writes (through a temporary file renamed when complete), and the second waits for it and then uses its file.
+`fastgan cache list` shows the files with their sizes, `fastgan cache clear` removes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ..errors import FastganError
+from .files import FileIndex, cache_dir
+from .prepared import FORMAT_VERSION, prepare, read_manifest
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; two runs that start together may both decode, and one rename wins
+    fcntl = None
+
+MARGIN_SHARE, MARGIN_BYTES = 0.10, 1 << 30  # room kept free on the cache's disk: 10% of the file, and 1 GiB
+DECODER_NAMES = {"pil": "pil", "cpu": "dali-cpu", "mixed": "dali-gpu"}  # as fastgan prepare --decoder says
+DECODER_WORDS = {"pil": "PIL on all cores", "cpu": "DALI on the CPU", "mixed": "DALI on the GPU"}
+
+
+def cache_folder(cache_dir_option: Optional[str]) -> Path:
+    return Path(cache_dir_option).expanduser() if cache_dir_option else cache_dir() / "prepared"
+
+
+def cache_key(index: FileIndex, image_size: int, nc: int, decoder: str) -> str:
+    """A digest of everything the cached pixels depend on."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": FORMAT_VERSION, "root": str(Path(index.root).resolve()),
+                              "image_size": image_size, "nc": nc, "decoder": decoder,
+                              "bad": sorted(str(p) for p, _ in index.bad)}).encode())
+    for path in index.good:
+        stat = os.stat(path)
+        digest.update(f"\n{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(folder: Path, index: FileIndex, image_size: int, nc: int, decoder: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(index.root).resolve().name)[:40] or "images"
+    return folder / f"{name}-{image_size}px-{nc}c-{DECODER_NAMES[decoder]}-{cache_key(index, image_size, nc, decoder)}.fgd"
+
+
+def file_bytes(index: FileIndex, image_size: int, nc: int) -> int:
+    return len(index.good) * image_size * image_size * nc
+
+
+def room_for(folder: Path, nbytes: int) -> tuple[bool, str]:
+    """(whether the cache's disk has room for `nbytes` with the margin, the sizes in words)."""
+    from .streamed import gb
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = nbytes + max(int(nbytes * MARGIN_SHARE), MARGIN_BYTES)
+    return need <= free, f"it needs {gb(nbytes)} and {folder} has {gb(free)} free (a margin of 10% or 1 GB kept)"
+
+
+@contextmanager
+def writing_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`.lock for the block: one writer per cache file; the others wait here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: str, workers: Optional[int],
+           announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]]) -> Path:
+    """The cache file of `index` at this size, channels and decoder: found, or written now (under the lock, with
+    a progress bar from `progress(total)`); `announce` gets the line that says which."""
+    from .streamed import gb
+    path = cache_path(folder, index, image_size, nc, decoder)
+    if not path.exists():
+        with writing_lock(path):
+            if not path.exists():  # not written meanwhile by a run that held the lock
+                announce(f"decoding {len(index.good):,} images once into {path} "
+                         f"({gb(file_bytes(index, image_size, nc))}, {DECODER_WORDS[decoder]})")
+                try:
+                    prepare(dataclasses.replace(index, root=Path(index.root).resolve()), path, image_size, nc,
+                            workers, progress(len(index.good)), decoder)
+                except OSError as e:
+                    raise FastganError(f"cannot write the cache {path}: {e.strerror or e}; free some room, "
+                                       "choose --cache-dir, or decode every epoch with --loader torch") from None
+                return path
+    announce(f"using {path}")
+    os.utime(path)  # its date says when it was last used (fastgan cache list)
+    return path
+
+
+def cache_files(folder: Path) -> list[dict]:
+    """The cache files in `folder`, newest use first, with what their manifests say."""
+    rows = []
+    for path in sorted(folder.glob("*.fgd")) if folder.is_dir() else []:
+        try:
+            manifest, _ = read_manifest(path)
+        except FastganError as e:
+            manifest = {"error": str(e)}
+        stat = path.stat()
+        rows.append({"path": path, "bytes": stat.st_size, "used": stat.st_mtime, "manifest": manifest})
+    return sorted(rows, key=lambda r: -r["used"])
+
+
+def describe(row: dict) -> str:
+    from .streamed import gb
+    m = row["manifest"]
+    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["used"]))
+    if "error" in m:
+        return f"{row['path'].name}  {gb(row['bytes'])}  unreadable: {m['error']}"
+    return (f"{row['path'].name}  {gb(row['bytes'])}  {m['count']:,} images of {m['image_size']}x{m['image_size']}"
+            f" from {m['source_root']} ({m['decoder']}), last used {used}")
+
+
+def clear(folder: Path, names: list[str]) -> dict[Path, int]:
+    """Remove the cache files `names` (all of them when empty), and their locks and any temporary file a killed
+    run left; a file being written (its lock held) is left alone. Returns each removed file's size."""
+    rows = cache_files(folder)
+    if names:
+        known = {r["path"].name for r in rows}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise FastganError(f"no cache file {unknown[0]} in {folder}; `fastgan cache list` names them")
+        rows = [r for r in rows if r["path"].name in names]
+    removed = {}
+    for row in rows:
+        row["path"].unlink(missing_ok=True)
+        removed[row["path"]] = row["bytes"]
+    if not names and folder.is_dir():
+        for lock in folder.glob("*.lock"):
+            with open(lock, "a") as f:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        continue  # a run is writing this one: its temporary file and lock stay
+                for tmp in folder.glob(f".{lock.stem}.fgd.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)
+    return removed

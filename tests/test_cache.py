@@ -1,0 +1,160 @@
+"""Decode once, by itself: `fastgan train --root` through the cache file (--loader auto or cache), against the
+torch loader's run from the same folder, the cache's key, its lock, its room check, and `fastgan cache`."""
+import os
+import threading
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+
+import fastgan.data.cache as cache
+from fastgan.cli import main
+from fastgan.data.files import index_images
+from fastgan.errors import FastganError
+from conftest import write_images
+
+TINY = ["--device", "cpu", "--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "8",
+        "--quiet"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "faces", 40)
+    return root
+
+
+def cache_dir(tmp_path):
+    return tmp_path / "cache"
+
+
+def files(tmp_path):
+    return sorted(cache_dir(tmp_path).glob("*.fgd"))
+
+
+def weights(run):
+    return torch.load(run / "netG.pth", weights_only=True)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train(tmp_path, folder, out, *flags):
+    return main(["train", "--root", str(folder), "--out", str(tmp_path / out), "--cache-dir", str(cache_dir(tmp_path)),
+                 *TINY, *flags])
+
+
+def test_the_cache_trains_bit_for_bit_as_the_torch_loader_and_later_runs_and_resumes_use_it(folder, tmp_path, capsys):
+    """The first run decodes once into the cache (PIL: the torch loader's pixels) and trains from it; a second
+    run finds it without decoding; a run stopped after an epoch and resumed through it ends where the torch
+    loader's straight run ends, bit for bit (the same batches, converted as ToTensor and Normalize do)."""
+    assert train(tmp_path, folder, "torch", "--epochs", "2", "--loader", "torch") == 0
+    assert train(tmp_path, folder, "first", "--epochs", "2") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    [made] = files(tmp_path)
+    assert f"decoding 40 images once into {made} (30.7 KB, PIL on all cores)" in err
+    assert "loader cache (cpu memory" in err
+    written = made.stat().st_ino
+    assert train(tmp_path, folder, "second", "--epochs", "1") == 0
+    assert train(tmp_path, folder, "second", "--epochs", "2", "--resume", "auto", "--data-memory", "disk") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "decoding" not in err and err.count(f"using {made}") == 2 and "loader cache (disk" in err
+    assert files(tmp_path) == [made] and made.stat().st_ino == written
+    straight = weights(tmp_path / "torch")
+    assert same(weights(tmp_path / "first"), straight) and same(weights(tmp_path / "second"), straight)
+
+
+def test_a_changed_folder_size_or_channel_count_makes_a_new_cache_file(folder, tmp_path):
+    index = index_images(folder)
+    key = cache.cache_key(index, 16, 3, "pil")
+    assert cache.cache_key(index, 32, 3, "pil") != key and cache.cache_key(index, 16, 1, "pil") != key
+    assert cache.cache_key(index, 16, 3, "mixed") != key
+    first = index.good[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 1))  # the same bytes, a new date
+    assert cache.cache_key(index_images(folder), 16, 3, "pil") != key
+    write_images(folder / "more", 1, seed=9)
+    grown = index_images(folder)
+    assert len(grown.good) == 41 and cache.cache_key(grown, 16, 3, "pil") != key
+    assert train(tmp_path, folder, "a", "--epochs", "1") == 0
+    (folder / "more" / "0000.jpg").unlink()
+    assert train(tmp_path, folder, "b", "--epochs", "1") == 0
+    assert len(files(tmp_path)) == 2  # each state of the folder its own file; the first stays until cleared
+
+
+def test_two_runs_at_once_decode_once_and_both_use_the_file(folder, tmp_path, monkeypatch):
+    """The first writer holds the lock while it decodes (slowly here); the second waits and then finds its file."""
+    calls = []
+    real = cache.prepare
+
+    def slow_prepare(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cache, "prepare", slow_prepare)
+    index, got, lines = index_images(folder), {}, []
+
+    def run(name):
+        got[name] = cache.cached(index, cache_dir(tmp_path), 16, 3, "pil", 1, lines.append,
+                                 lambda total: lambda k: None)
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got["a"] == got["b"] and got["a"].is_file()
+    assert sorted(line.split()[0] for line in lines) == ["decoding", "using"]
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_without_room_auto_decodes_every_epoch_and_cache_is_refused_before_anything_is_written(folder, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: Usage(10 << 30, 10 << 30, 500 << 20))
+    assert train(tmp_path, folder, "auto", "--epochs", "1") == 0
+    err = " ".join(capsys.readouterr().err.split())  # the line as said, however the console wrapped it
+    assert "decoding every epoch (torch), not once into a cache: it needs 30.7 KB and " in err
+    assert "has 0.5 GB free (a margin of 10% or 1 GB kept)" in err and "loader torch" in err, err
+    assert train(tmp_path, folder, "refused", "--epochs", "1", "--loader", "cache") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastgan: error: --loader cache has no room for the decoded images: it needs 30.7 KB")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "refused").exists() and files(tmp_path) == []
+    monkeypatch.undo()
+    assert cache.room_for(tmp_path, 1000)[0]
+
+
+def test_a_dry_run_writes_no_cache(folder, tmp_path, capsys):
+    assert train(tmp_path, folder, "dry", "--dry-run") == 0
+    assert "the dry run writes nothing" in capsys.readouterr().err
+    assert files(tmp_path) == [] and not (tmp_path / "dry").exists()
+
+
+def test_cache_list_and_clear(folder, tmp_path, capsys):
+    for size in ("16", "32"):
+        assert main(["train", "--root", str(folder), "--out", str(tmp_path / size), "--cache-dir",
+                     str(cache_dir(tmp_path)), *TINY, "--epochs", "1", "--image-size", size]) == 0
+    capsys.readouterr()
+    small, large = files(tmp_path)
+    assert main(["cache", "list", "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert f"{large.name}  0.1 MB  40 images of 32x32 from {folder} (PIL)" in out
+    assert f"{small.name}  31." in out and "KB  40 images of 16x16" in out  # 30.7 KB of pixels and the header
+    assert "\n2 cache files, 0.2 MB, in" in out
+    assert main(["cache", "clear", "nothing.fgd", "--cache-dir", str(cache_dir(tmp_path))]) == 2
+    assert "no cache file nothing.fgd in" in capsys.readouterr().err
+    assert main(["cache", "clear", small.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    assert files(tmp_path) == [large] and "removed 1 cache file (31." in capsys.readouterr().out
+    with cache.writing_lock(cache_dir(tmp_path) / "busy.fgd"):  # a run writing another file
+        (cache_dir(tmp_path) / ".busy.fgd.x1.tmp").write_bytes(b"half")
+        assert main(["cache", "clear", "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    left = sorted(p.name for p in cache_dir(tmp_path).iterdir())
+    assert left == [".busy.fgd.x1.tmp", "busy.lock"]  # the writer's files stay; everything else is gone
+
+
+def test_data_memory_is_refused_with_a_loader_that_decodes_every_epoch(folder, tmp_path, capsys):
+    assert train(tmp_path, folder, "x", "--loader", "torch", "--data-memory", "disk") == 2
+    assert "--data-memory works with --data (a prepared file) or the cache" in capsys.readouterr().err
+    with pytest.raises(FastganError, match="no cache file"):
+        cache.clear(cache_dir(tmp_path), ["x.fgd"])
