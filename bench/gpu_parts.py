@@ -386,6 +386,26 @@ def part_data_tiers(check: Check) -> Result:
                   + (f"; the step {step:,.0f} img/s" if step else ""), figures=figures)
 
 
+def part_root_cache(check: Check) -> Result:
+    """The headline command, `fastgan train --root`, twice with an empty cache (the first decodes once, the second
+    finds the file), then `train --data` with the same flags: the second run's images/s against --data's (the
+    target: within 10%)."""
+    flags = ["--amp", "bf16", "--channels-last"] if check.cpu else [*BEST]
+    cache, figures = check.work / "root-cache", {}
+    for name, source, said in (("first", "faces", "images once into"), ("second", "faces", "using "),
+                               ("data", "prepared", "loader prepared")):
+        run_dir = check.work / "runs" / f"root-cache-{name}"
+        size = ["--image-size", check.image_size] if source == "faces" else []  # --data takes the file's
+        output = check.fastgan("train", *train_flags(check, source, run_dir, 2), *flags, *size, "--cache-dir", cache)
+        figures[name] = check_run(run_dir, output, [said])
+    rate = {k: v.get("images_per_second_steady") for k, v in figures.items()}
+    if not all(rate.values()):
+        raise PartFailed(f"no steady images/s in every run: {rate}")
+    share = rate["second"] / rate["data"]
+    return Result("passed", key=f"--root second run {rate['second']:,.0f} img/s, {share:.0%} of --data's "
+                                f"{rate['data']:,.0f} (first run {rate['first']:,.0f})", figures=figures)
+
+
 BEST = ["--compile", "--cuda-graphs", "--amp", "bf16", "--channels-last"]  # the headline mode, as users run it
 PARTS = [
     # the default plan, in order of value; estimates add up to 480 s (see gpu_check.GPU_BUDGET_S)
@@ -427,6 +447,9 @@ PARTS = [
          groups=("train", "dali"), extra=True),
     Part("torchrun", "torchrun --nproc_per_node 1 -m fastgan train --data, over NCCL (--cpu: gloo)",
          part_torchrun, 30, 120, needs=("prepare",), groups=("train",), extra=True),
+    Part("root-cache", "fastgan train --root twice (decoding once into the cache, then from it) and train --data, "
+         "the best mode's flags, 2 epochs each", part_root_cache, 60, 180, needs=("synth", "prepare"),
+         groups=("train",), extra=True),
     Part("data-tiers", "bench/data_scale.py --counts 100000 --image-size 64: prepare, then each --data-memory "
          "tier's images/s (host: pinned, side stream) against the step's", part_data_tiers, 60, 180, extra=True),
     Part("fid-speed", "bench/fid_speed.py: FID of 50,000 generated 64x64 images (random Inception weights)",
