@@ -158,3 +158,16 @@ def test_data_memory_is_refused_with_a_loader_that_decodes_every_epoch(folder, t
     assert "--data-memory works with --data (a prepared file) or the cache" in capsys.readouterr().err
     with pytest.raises(FastganError, match="no cache file"):
         cache.clear(cache_dir(tmp_path), ["x.fgd"])
+
+
+def test_a_damaged_cache_file_is_named_with_the_way_out(folder, tmp_path, capsys):
+    assert train(tmp_path, folder, "a", "--epochs", "1") == 0
+    [made] = files(tmp_path)
+    data = bytearray(made.read_bytes())
+    data[-1] ^= 1
+    made.write_bytes(bytes(data))
+    assert train(tmp_path, folder, "b", "--epochs", "1") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fails its checksum" in err and f"remove it with `fastgan cache clear {made.name}` and run again" in err
+    assert main(["cache", "clear", made.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    assert train(tmp_path, folder, "c", "--epochs", "1") == 0 and files(tmp_path) == [made]

@@ -134,7 +134,12 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     if loader_name == "cache":
         cached, loader_name, decoder, index = through_cache(cfg, index, decoder, ranks, device)
         if cached is not None:
-            data = open_prepared(cfg, device, dtype, ranks, cached)
+            try:
+                data = open_prepared(cfg, device, dtype, ranks, cached)
+            except FastganError as e:  # a damaged cache file: the way out is to drop it, not to prepare by hand
+                said = str(e).removeprefix("--data ").replace("; prepare it again", "")  # said of a --data file
+                raise FastganError(f"the cache file {said}; remove it with `fastgan cache clear {cached.name}` and "
+                                   "run again to decode anew") from None
             data.description = data.description.replace("loader prepared", "loader cache", 1)
             data.summary, data.bad = index.summary(), index.bad
             return data
@@ -152,10 +157,10 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
 
 def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distributed.Ranks,
                   device: torch.device) -> tuple[Optional[Path], str, str, FileIndex]:
-    """(the cache file, "cache", decoder, the index it holds), written first where it is not there yet; or, under --loader auto
-    where its disk has no room (or for --dry-run, which writes nothing, where it is not there yet), (None, and
-    the loader and decoder that decode every epoch), with a line that says why. --loader cache without room
-    is refused."""
+    """(the cache file, "cache", decoder, the index it holds), written first where it is not there yet; or, under
+    --loader auto where its disk has no room (or for --dry-run, which writes nothing, where it is not there yet),
+    (None, and the loader and decoder that decode every epoch), with a line that says why. --loader cache without
+    room is refused."""
     from .cache import cache_folder, cache_path, cached, file_bytes, room_for
     if decoder != "pil":
         from .pipeline_dali import readable_by_dali
