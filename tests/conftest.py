@@ -26,9 +26,12 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Keep the file-index cache and demo faces of the tests out of the user's ~/.cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+def private_cache(tmp_path_factory):
+    """Keep the file-index cache, the demo faces and the decoded-once cache of the tests out of the user's
+    ~/.cache. A patch of its own: a test's `monkeypatch.undo()` must not send its runs to ~/.cache (it did)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+        yield
 
 
 def write_images(folder: Path, n: int, size=(40, 48), seed: int = 0, ext: str = ".jpg") -> list[Path]:
