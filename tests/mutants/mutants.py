@@ -48,9 +48,9 @@ MUTANTS = [
            "fastgan generate --seed is ignored: every call draws fresh noise",
            ("tests/test_cli.py",)),
     Mutant("auto-loader-never-dali", "fastgan/data/__init__.py",
-           "loader = \"dali\" if device.type == \"cuda\" and dali_available() else \"torch\"",
-           "loader = \"torch\"",
-           "--loader auto never chooses DALI, not even on CUDA with DALI installed",
+           "    if device.type == \"cuda\" and dali_available():\n        return \"dali\", dali_decoder(cfg, device)",
+           "    if False:\n        return \"dali\", dali_decoder(cfg, device)",
+           "--loader auto, where the cache has no room, never decodes with DALI, not even on CUDA with DALI installed",
            ("tests/test_cli.py", "tests/test_loader.py")),
 
     # --- the core: the step, the models, the order, the checkpoints ------------------------------------------
@@ -111,8 +111,8 @@ MUTANTS = [
            "a durable write renames a file whose bytes may still be only in the page cache",
            ("tests/test_atomic.py",)),
     Mutant("parallel-map-out-of-order", "fastgan/data/files.py",
-           "        yield executor.map(function, items, chunksize=max(1, min(256, len(items) // (8 * workers))))\n",
-           "        yield reversed(list(executor.map(function, items, chunksize=max(1, min(256, len(items) // (8 * workers))))))\n",
+           "        yield from pending.popleft().result()",
+           "        yield from reversed(pending.popleft().result())",
            "the process pool hands back its results out of order, so verdicts and pixels land on the wrong files",
            ("tests/test_files.py", "tests/test_prepared.py")),
     Mutant("nonfinite-losses-ignored", "fastgan/interval.py",
@@ -138,8 +138,8 @@ MUTANTS = [
 
     # --- the parts changed most recently ---------------------------------------------------------------------
     Mutant("prepared-table-in-half", "fastgan/data/prepared.py",
-           "self.values = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(self.device, dtype)",
-           "self.values = (torch.arange(256, dtype=dtype) / 127.5 - 1).to(self.device)",
+           "self.values = to_unit_range(torch.arange(256)).to(self.device, dtype)",
+           "self.values = torch.arange(256, dtype=dtype).div(255).sub(0.5).div(0.5).to(self.device)",
            "the prepared loader's [-1, 1] table is computed in half precision, rounding twice",
            ("tests/test_graphs.py", "tests/test_prepared.py")),
     Mutant("graph-feed-stands-still", "fastgan/data/prepared.py",
@@ -242,8 +242,8 @@ MUTANTS = [
            "the loop reads a statistic on the host after every step (a host sync per step)",
            ("tests/test_no_host_sync.py",)),
     Mutant("prepared-flips-by-mask", "fastgan/data/prepared.py",
-           "            batch = torch.where(flips[idx].view(-1, 1, 1, 1), batch.flip(3), batch)",
-           "            batch = batch.clone()\n            batch[flips[idx]] = batch[flips[idx]].flip(3)",
+           "            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(3), batch)",
+           "            batch = batch.clone()\n            batch[flips] = batch[flips].flip(3)",
            "the prepared loader flips its images with boolean-mask indexing: a data-dependent shape, a host sync",
            ("tests/test_no_host_sync.py",)),
     # --- fastgan eval, --eval-every, generate's single images ---------------------------------------------------
