@@ -280,7 +280,8 @@ def test_sigint_to_the_whole_process_group_with_loader_workers(image_folder, tmp
     """As a terminal's Ctrl-C does it: the signal reaches the DataLoader workers too. They inherit the handler but
     must neither announce nor act: one notice, from the training process."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "fastgan", "train", *TINY[:10], "--device", "cpu", "--workers", "2", "--quiet",
+    command = [sys.executable, "-m", "fastgan", "train", *TINY[:10], "--device", "cpu", "--loader", "torch",
+               "--workers", "2", "--quiet",
                "--log-every", "1", "--sample-every", "1000", "--root", str(image_folder), "--out", str(run),
                "--epochs", "1000"]
     child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -189,6 +189,19 @@ def test_real_png_is_the_loaders_first_images_and_loss_png_the_loss_history(stra
     assert np.array_equal(plotted_g, history[:, 1]) and np.array_equal(plotted_d, history[:, 0])  # G is G
 
 
+def test_real_png_of_a_run_decoding_every_epoch_is_its_loaders_first_images(image_folder, tmp_path):
+    """The same promise where the images are decoded every epoch (--loader torch: the run's preview comes from the
+    files, not from the cache's pixels)."""
+    run = tmp_path / "run"
+    assert main(["train", "--root", str(image_folder), "--out", str(run), "--loader", "torch", "--workers", "0",
+                 "--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", str(BATCH),
+                 "--epochs", "1", "--quiet", "--device", "cpu"]) == 0
+    loader = TorchLoader(sorted(find_images(image_folder)), 16, 3, BATCH, torch.device("cpu"), seed=999)
+    loader.set_epoch(0)
+    expected = np.asarray(image_grid(torch.cat(list(loader))[:64], nrow=8))
+    assert np.array_equal(np.asarray(Image.open(run / "samples" / "real.png")), expected)
+
+
 def test_stopped_inside_an_interval_and_resumed_it_ends_as_the_run_left_alone(straight, tmp_path, monkeypatch,
                                                                                 capfd):
     """SIGINT during step 7 (epoch 3, inside the log interval 7-8, after the epoch-2 measurement): the checkpoint

@@ -506,7 +506,7 @@ MUTANTS = [
            "epoch_permutation(len(dataset), cfg.seed, 0)[:count]",
            "epoch_permutation(len(dataset), cfg.seed, 1)[:count]",
            "samples/real.png shows other images than the first epoch's",
-           ("tests/test_values.py",)),
+           ("tests/test_values.py::test_real_png_of_a_run_decoding_every_epoch_is_its_loaders_first_images",)),
     Mutant("real-png-without-mirror-flips", "fastgan/data/prepared.py",
            "        if self.mirror:\n            epoch, self.epoch = self.epoch, 0\n",
            "        if False:\n            epoch, self.epoch = self.epoch, 0\n",
