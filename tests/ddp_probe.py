@@ -5,6 +5,7 @@
 Writes PROBE_DIR/rank<R>.pt: {"batches": [real batch of each step], "netG": ..., "netD": ..., and with --ema
 "netG_ema": ...} (this rank's own modules, not rank 0's checkpoint). PROBE_FAIL="<rank>:<step>" makes that rank raise at that step.
 """
+import gc
 import os
 import sys
 
@@ -43,4 +44,10 @@ code = main(sys.argv[1:])
 if "PROBE_DIR" in os.environ and modules:
     torch.save({"batches": seen, **{k: unwrap(m).state_dict() for k, m in modules.items()}},
                os.path.join(os.environ["PROBE_DIR"], f"rank{rank}.pt"))
+# The DDP modules kept here outlive the process group, which fastgan destroyed when it returned: let them go now,
+# not in the interpreter's teardown, where a DDP reducer destroyed after its group aborted a rank at exit
+# ("terminate called without an active exception", seen twice in full-suite runs). fastgan itself holds none.
+modules.clear()
+seen.clear()
+gc.collect()
 sys.exit(code)
