@@ -160,14 +160,16 @@ def test_data_memory_is_refused_with_a_loader_that_decodes_every_epoch(folder, t
         cache.clear(cache_dir(tmp_path), ["x.fgd"])
 
 
-def test_a_damaged_cache_file_is_named_with_the_way_out(folder, tmp_path, capsys):
+@pytest.mark.parametrize("tier", ["device", "disk"])  # checked at start, or when a batch first reads the chunk
+def test_a_damaged_cache_file_is_named_with_the_way_out(folder, tmp_path, capsys, tier):
     assert train(tmp_path, folder, "a", "--epochs", "1") == 0
     [made] = files(tmp_path)
     data = bytearray(made.read_bytes())
     data[-1] ^= 1
     made.write_bytes(bytes(data))
-    assert train(tmp_path, folder, "b", "--epochs", "1") == 2
+    assert train(tmp_path, folder, "b", "--epochs", "1", "--data-memory", tier) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "fails its checksum" in err and f"remove it with `fastgan cache clear {made.name}` and run again" in err
+    assert f"the cache file {made} fails its checksum (altered or damaged: chunk 1 of 1); remove it with `fastgan " \
+        f"cache clear {made.name}` and run again to decode anew" in err and "--data" not in err
     assert main(["cache", "clear", made.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
     assert train(tmp_path, folder, "c", "--epochs", "1") == 0 and files(tmp_path) == [made]

@@ -22,6 +22,7 @@ from ..config import Config
 from ..errors import FastganError
 from .files import FileIndex, default_workers, index_images
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
+from .prepared import DATA_FILE, Naming
 from ..report import console
 
 
@@ -134,12 +135,8 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     if loader_name == "cache":
         cached, loader_name, decoder, index = through_cache(cfg, index, decoder, ranks, device)
         if cached is not None:
-            try:
-                data = open_prepared(cfg, device, dtype, ranks, cached)
-            except FastganError as e:  # a damaged cache file: the way out is to drop it, not to prepare by hand
-                said = str(e).removeprefix("--data ").replace("; prepare it again", "")  # said of a --data file
-                raise FastganError(f"the cache file {said}; remove it with `fastgan cache clear {cached.name}` and "
-                                   "run again to decode anew") from None
+            from .cache import naming
+            data = open_prepared(cfg, device, dtype, ranks, cached, naming(cached))
             data.description = data.description.replace("loader prepared", "loader cache", 1)
             data.summary, data.bad = index.summary(), index.bad
             return data
@@ -192,15 +189,15 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
 
 
 def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks,
-                  file: Optional[Path] = None) -> Data:
-    """A prepared file's loader (--data, or `file`: the cache's), its pixels where --data-memory says (or where
-    they fit, under auto)."""
+                  file: Optional[Path] = None, naming: Naming = DATA_FILE) -> Data:
+    """A prepared file's loader (--data, or `file`: the cache's, named in messages by `naming`), its pixels where
+    --data-memory says (or where they fit, under auto)."""
     from .prepared import PreparedLoader, load_pixels, read_manifest
     from .streamed import StreamedLoader, choose_tier, map_pixels
     advice = ("leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
               f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}")
     file = cfg.data if file is None else file
-    manifest, _ = read_manifest(file)
+    manifest, _ = read_manifest(file, naming)
     nbytes = manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     tier, why = choose_tier(cfg.data_memory, nbytes, device, local_ranks)
@@ -208,10 +205,10 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
                    channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror, rank=ranks.rank,
                    world_size=ranks.world_size, dtype=dtype)  # batches in the dtype the networks compute in
     if tier == "disk":
-        source, manifest, check = map_pixels(file, cfg.image_size, cfg.nc, advice)
+        source, manifest, check = map_pixels(file, cfg.image_size, cfg.nc, advice, naming)
         loader, where = StreamedLoader(source, check=check, **options), "disk: the file memory-mapped"
     else:
-        pixels, manifest = load_pixels(file, cfg.image_size, cfg.nc, advice)  # checks every chunk now
+        pixels, manifest = load_pixels(file, cfg.image_size, cfg.nc, advice, naming)  # checks every chunk now
         if tier == "host" and device.type == "cuda":
             loader, where = StreamedLoader(pixels.numpy(), **options), "host memory, copied ahead"
         else:  # on the CPU host memory is device memory

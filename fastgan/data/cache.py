@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 
 from ..errors import FastganError
 from .files import FileIndex, cache_dir
-from .prepared import FORMAT_VERSION, prepare, read_manifest
+from .prepared import FORMAT_VERSION, Naming, prepare, read_manifest
 
 try:
     import fcntl
@@ -55,6 +55,11 @@ def cache_key(index: FileIndex, image_size: int, nc: int, decoder: str) -> str:
 def cache_path(folder: Path, index: FileIndex, image_size: int, nc: int, decoder: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(index.root).resolve().name)[:40] or "images"
     return folder / f"{name}-{image_size}px-{nc}c-{DECODER_NAMES[decoder]}-{cache_key(index, image_size, nc, decoder)}.fgd"
+
+
+def naming(path: Path) -> Naming:
+    """How messages name a cache file, and its way out when damaged: drop it, and the next run decodes anew."""
+    return Naming("the cache file", f"remove it with `fastgan cache clear {path.name}` and run again to decode anew")
 
 
 def file_bytes(index: FileIndex, image_size: int, nc: int) -> int:

@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -145,33 +146,44 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
     return out
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[dict, int]:
+@dataclass(frozen=True)
+class Naming:
+    """How the messages about a prepared file name it, and the way out they give when it is damaged: --data's file
+    by default; a cache file names itself and its own way out (cache.py)."""
+    label: str = "--data"
+    remedy: str = "prepare it again"
+
+
+DATA_FILE = Naming()
+
+
+def read_manifest(path: str | os.PathLike, naming: Naming = DATA_FILE) -> tuple[dict, int]:
     """(manifest, offset of the pixels); FastganError for anything that is not a whole .fgd file."""
     path = Path(path).expanduser()
+    name, remedy = f"{naming.label} {path}", naming.remedy
     if not path.is_file():
-        raise FastganError(f"--data {path} does not exist")
+        raise FastganError(f"{name} does not exist")
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
-            raise FastganError(f"--data {path} is not a fastgan prepared data file (make one with fastgan prepare)")
+            raise FastganError(f"{name} is not a fastgan prepared data file (make one with fastgan prepare)")
         try:
             (length,) = struct.unpack("<Q", f.read(8))
             manifest = json.loads(f.read(length))
         except (struct.error, ValueError):
-            raise FastganError(f"--data {path} has a damaged header; prepare it again") from None
+            raise FastganError(f"{name} has a damaged header; {remedy}") from None
     if manifest.get("version") not in READABLE_VERSIONS:
-        raise FastganError(f"--data {path} is format version {manifest.get('version')}; this fastgan reads "
-                           f"versions {', '.join(map(str, READABLE_VERSIONS))}: prepare it again")
+        raise FastganError(f"{name} is format version {manifest.get('version')}; this fastgan reads "
+                           f"versions {', '.join(map(str, READABLE_VERSIONS))}; {remedy}")
     if manifest["version"] >= 2 and not _digests_fit(manifest):
-        raise FastganError(f"--data {path} has a damaged header (its checksums do not cover its pixels); "
-                           "prepare it again")
+        raise FastganError(f"{name} has a damaged header (its checksums do not cover its pixels); {remedy}")
     offset = len(MAGIC) + 8 + length
     offset += -offset % ALIGN
     expected = offset + manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
     actual = path.stat().st_size
     if actual != expected:
-        raise FastganError(f"--data {path} is {'truncated' if actual < expected else 'too long'} "
-                           f"({actual:,} bytes, expected {expected:,}); prepare it again")
+        raise FastganError(f"{name} is {'truncated' if actual < expected else 'too long'} "
+                           f"({actual:,} bytes, expected {expected:,}); {remedy}")
     return manifest, offset
 
 
@@ -182,11 +194,16 @@ def check_shape(path, manifest: dict, image_size: int, nc: int, advice: str) -> 
                            + advice)
 
 
+def fails_its_checksum(path, naming: Naming, chunk: str = "") -> FastganError:
+    return FastganError(f"{naming.label} {path} fails its checksum (altered or damaged{chunk}); {naming.remedy}")
+
+
 def load_pixels(path: str | os.PathLike, image_size: int, nc: int,
-                advice: str = "prepare the data again at that size") -> tuple[torch.Tensor, dict]:
+                advice: str = "prepare the data again at that size",
+                naming: Naming = DATA_FILE) -> tuple[torch.Tensor, dict]:
     """The pixels (N, S, S, C) uint8 on the CPU, after checking shape against the model and the checksum.
     `advice`: what the user of the calling command can do when the shapes differ (in that command's flags)."""
-    manifest, offset = read_manifest(path)
+    manifest, offset = read_manifest(path, naming)
     check_shape(path, manifest, image_size, nc, advice)
     pixels = np.empty((manifest["count"], image_size, image_size, nc), dtype=np.uint8)
     flat = memoryview(pixels).cast("B")
@@ -195,9 +212,8 @@ def load_pixels(path: str | os.PathLike, image_size: int, nc: int,
         for number, (start, end, digest) in enumerate(chunks(manifest)):
             f.readinto(flat[start:end])
             if hashlib.sha256(flat[start:end]).hexdigest() != digest:
-                raise FastganError(f"--data {path} fails its checksum (altered or damaged"
-                                   + (f": chunk {number + 1} of {len(manifest['chunk_sha256'])}"
-                                      if "chunk_sha256" in manifest else "") + "); prepare it again")
+                raise fails_its_checksum(path, naming, f": chunk {number + 1} of {len(manifest['chunk_sha256'])}"
+                                         if "chunk_sha256" in manifest else "")
     return torch.from_numpy(pixels), manifest
 
 
@@ -274,12 +290,14 @@ class PreparedBatches:
     def __len__(self) -> int:
         return self.steps
 
-    def epoch_plan(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(this rank's image indices for the epoch in step order, per-image flips or None), on the CPU."""
-        order = rank_order(self.count, self.seed, self.epoch, self.batch_size, self.rank, self.world_size)
+    def epoch_plan(self, epoch: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(this rank's image indices for `epoch` (the one set) in step order, per-image flips or None), on the
+        CPU."""
+        epoch = self.epoch if epoch is None else epoch
+        order = rank_order(self.count, self.seed, epoch, self.batch_size, self.rank, self.world_size)
         flips = None
         if self.mirror:
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, 1])
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, 1])
                                                           .generate_state(1)[0]))
             flips = torch.rand(self.count, generator=generator) < 0.5
         return order, flips
@@ -302,9 +320,7 @@ class PreparedBatches:
         order = epoch_permutation(self.count, self.seed, 0)[:count]
         images = to_unit_range(self.rows(order).permute(0, 3, 1, 2))
         if self.mirror:
-            epoch, self.epoch = self.epoch, 0
-            flips = self.epoch_plan()[1][order].to(self.device)
-            self.epoch = epoch
+            flips = self.epoch_plan(0)[1][order].to(self.device)
             images = torch.where(flips.view(-1, 1, 1, 1), images.flip(3), images)
         return images
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import FastganError
-from .prepared import PreparedBatches, check_shape, chunks, read_manifest
+from .prepared import DATA_FILE, Naming, PreparedBatches, check_shape, chunks, fails_its_checksum, read_manifest
 
 TIERS = ("device", "host", "disk")
 GATHER_THREADS = 2  # threads reading batches: enough to keep ahead of the step (bench/data_scale.py)
@@ -94,8 +94,8 @@ class ChunkCheck:
     """Each checksummed chunk of a mapped file verified the first time an image in it is read (once, whichever
     thread gets there first)."""
 
-    def __init__(self, path: Path, flat: np.ndarray, manifest: dict):
-        self.path, self.flat = path, flat
+    def __init__(self, path: Path, flat: np.ndarray, manifest: dict, naming: Naming = DATA_FILE):
+        self.path, self.flat, self.naming = path, flat, naming
         self.ranges = chunks(manifest)
         self.chunk_bytes = self.ranges[0][1] - self.ranges[0][0]
         self.image_bytes = manifest["image_size"] ** 2 * manifest["nc"]
@@ -117,20 +117,20 @@ class ChunkCheck:
                     continue
                 start, end, digest = self.ranges[number]
                 if hashlib.sha256(memoryview(self.flat[start:end])).hexdigest() != digest:
-                    raise FastganError(f"--data {self.path} fails its checksum (altered or damaged: chunk "
-                                       f"{number + 1} of {len(self.ranges)}); prepare it again")
+                    raise fails_its_checksum(self.path, self.naming, f": chunk {number + 1} of {len(self.ranges)}")
                 self.checked[number] = True
 
 
-def map_pixels(path: str | os.PathLike, image_size: int, nc: int, advice: str) -> tuple[np.ndarray, dict, ChunkCheck]:
+def map_pixels(path: str | os.PathLike, image_size: int, nc: int, advice: str,
+               naming: Naming = DATA_FILE) -> tuple[np.ndarray, dict, ChunkCheck]:
     """The prepared file's pixels memory-mapped, read-only (N, S, S, C), with its manifest and the check of its
     chunks; the header, size and shape are checked now, the pixels as they are read."""
     path = Path(path).expanduser()
-    manifest, offset = read_manifest(path)
+    manifest, offset = read_manifest(path, naming)
     check_shape(path, manifest, image_size, nc, advice)
     shape = (manifest["count"], image_size, image_size, nc)
     pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
-    return pixels, manifest, ChunkCheck(path, pixels.reshape(-1), manifest)
+    return pixels, manifest, ChunkCheck(path, pixels.reshape(-1), manifest, naming)
 
 
 def available_ram() -> int:
