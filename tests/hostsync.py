@@ -3,6 +3,7 @@ ranks of tests/test_syncbn.py) run the hot path under, on the CPU, where CUDA's 
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -40,17 +41,24 @@ def no_host_sync():
     """NoHostSync, plus the reads of a tensor into host memory that no aten op shows when the tensor is already
     on the CPU (where these tests run): .tolist(), .numpy(), .cpu(), and .to() a CPU device from fastgan's own
     code. (torch's own same-device moves, such as the GradScaler's scale.to(outputs.device), stay allowed: on the
-    CPU a move to the host and one to the training device look alike, and only fastgan's are the code under test.)"""
+    CPU a move to the host and one to the training device look alike, and only fastgan's are the code under test.)
+    Like the dispatch mode, these apply to the calling (step's) thread only: a loader's pool threads gather on the
+    host by design, ahead of the step, and their host buffers' .numpy() views wait for no device."""
     originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu", "to")}
 
+    spied = threading.get_ident()
+
     def refuse(name):
-        def method(*_, **__):
+        def method(self, *args, **kwargs):
+            if threading.get_ident() != spied:
+                return originals[name](self, *args, **kwargs)
             raise HostSyncError(f"host sync: .{name}()")
         return method
 
     def to(self, *args, **kwargs):
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.split(".")[0] == "fastgan" and any(_names_the_cpu(a) for a in (*args, kwargs.get("device"))):
+        if threading.get_ident() == spied and caller.split(".")[0] == "fastgan" and any(
+                _names_the_cpu(a) for a in (*args, kwargs.get("device"))):
             raise HostSyncError(f"host sync: .to() a CPU device in {caller}")
         return originals["to"](self, *args, **kwargs)
 

@@ -16,6 +16,7 @@ from fastgan.config import Config
 from fastgan.distributed import Ranks
 from fastgan.interval import IntervalStats
 from fastgan.data.prepared import PreparedLoader
+from fastgan.data.streamed import StreamedLoader
 from fastgan.report import to_uint8
 from fastgan.sampling import sample
 from fastgan.trainer import build_trainer, resolve_precision
@@ -26,7 +27,7 @@ TINY = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=4, device="cpu", see
 
 VARIANTS = [dict(amp=amp, channels_last=channels_last, ema_kimg=ema_kimg, data=data)
             for amp, channels_last, ema_kimg, data in itertools.product(
-                ("off", "bf16", "fp16"), (False, True), (None, 0.05), ("prepared", "batches"))]
+                ("off", "bf16", "fp16"), (False, True), (None, 0.05), ("prepared", "streamed", "batches"))]
 
 
 def variant_id(v: dict) -> str:
@@ -40,7 +41,9 @@ def pixels(n=16, size=16) -> torch.Tensor:
 
 def one_trainer(variant: dict):
     """(trainer, batches, stats) as `fastgan train` builds them: prepared data gathers its batches on the device;
-    "batches" stands for the torch and DALI loaders, whose batches arrive on the device as they are."""
+    "streamed" takes them from the host and disk tiers (gathered on pool threads, converted on the step's thread,
+    under the spy); "batches" stands for the torch and DALI loaders, whose batches arrive on the device as they
+    are."""
     cfg = dataclasses.replace(TINY, amp=variant["amp"], channels_last=variant["channels_last"],
                               ema_kimg=variant["ema_kimg"])
     precision = resolve_precision(cfg.amp, CPU)
@@ -49,6 +52,11 @@ def one_trainer(variant: dict):
     loader.set_epoch(0)
     if variant["data"] == "prepared":
         batches = iter(loader)
+    elif variant["data"] == "streamed":
+        streamed = StreamedLoader(pixels().numpy(), cfg.batch_size, CPU, channels_last=cfg.channels_last,
+                                  seed=cfg.seed, mirror=True, dtype=precision.dtype)
+        streamed.set_epoch(0)
+        batches = iter(streamed)
     else:
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         batches = iter([b.float().contiguous(memory_format=memory_format) for b in loader])
