@@ -254,8 +254,7 @@ def add_cache_parser(sub) -> None:
 
 def run_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_files, cache_folder, clear, describe
-    from .data.streamed import gb
-    from .report import plural
+    from .report import gb, plural
     folder = cache_folder(args.cache_dir)
     if args.action == "list":
         if args.names:

@@ -179,3 +179,11 @@ class RunProgress:
         """Above the bar, one line per epoch (its last statistics), so the history stays on screen."""
         if self.bar and self.last_line:
             self.bar.console.print(self.last_line)
+
+
+def gb(nbytes: int) -> str:
+    """A size in words: '2.5 GB', '12.6 MB', '30.7 KB' (decimal units, one decimal)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= size / 10:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes / 1e3:.1f} KB"

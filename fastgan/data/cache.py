@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import FastganError
+from ..report import gb
 from .files import FileIndex, cache_dir
 from .prepared import FORMAT_VERSION, Naming, prepare, read_manifest
 
@@ -68,7 +69,6 @@ def file_bytes(index: FileIndex, image_size: int, nc: int) -> int:
 
 def room_for(folder: Path, nbytes: int) -> tuple[bool, str]:
     """(whether the cache's disk has room for `nbytes` with the margin, the sizes in words)."""
-    from .streamed import gb
     probe = folder
     while not probe.exists():
         probe = probe.parent
@@ -91,7 +91,6 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
            announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]]) -> Path:
     """The cache file of `index` at this size, channels and decoder: found, or written now (under the lock, with
     a progress bar from `progress(total)`); `announce` gets the line that says which."""
-    from .streamed import gb
     path = cache_path(folder, index, image_size, nc, decoder)
     if not path.exists():
         with writing_lock(path):
@@ -124,7 +123,6 @@ def cache_files(folder: Path) -> list[dict]:
 
 
 def describe(row: dict) -> str:
-    from .streamed import gb
     m = row["manifest"]
     used = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["used"]))
     if "error" in m:

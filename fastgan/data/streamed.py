@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import FastganError
+from ..report import gb
 from .prepared import DATA_FILE, Naming, PreparedBatches, check_shape, chunks, fails_its_checksum, read_manifest
 
 TIERS = ("device", "host", "disk")
@@ -177,10 +178,3 @@ def choose_tier(requested: str, nbytes: int, device: torch.device, local_ranks: 
         if fits:
             return tier, f"auto: {why}"
     return "disk", f"auto: {why}, more than half"
-
-
-def gb(nbytes: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6)):
-        if nbytes >= size / 10:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes / 1e3:.1f} KB"
