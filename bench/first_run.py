@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
@@ -34,27 +35,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loaders as loader_bench  # noqa: E402
 from fastgan.data.demo import demo_faces  # noqa: E402
+from fastgan.config import Config  # noqa: E402
 from fastgan.data.files import default_workers, find_images  # noqa: E402
+from fastgan.tutorial import tutorial_loader  # noqa: E402
+from throughput import tutorial_stepper  # noqa: E402
 
-TUTORIAL = textwrap.dedent("""
-    import sys, time
-    import torch
-    from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_loader, tutorial_step
-    root, epochs, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), torch.device(sys.argv[4])
-    torch.manual_seed(999)
-    netG, netD = TutorialGenerator(100, 64, 3).to(device), TutorialDiscriminator(64, 3).to(device)
-    optD = torch.optim.Adam(netD.parameters(), lr=0.0002, betas=(0.5, 0.999))
-    optG = torch.optim.Adam(netG.parameters(), lr=0.0002, betas=(0.5, 0.999))
+def tutorial_run(root: str, epochs: int, batch: int, device: str) -> None:
+    """The tutorial's training, whole: its ImageFolder loader (2 workers) and eager fp32 step, as throughput.py's
+    tutorial rows build them; its closing line as fastgan's ("trained N images in Xs")."""
+    cfg = Config(batch_size=batch, ngf=64, ndf=64)
+    step = tutorial_stepper(cfg, torch.device(device))
     loader = tutorial_loader(root, 64, batch, 2)
     images, start = 0, time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for data in loader:
-            real = data[0].to(device)
-            tutorial_step(netG, netD, optG, optD, real, torch.randn(real.shape[0], 100, 1, 1, device=device))
-            images += real.shape[0]
-    seconds = time.perf_counter() - start
-    print(f"trained {images} images in {seconds:.2f}s")
-""")
+            step(data[0])
+            images += data[0].shape[0]
+    print(f"trained {images} images in {time.perf_counter() - start:.2f}s")
+
+
 TRAINED = re.compile(r"trained ([\d,]+) images in (?:(\d+)m)?([\d.]+)s")
 
 
@@ -110,7 +109,11 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--work", help="folder for the data sets, caches and runs [a new temporary folder]")
     parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--tutorial-run", metavar="ROOT", help=argparse.SUPPRESS)  # one row, in its own process
     args = parser.parse_args()
+    if args.tutorial_run:
+        tutorial_run(args.tutorial_run, args.epochs, args.batch_size, args.device)
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="fastgan-first-run-"))
     work.mkdir(parents=True, exist_ok=True)
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -123,12 +126,13 @@ def main() -> int:
     for name in args.sets:
         root = roots[name]()
         cache = work / f"cache-{name}"
-        for stale in cache.glob("*.fgd") if cache.is_dir() else []:
-            stale.unlink()  # the first run starts with an empty cache
+        shutil.rmtree(cache, ignore_errors=True)  # the first run starts with an empty cache,
+        shutil.rmtree(work / f"runs-{name}", ignore_errors=True)  # and each row with a new run folder
         train = [sys.executable, "-m", "fastgan", "train", "--root", root, "--epochs", args.epochs, "--image-size", 64,
                  "--ngf", 64, "--ndf", 64, "--batch-size", args.batch_size, "--amp", "--channels-last", "--quiet",
                  "--device", args.device, "--cache-dir", cache]
-        rows = {"tutorial": [sys.executable, "-c", TUTORIAL, root, args.epochs, args.batch_size, args.device],
+        rows = {"tutorial": [sys.executable, __file__, "--tutorial-run", root, "--epochs", args.epochs, "--batch-size",
+                             args.batch_size, "--device", args.device],
                 "fastgan, first run (decodes once)": [*train, "--out", work / f"runs-{name}" / "first"],
                 "fastgan, second run (the cache)": [*train, "--out", work / f"runs-{name}" / "second"],
                 "fastgan --loader torch (decodes every epoch)": [*train, "--loader", "torch", "--out",

@@ -172,3 +172,18 @@ def test_quality_bench_sets_each_mode_beside_the_band_of_three_reference_seeds(t
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)  # never over an earlier bench
     assert again.returncode == 2 and len(again.stderr.splitlines()) == 1
     assert again.stderr.startswith(f"bench: --out {out} already holds files")
+
+
+def test_first_run_times_the_tutorial_and_fastgans_first_and_second_run(tmp_path):
+    """bench/first_run.py at a tiny size: four whole processes, each with its figures; only the first fastgan run
+    decodes into the cache, and a second bench in the same --work starts again from an empty cache."""
+    argv = [sys.executable, str(BENCH / "first_run.py"), "--sets", "photos", "--photos", "64", "--epochs", "1",
+            "--batch-size", "32", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "first.json")]
+    for _ in range(2):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads((tmp_path / "first.json").read_text())["sets"]["photos"]
+        assert list(rows) == ["tutorial", "fastgan, first run (decodes once)", "fastgan, second run (the cache)",
+                              "fastgan --loader torch (decodes every epoch)"]
+        assert all(r["images"] == 64 and r["whole_s"] > r["training_s"] > 0 for r in rows.values()), rows
+        assert [r["decoded_once"] for r in rows.values()] == [False, True, False, False]
