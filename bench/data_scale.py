@@ -204,13 +204,10 @@ def main() -> int:
     parser.add_argument("--faces", type=int, default=1000, help="distinct synthetic faces; a set repeats them")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--measure", choices=tuple(MEASURES), help=argparse.SUPPRESS)
-    for hidden in ("--count", "--file", "--sources", "--tier", "--warmup"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    for hidden, kind in (("--count", int), ("--file", str), ("--sources", str), ("--tier", str), ("--warmup", int)):
+        parser.add_argument(hidden, type=kind, help=argparse.SUPPRESS)  # a measurement's, from run_measure
     args = parser.parse_args()
     if args.measure:
-        for key in ("count", "warmup", "batches", "batch_size", "image_size"):
-            if getattr(args, key, None) is not None:
-                setattr(args, key, int(getattr(args, key)))
         print(json.dumps(MEASURES[args.measure](args)))
         return 0
 
