@@ -16,6 +16,7 @@ DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
 DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DALI_FIELDS = ("dali_decoder", "dali_threads", "hw_decoder_load")  # how DALI decodes: --loader dali, cache or auto
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
 # Seeds go to numpy's SeedSequence (non-negative only) and torch generators (at most 2**64 - 1), and eval seeds
 # its generated side with seed + 1: 32 bits are safe everywhere, and every command takes the same range
@@ -112,7 +113,8 @@ class Config:
                                       "the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
                               metavar="{auto,device,host,disk}")
     workers: Optional[int] = option(
-        None, "torch loader: DataLoader worker processes, 0 to decode in the training process", "data",
+        None, "torch loader: DataLoader worker processes, 0 to decode in the training process; the cache's "
+        "decoding with PIL: its processes (all cores by default)", "data",
         rule=at_least(0, "0 or more"), metavar="N", shown=CORES_LESS_ONE)
     loader: str = option("auto", "cache: decode the images once into a cache file (DALI on the GPU when installed, "
                                  "else PIL on all cores) and train from it; torch or dali: decode every epoch "
@@ -121,10 +123,12 @@ class Config:
                          metavar="{auto,cache,dali,torch}")
     cache_dir: Optional[str] = option(None, "where --loader cache keeps its files (fastgan cache list|clear)", "data",
                                       metavar="DIR", shown="~/.cache/fastgan/prepared")
-    dali_decoder: str = option("auto", "DALI's JPEG decoding: mixed on the GPU, cpu on the CPU; auto: mixed on "
-                                       "CUDA", "data", rule=one_of(DALI_DECODER_CHOICES), metavar="{auto,cpu,mixed}")
-    dali_threads: Optional[int] = option(None, "DALI's CPU threads", "data", rule=POSITIVE, metavar="N",
-                                         shown=CORES_LESS_ONE)
+    dali_decoder: str = option("auto", "DALI's JPEG decoding (--loader dali, and the cache's decoding when given): "
+                                       "mixed on the GPU, cpu on the CPU; auto: mixed on CUDA, where the cache "
+                                       "decodes with DALI too when it is installed (PIL otherwise)", "data", rule=one_of(DALI_DECODER_CHOICES),
+                               metavar="{auto,cpu,mixed}")
+    dali_threads: Optional[int] = option(None, "DALI's CPU threads (--loader dali; the cache's decoding with DALI: "
+                                               "all cores by default)", "data", rule=POSITIVE, metavar="N", shown=CORES_LESS_ONE)
     hw_decoder_load: float = option(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100, H100), 0..1",
                                     "data", rule=between(0, 1, False, False), metavar="SHARE")
     # model: the tutorial's defaults
@@ -223,6 +227,12 @@ class Config:
         if self.data_memory != "auto" and self.data is None and self.loader in ("dali", "torch"):
             raise FastganError(f"{name('data_memory')} works with {name('data')} (a prepared file) or the cache "
                                f"({name('loader')} auto or cache), not {name('loader')} {self.loader}")
+        dali_set = [f.name for f in dataclasses.fields(self)
+                    if f.name in DALI_FIELDS and getattr(self, f.name) != f.default]
+        if dali_set and (self.data is not None or self.loader == "torch"):
+            reason = (f"{name('data')} is decoded already" if self.data is not None
+                      else f"{name('loader')} torch decodes with PIL")
+            raise FastganError(f"{name(dali_set[0])} sets how DALI decodes, but {reason}: leave it out")
         return self
 
     def to_dict(self) -> dict[str, Any]:

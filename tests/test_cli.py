@@ -337,6 +337,8 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *tiny_root, "--beta1", "1"], "error: --beta1 must be in [0, 1), got 1.0"),
         (["train", *tiny_root, "--lr", "0"], "error: --lr must be in (0, 1), got 0.0"),
         (["train", *tiny_root, "--hw-decoder-load", "1.5"], "error: --hw-decoder-load must be in [0, 1], got 1.5"),
+        (["train", *tiny_root, "--loader", "torch", "--dali-threads", "2"],
+         "error: --dali-threads sets how DALI decodes, but --loader torch decodes with PIL: leave it out"),
         (["prepare", "--root", root, "--nc", "2", "--out", str(tmp_path / "p.fgd")],
          "error: --nc must be 1 (grayscale) or 3 (RGB), got 2"),
         (["train", *tiny_root, "--frobnicate"],
@@ -493,7 +495,7 @@ def test_auto_loader_choice(monkeypatch):
     """--loader auto (and cache) decodes once into the cache: with DALI on the GPU where CUDA and DALI are there,
     with PIL otherwise; where the cache has no room, auto decodes every epoch with per_epoch_loader's choice."""
     import fastgan.data.pipeline_dali
-    from fastgan import Config
+    from fastgan import Config, FastganError
     from fastgan.data import per_epoch_loader, resolve_loader
     cpu = torch.device("cpu")
     for installed in (False, True):
@@ -504,6 +506,18 @@ def test_auto_loader_choice(monkeypatch):
     assert resolve_loader(Config(loader="torch", device="cpu"), cpu) == ("torch", "")
     assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
     assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
+    # a --dali-decoder given is DALI's decoder for the cache too (and where auto decodes every epoch), or refused
+    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: True)
+    assert resolve_loader(Config(device="cpu", dali_decoder="cpu"), cpu) == ("cache", "cpu")
+    assert per_epoch_loader(Config(device="cpu", dali_decoder="cpu"), cpu) == ("dali", "cpu")
+    with pytest.raises(FastganError, match="--dali-decoder mixed decodes on the GPU and needs --device cuda"):
+        resolve_loader(Config(device="cpu", loader="cache", dali_decoder="mixed"), cpu)
+    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: False)
+    with pytest.raises(FastganError, match="^--dali-decoder cpu needs NVIDIA DALI, which is not installed"):
+        resolve_loader(Config(device="cpu", dali_decoder="cpu"), cpu)
+    with pytest.raises(FastganError, match=r"^hw_decoder_load \(--hw-decoder-load\) sets how DALI decodes, but "
+                                           r"data \(--data\) is decoded already: leave it out$"):
+        Config(data="faces.fgd", hw_decoder_load=0.5).validate()
     # on CUDA, DALI (decoding on the GPU) where it is installed, PIL or torch where not; a CUDA device object
     # needs no GPU to be built, so this choice is checked on every machine
     cuda = torch.device("cuda")

@@ -292,6 +292,25 @@ def test_batches_are_ordered_on_torchs_stream_without_a_host_sync(faces, decoder
     assert all(torch.equal(batch, copy) for batch, copy in zip(kept, copies))
 
 
+def test_the_cache_decodes_with_dali_as_its_options_ask(faces, tmp_path, monkeypatch, capsys):
+    """--dali-decoder cpu without --loader: the cache decodes with DALI on the CPU (its name and manifest say so),
+    on --dali-threads threads and with --hw-decoder-load's share, not with PIL and the defaults."""
+    from fastgan.data.prepared import read_manifest
+    built = []
+    build = pipeline_dali.build_pipeline
+    monkeypatch.setattr(pipeline_dali, "build_pipeline", lambda *args: built.append(args) or build(*args))
+    assert main(["train", "--root", str(faces[0].parent), "--cache-dir", str(tmp_path / "cache"), "--out",
+                 str(tmp_path / "run"), "--dali-decoder", "cpu", "--dali-threads", "3", "--hw-decoder-load", "0.5",
+                 "--image-size", "16", "--ngf", "4", "--ndf", "4", "--nz", "8", "--batch-size", "16", "--epochs", "1",
+                 "--device", "cpu", "--quiet"]) == 0
+    [made] = (tmp_path / "cache").glob("*.fgd")
+    assert "-16px-3c-dali-cpu-" in made.name and read_manifest(made)[0]["decoder"] == "DALI (CPU)"
+    err = " ".join(capsys.readouterr().err.split())
+    assert "KB, DALI on the CPU)" in err, err
+    [(_, _, _, _, decoder, threads, _, hw_load, _)] = built  # decode_all's one pipeline; training reads the cache
+    assert (decoder, threads, hw_load) == ("cpu", 3, 0.5)
+
+
 def test_prepare_with_dali_on_the_cpu(faces, tmp_path):
     from fastgan.data.prepared import load_pixels, read_manifest
     folder = faces[0].parent

@@ -43,32 +43,37 @@ def index_data(cfg: Config) -> FileIndex:
 def resolve_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
     """(loader, decoder): "prepared" for --data; "cache" for --loader cache, and for auto (open_data falls back
     to decoding every epoch when the cache's disk has no room); "dali" or "torch" as asked. The decoder: DALI's
-    ("mixed" on the GPU, "cpu"), or "pil" for the cache without DALI on CUDA."""
+    ("mixed" on the GPU, "cpu"), or "pil" for the cache without DALI on CUDA. A --dali-decoder given is DALI's
+    decoder wherever the run decodes, the cache included, or a one-line refusal where DALI cannot do it."""
     if cfg.data is not None:
         if cfg.loader != "auto":
             raise FastganError(f"--loader {cfg.loader} decodes image files; --data is decoded already: "
                                "leave --loader out")
         return "prepared", ""
     if cfg.loader in ("auto", "cache"):
-        from .pipeline_dali import dali_available
-        return "cache", "mixed" if device.type == "cuda" and dali_available() else "pil"
+        return "cache", dali_decoder(cfg, device) if wants_dali(cfg, device) else "pil"
     if cfg.loader == "torch":
         return "torch", ""
     return "dali", dali_decoder(cfg, device)
 
 
 def per_epoch_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
-    """What --loader auto decodes with every epoch where the cache has no room: DALI on CUDA when installed."""
+    """What --loader auto decodes with every epoch where the cache has no room: DALI on CUDA when installed (or
+    as --dali-decoder asks), else torch."""
+    return ("dali", dali_decoder(cfg, device)) if wants_dali(cfg, device) else ("torch", "")
+
+
+def wants_dali(cfg: Config, device: torch.device) -> bool:
+    """Whether --loader auto or cache decodes with DALI: asked for with --dali-decoder, or on CUDA when installed."""
     from .pipeline_dali import dali_available
-    if device.type == "cuda" and dali_available():
-        return "dali", dali_decoder(cfg, device)
-    return "torch", ""
+    return cfg.dali_decoder != "auto" or (device.type == "cuda" and dali_available())
 
 
 def dali_decoder(cfg: Config, device: torch.device) -> str:
     from .pipeline_dali import INSTALL_HINT, dali_available
     if not dali_available():
-        raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+        asked = "--loader dali" if cfg.loader == "dali" else f"--dali-decoder {cfg.dali_decoder}"
+        raise FastganError(f"{asked} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
     decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
     if decoder == "mixed" and device.type != "cuda":
         raise FastganError("--dali-decoder mixed decodes on the GPU and needs --device cuda")
@@ -181,10 +186,11 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
 
     # the local ranks wait at open_data's caller (local main first) and then find the file
     with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
-        path = cached(index, folder, cfg.image_size, cfg.nc, decoder, cfg.workers,
+        path = cached(index, folder, cfg.image_size, cfg.nc, decoder,
+                      cfg.workers if decoder == "pil" else cfg.dali_threads,
                       lambda line: console.print(f"fastgan: {line}") if ranks.is_main else None,
                       lambda total: functools.partial(bar.advance, bar.add_task(
-                          f"decoding {total:,} images once", total=total)))
+                          f"decoding {total:,} images once", total=total)), cfg.hw_decoder_load)
     return path, "cache", decoder, index
 
 

@@ -88,9 +88,11 @@ def writing_lock(path: Path) -> Iterator[None]:
 
 
 def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: str, workers: Optional[int],
-           announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]]) -> Path:
+           announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]],
+           hw_decoder_load: float = 0.65) -> Path:
     """The cache file of `index` at this size, channels and decoder: found, or written now (under the lock, with
-    a progress bar from `progress(total)`); `announce` gets the line that says which."""
+    a progress bar from `progress(total)`) by `workers` processes (PIL) or threads (DALI); `announce` gets the line
+    that says which."""
     path = cache_path(folder, index, image_size, nc, decoder)
     if not path.exists():
         with writing_lock(path):
@@ -99,7 +101,7 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
                          f"({gb(file_bytes(index, image_size, nc))}, {DECODER_WORDS[decoder]})")
                 try:
                     prepare(dataclasses.replace(index, root=Path(index.root).resolve()), path, image_size, nc,
-                            workers, progress(len(index.good)), decoder)
+                            workers, progress(len(index.good)), decoder, hw_decoder_load)
                 except OSError as e:
                     raise FastganError(f"cannot write the cache {path}: {e.strerror or e}; free some room, "
                                        "choose --cache-dir, or decode every epoch with --loader torch") from None

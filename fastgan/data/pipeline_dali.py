@@ -105,7 +105,7 @@ def build_pipeline(source, image_size: int, nc: int, batch_size: int, decoder: s
 
 
 def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads: Optional[int] = None,
-               batch_size: int = 256) -> Iterator[torch.Tensor]:
+               batch_size: int = 256, hw_decoder_load: float = 0.65) -> Iterator[torch.Tensor]:
     """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI. The last batch
     holds the remainder (fewer than batch_size when the count is not a multiple)."""
     names = [encoded(p) for p in paths]
@@ -114,7 +114,7 @@ def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads:
         return
     device_id = torch.cuda.current_device() if decoder == "mixed" else None
     pipe = build_pipeline(iter(batches).__next__, image_size, nc, batch_size, decoder, threads or default_workers(),
-                          device_id, 0.65, torch.uint8)
+                          device_id, hw_decoder_load, torch.uint8)
     for _ in batches:
         (images,) = pipe.run()  # host-synchronous: each batch is copied out before the next
         if decoder == "mixed":

@@ -50,9 +50,11 @@ def _pixels(job: tuple[str, int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, nc)
 
 
-def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str) -> Iterator[np.ndarray]:
+def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str,
+                   hw_decoder_load: float = 0.65) -> Iterator[np.ndarray]:
     """The images of `paths` in order, as uint8 (B, S, S, C) arrays of one or more images: PIL in `workers`
-    processes (the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder in batches."""
+    processes (the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder in batches, on
+    `workers` threads (and the hardware JPEG decoder's share for "mixed")."""
     if decoder == "pil":
         jobs = ((str(p), image_size, nc) for p in paths)  # made as the workers take them
         with parallel_map(_pixels, jobs, workers, count=len(paths)) as results:
@@ -60,7 +62,7 @@ def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str) 
                 yield image[None]
     else:
         from .pipeline_dali import decode_all
-        for batch in decode_all(paths, image_size, nc, decoder, threads=workers):
+        for batch in decode_all(paths, image_size, nc, decoder, threads=workers, hw_decoder_load=hw_decoder_load):
             yield batch.numpy()
 
 
@@ -104,13 +106,14 @@ def _head(manifest: dict) -> bytes:
 
 
 def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
-            progress: Optional[Callable[[int], None]] = None, decoder: str = "pil") -> Path:
+            progress: Optional[Callable[[int], None]] = None, decoder: str = "pil",
+            hw_decoder_load: float = 0.65) -> Path:
     """Decode every good file of `index` once and write them to `out` (which must not exist yet), image by image:
     memory stays flat whatever the number of images.
 
     decoder: "pil" (all cores; the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder,
-    whose resize filter differs from PIL's by a few levels (see pipeline_dali); give DALI an index already
-    passed through readable_by_dali."""
+    whose resize filter differs from PIL's by a few levels (see pipeline_dali), on `workers` threads; give DALI
+    an index already passed through readable_by_dali. hw_decoder_load: the hardware JPEG decoder's share (mixed)."""
     out = Path(out).expanduser()
     if out.exists():
         raise FastganError(f"{out} already exists; choose another --out (fastgan overwrites nothing)")
@@ -129,7 +132,7 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
     digests, written = ChunkDigests(CHUNK_BYTES), 0
     with atomic_write(out) as f:
         f.write(placeholder)
-        for images in decoded_images(index.good, image_size, nc, workers, decoder):
+        for images in decoded_images(index.good, image_size, nc, workers, decoder, hw_decoder_load):
             data = memoryview(np.ascontiguousarray(images)).cast("B")
             digests.update(data)
             f.write(data)
