@@ -22,7 +22,6 @@ from ..config import Config
 from ..errors import FastganError
 from .files import FileIndex, default_workers, index_images
 from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
-from .prepared import DATA_FILE, Naming
 from ..report import console
 
 
@@ -140,11 +139,7 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     if loader_name == "cache":
         cached, loader_name, decoder, index = through_cache(cfg, index, decoder, ranks, device)
         if cached is not None:
-            from .cache import naming
-            data = open_prepared(cfg, device, dtype, ranks, cached, naming(cached))
-            data.description = data.description.replace("loader prepared", "loader cache", 1)
-            data.summary, data.bad = index.summary(), index.bad
-            return data
+            return open_prepared(cfg, device, dtype, ranks, (cached, index))
     if loader_name == "dali":
         from .pipeline_dali import readable_by_dali
         index = readable_by_dali(index)
@@ -195,14 +190,16 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
 
 
 def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks,
-                  file: Optional[Path] = None, naming: Naming = DATA_FILE) -> Data:
-    """A prepared file's loader (--data, or `file`: the cache's, named in messages by `naming`), its pixels where
-    --data-memory says (or where they fit, under auto)."""
-    from .prepared import PreparedLoader, load_pixels, read_manifest
+                  cached: Optional[tuple[Path, FileIndex]] = None) -> Data:
+    """A prepared file's loader, its pixels where --data-memory says (or where they fit, under auto): --data's,
+    or under --loader auto or cache the folder's cache file, `cached` (the file and the folder's index), which
+    messages name as the cache's."""
+    from .cache import naming as cache_naming
+    from .prepared import DATA_FILE, PreparedLoader, load_pixels, read_manifest
     from .streamed import StreamedLoader, choose_tier, map_pixels
     advice = ("leave --image-size and --nc out (--data takes the file's), or prepare the data again at the model's "
               f"size: fastgan prepare --image-size {cfg.image_size} --nc {cfg.nc}")
-    file = cfg.data if file is None else file
+    file, naming = (cfg.data, DATA_FILE) if cached is None else (cached[0], cache_naming(cached[0]))
     manifest, _ = read_manifest(file, naming)
     nbytes = manifest["count"] * manifest["image_size"] ** 2 * manifest["nc"]
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -221,6 +218,9 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
             loader = PreparedLoader(pixels, **options)
             where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
     mirrored = ", mirrored" if cfg.mirror else ""
-    return Data(loader, f"loader prepared ({where}{mirrored}; {why})",
-                f"{manifest['count']:,} prepared images in {file} (from {manifest['source_root']})", [],
-                loader.preview, manifest["count"])
+    description = f"loader {'prepared' if cached is None else 'cache'} ({where}{mirrored}; {why})"
+    if cached is None:
+        return Data(loader, description, f"{manifest['count']:,} prepared images in {file} (from "
+                    f"{manifest['source_root']})", [], loader.preview, manifest["count"])
+    index = cached[1]
+    return Data(loader, description, index.summary(), index.bad, loader.preview, manifest["count"])
