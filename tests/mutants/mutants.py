@@ -48,9 +48,10 @@ MUTANTS = [
            "fastgan generate --seed is ignored: every call draws fresh noise",
            ("tests/test_cli.py",)),
     Mutant("auto-loader-never-dali", "fastgan/data/__init__.py",
-           "    if device.type == \"cuda\" and dali_available():\n        return \"dali\", dali_decoder(cfg, device)",
-           "    if False:\n        return \"dali\", dali_decoder(cfg, device)",
-           "--loader auto, where the cache has no room, never decodes with DALI, not even on CUDA with DALI installed",
+           "    return cfg.dali_decoder != \"auto\" or (device.type == \"cuda\" and dali_available())",
+           "    return cfg.dali_decoder != \"auto\"",
+           "--loader auto never decodes with DALI unless asked, not even on CUDA with DALI installed (the cache, or "
+           "every epoch where it has no room)",
            ("tests/test_cli.py", "tests/test_loader.py")),
 
     # --- the core: the step, the models, the order, the checkpoints ------------------------------------------
@@ -570,8 +571,8 @@ MUTANTS = [
            ("tests/test_gpu_check.py::test_the_driver_goes_on_past_failures_and_bounds_every_part",)),
     # --- issue 28: prepared data of any size -------------------------------------------------------------------
     Mutant("prepare-holds-every-image", "fastgan/data/prepared.py",
-           "        for images in decoded_images(index.good, image_size, nc, workers, decoder):",
-           "        for images in list(decoded_images(index.good, image_size, nc, workers, decoder)):",
+           "        for images in decoded_images(index.good, image_size, nc, workers, decoder, hw_decoder_load):",
+           "        for images in list(decoded_images(index.good, image_size, nc, workers, decoder, hw_decoder_load)):",
            "prepare decodes every image into memory before writing: its memory grows with the data set",
            ("tests/test_prepared.py::test_prepare_memory_does_not_grow_with_the_number_of_images",)),
     Mutant("chunk-digest-ignores-what-is-filled", "fastgan/data/prepared.py",
