@@ -146,6 +146,12 @@ def test_cache_list_and_clear(folder, tmp_path, capsys):
     assert "no cache file nothing.fgd in" in capsys.readouterr().err
     assert main(["cache", "clear", small.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
     assert files(tmp_path) == [large] and "removed 1 cache file (31." in capsys.readouterr().out
+    stranger = cache_dir(tmp_path) / "stranger.fgd"  # not a prepared file: listed with the cache's way out
+    stranger.write_bytes(b"not pixels")
+    assert main(["cache", "list", "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    assert (f"stranger.fgd  0.0 KB  unreadable: the cache file {stranger} is not a fastgan prepared data file "
+            "(remove it with `fastgan cache clear stranger.fgd` and run again to decode anew)\n"
+            in capsys.readouterr().out)
     with cache.writing_lock(cache_dir(tmp_path) / "busy.fgd"):  # a run writing another file
         (cache_dir(tmp_path) / ".busy.fgd.x1.tmp").write_bytes(b"half")
         assert main(["cache", "clear", "--cache-dir", str(cache_dir(tmp_path))]) == 0
@@ -161,15 +167,18 @@ def test_data_memory_is_refused_with_a_loader_that_decodes_every_epoch(folder, t
 
 
 @pytest.mark.parametrize("tier", ["device", "disk"])  # checked at start, or when a batch first reads the chunk
-def test_a_damaged_cache_file_is_named_with_the_way_out(folder, tmp_path, capsys, tier):
+@pytest.mark.parametrize("damage", ["a pixel", "the header"])
+def test_a_damaged_cache_file_is_named_with_the_way_out(folder, tmp_path, capsys, tier, damage):
     assert train(tmp_path, folder, "a", "--epochs", "1") == 0
     [made] = files(tmp_path)
     data = bytearray(made.read_bytes())
-    data[-1] ^= 1
+    data[-1 if damage == "a pixel" else 0] ^= 1
     made.write_bytes(bytes(data))
     assert train(tmp_path, folder, "b", "--epochs", "1", "--data-memory", tier) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"the cache file {made} fails its checksum (altered or damaged: chunk 1 of 1); remove it with `fastgan " \
-        f"cache clear {made.name}` and run again to decode anew" in err and "--data" not in err
+    what = ("fails its checksum (altered or damaged: chunk 1 of 1); " if damage == "a pixel"
+            else "is not a fastgan prepared data file (")
+    assert f"the cache file {made} {what}remove it with `fastgan cache clear {made.name}` and run again to " \
+        "decode anew" in err and "--data" not in err and "with fastgan prepare" not in err, err
     assert main(["cache", "clear", made.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
     assert train(tmp_path, folder, "c", "--epochs", "1") == 0 and files(tmp_path) == [made]

@@ -59,8 +59,10 @@ def cache_path(folder: Path, index: FileIndex, image_size: int, nc: int, decoder
 
 
 def naming(path: Path) -> Naming:
-    """How messages name a cache file, and its way out when damaged: drop it, and the next run decodes anew."""
-    return Naming("the cache file", f"remove it with `fastgan cache clear {path.name}` and run again to decode anew")
+    """How messages name a cache file, and its way out when damaged or not a prepared file at all: drop it, and the
+    next run decodes anew."""
+    remedy = f"remove it with `fastgan cache clear {path.name}` and run again to decode anew"
+    return Naming("the cache file", remedy, remedy)
 
 
 def file_bytes(index: FileIndex, image_size: int, nc: int) -> int:
@@ -116,7 +118,7 @@ def cache_files(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.glob("*.fgd")) if folder.is_dir() else []:
         try:
-            manifest, _ = read_manifest(path)
+            manifest, _ = read_manifest(path, naming(path))
         except FastganError as e:
             manifest = {"error": str(e)}
         stat = path.stat()

@@ -151,10 +151,12 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
 
 @dataclass(frozen=True)
 class Naming:
-    """How the messages about a prepared file name it, and the way out they give when it is damaged: --data's file
-    by default; a cache file names itself and its own way out (cache.py)."""
+    """How the messages about a prepared file name it, and the way out they give when it is damaged (`remedy`) or
+    not a prepared file at all (`stranger`): --data's file by default; a cache file names itself and its own way
+    out (cache.py)."""
     label: str = "--data"
     remedy: str = "prepare it again"
+    stranger: str = "make one with fastgan prepare"
 
 
 DATA_FILE = Naming()
@@ -169,7 +171,7 @@ def read_manifest(path: str | os.PathLike, naming: Naming = DATA_FILE) -> tuple[
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
-            raise FastganError(f"{name} is not a fastgan prepared data file (make one with fastgan prepare)")
+            raise FastganError(f"{name} is not a fastgan prepared data file ({naming.stranger})")
         try:
             (length,) = struct.unpack("<Q", f.read(8))
             manifest = json.loads(f.read(length))
