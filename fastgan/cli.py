@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (CORES_LESS_ONE, DEVICE_CHOICES, SEED_RANGE, Config, default_shown, flag_of, options,
-                     seed_problem)
+from .config import (CORES_LESS_ONE, DECODER_FLAGS, DEVICE_CHOICES, SEED_RANGE, Config, default_shown, flag_of,
+                     options, seed_problem)
 from .errors import FastganError, TrainingStopped
 
 
@@ -283,7 +283,7 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.fgd); an existing file is refused")
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="decoding processes (PIL) or threads (DALI) [one per core]")
-    p.add_argument("--decoder", choices=("auto", "pil", "dali-cpu", "dali-gpu"), default="auto",
+    p.add_argument("--decoder", choices=("auto", *DECODER_FLAGS.values()), default="auto",
                    help="auto: DALI on the GPU when CUDA and DALI are there, PIL on all cores otherwise. PIL gives "
                         "the torch loader's exact pixels; DALI's resize differs by a few levels [auto]")
     p.set_defaults(func=run_prepare, parser=p)
@@ -310,7 +310,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise FastganError(f"--decoder {choice} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
     if choice == "dali-gpu" and not torch.cuda.is_available():
         raise FastganError("--decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil")
-    decoder = {"pil": "pil", "dali-cpu": "cpu", "dali-gpu": "mixed"}[choice]
+    decoder = {flag: decoder for decoder, flag in DECODER_FLAGS.items()}[choice]
     index = index_data(cfg)
     if decoder != "pil":
         index = readable_by_dali(index)

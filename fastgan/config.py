@@ -13,6 +13,8 @@ from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 
 LOADER_CHOICES = ("auto", "cache", "dali", "torch")
 DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
+# each decoder as fastgan prepare --decoder and a cache file's name say it
+DECODER_FLAGS = {"pil": "pil", "cpu": "dali-cpu", "mixed": "dali-gpu"}
 DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
 AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from ..config import DECODER_FLAGS
 from ..errors import FastganError
 from ..report import gb
 from .files import FileIndex, cache_dir
@@ -33,7 +34,6 @@ except ImportError:  # Windows: no flock; two runs that start together may both 
     fcntl = None
 
 MARGIN_SHARE, MARGIN_BYTES = 0.10, 1 << 30  # room kept free on the cache's disk: 10% of the file, and 1 GiB
-DECODER_NAMES = {"pil": "pil", "cpu": "dali-cpu", "mixed": "dali-gpu"}  # as fastgan prepare --decoder says
 DECODER_WORDS = {"pil": "PIL on all cores", "cpu": "DALI on the CPU", "mixed": "DALI on the GPU"}
 
 
@@ -55,7 +55,8 @@ def cache_key(index: FileIndex, image_size: int, nc: int, decoder: str) -> str:
 
 def cache_path(folder: Path, index: FileIndex, image_size: int, nc: int, decoder: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(index.root).resolve().name)[:40] or "images"
-    return folder / f"{name}-{image_size}px-{nc}c-{DECODER_NAMES[decoder]}-{cache_key(index, image_size, nc, decoder)}.fgd"
+    key = cache_key(index, image_size, nc, decoder)
+    return folder / f"{name}-{image_size}px-{nc}c-{DECODER_FLAGS[decoder]}-{key}.fgd"
 
 
 def naming(path: Path) -> Naming:
