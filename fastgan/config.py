@@ -13,6 +13,8 @@ from .models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_image_size
 
 LOADER_CHOICES = ("auto", "cache", "dali", "torch")
 DALI_DECODER_CHOICES = ("auto", "cpu", "mixed")
+# the share of JPEGs for the hardware JPEG decoder (--hw-decoder-load), wherever DALI decodes on the GPU
+HW_DECODER_LOAD = 0.65
 # each decoder as fastgan prepare --decoder and a cache file's name say it
 DECODER_FLAGS = {"pil": "pil", "cpu": "dali-cpu", "mixed": "dali-gpu"}
 DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
@@ -109,10 +111,10 @@ class Config:
         "and channels are the file's, and a file of the demo faces trains with the demo preset", "data", metavar="FILE")
     mirror: bool = option(False, "with --data: flip a random half of each epoch's images horizontally, another "
                                  "half each epoch", "data")
-    data_memory: str = option("auto", "with --data or the cache, where the pixels live: device (GPU memory; RAM on the CPU), host "
-                                      "(RAM, batches copied ahead), disk (the file memory-mapped, read a few batches "
-                                      "ahead); auto: device, else host, else disk, the first that fits in half of "
-                                      "the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
+    data_memory: str = option("auto", "with --data or the cache, where the pixels live: device (GPU memory; RAM on "
+                                      "the CPU), host (RAM, batches copied ahead), disk (the file memory-mapped, read "
+                                      "a few batches ahead); auto: device, else host, else disk, the first that fits "
+                                      "in half of the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
                               metavar="{auto,device,host,disk}")
     workers: Optional[int] = option(
         None, "torch loader: DataLoader worker processes, 0 to decode in the training process; the cache's "
@@ -127,12 +129,13 @@ class Config:
                                       metavar="DIR", shown="~/.cache/fastgan/prepared")
     dali_decoder: str = option("auto", "DALI's JPEG decoding (--loader dali, and the cache's decoding when given): "
                                        "mixed on the GPU, cpu on the CPU; auto: mixed on CUDA, where the cache "
-                                       "decodes with DALI too when it is installed (PIL otherwise)", "data", rule=one_of(DALI_DECODER_CHOICES),
-                               metavar="{auto,cpu,mixed}")
+                                       "decodes with DALI too when it is installed (PIL otherwise)", "data",
+                               rule=one_of(DALI_DECODER_CHOICES), metavar="{auto,cpu,mixed}")
     dali_threads: Optional[int] = option(None, "DALI's CPU threads (--loader dali; the cache's decoding with DALI: "
-                                               "all cores by default)", "data", rule=POSITIVE, metavar="N", shown=CORES_LESS_ONE)
-    hw_decoder_load: float = option(0.65, "share of JPEGs for the GPU's hardware JPEG decoder (A100, H100), 0..1",
-                                    "data", rule=between(0, 1, False, False), metavar="SHARE")
+                                               "all cores by default)", "data", rule=POSITIVE, metavar="N",
+                                         shown=CORES_LESS_ONE)
+    hw_decoder_load: float = option(HW_DECODER_LOAD, "share of JPEGs for the GPU's hardware JPEG decoder (A100, "
+                                                     "H100), 0..1", "data", rule=between(0, 1, False, False), metavar="SHARE")
     # model: the tutorial's defaults
     image_size: int = option(64, "image size, a power of two from 16 to 256 (stride-2 blocks are added or removed; "
                                  "widths grow as in the tutorial, up to 8 x ngf)", "model",

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ..config import DECODER_FLAGS
+from ..config import DECODER_FLAGS, HW_DECODER_LOAD
 from ..errors import FastganError
 from ..report import gb
 from .files import FileIndex, cache_dir
@@ -92,7 +92,7 @@ def writing_lock(path: Path) -> Iterator[None]:
 
 def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: str, workers: Optional[int],
            announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]],
-           hw_decoder_load: float = 0.65) -> Path:
+           hw_decoder_load: float = HW_DECODER_LOAD) -> Path:
     """The cache file of `index` at this size, channels and decoder: found, or written now (under the lock, with
     a progress bar from `progress(total)`) by `workers` processes (PIL) or threads (DALI); `announce` gets the line
     that says which."""

@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ..config import HW_DECODER_LOAD
 from ..errors import FastganError
 from .files import FileIndex, default_workers
 from .pipeline_torch import no_full_batch, rank_order
@@ -105,7 +106,7 @@ def build_pipeline(source, image_size: int, nc: int, batch_size: int, decoder: s
 
 
 def decode_all(paths: Sequence, image_size: int, nc: int, decoder: str, threads: Optional[int] = None,
-               batch_size: int = 256, hw_decoder_load: float = 0.65) -> Iterator[torch.Tensor]:
+               batch_size: int = 256, hw_decoder_load: float = HW_DECODER_LOAD) -> Iterator[torch.Tensor]:
     """Every file once, in order, as uint8 (B, S, S, C) CPU batches: `fastgan prepare` with DALI. The last batch
     holds the remainder (fewer than batch_size when the count is not a multiple)."""
     names = [encoded(p) for p in paths]
@@ -157,7 +158,7 @@ class DaliLoader:
 
     def __init__(self, paths: Sequence, image_size: int, nc: int, batch_size: int, device: torch.device,
                  channels_last: bool = False, seed: int = 0, decoder: str = "cpu", threads: Optional[int] = None,
-                 hw_decoder_load: float = 0.65, rank: int = 0, world_size: int = 1,
+                 hw_decoder_load: float = HW_DECODER_LOAD, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32):
         if not dali_available():
             raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")

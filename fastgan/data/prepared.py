@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..config import HW_DECODER_LOAD
 from ..errors import FastganError
 from ..atomic import atomic_write
 from .files import FileIndex, default_workers, load_image, parallel_map
@@ -51,7 +52,7 @@ def _pixels(job: tuple[str, int, int]) -> np.ndarray:
 
 
 def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str,
-                   hw_decoder_load: float = 0.65) -> Iterator[np.ndarray]:
+                   hw_decoder_load: float = HW_DECODER_LOAD) -> Iterator[np.ndarray]:
     """The images of `paths` in order, as uint8 (B, S, S, C) arrays of one or more images: PIL in `workers`
     processes (the torch loader's exact pixels), or DALI's "mixed" (GPU) or "cpu" decoder in batches, on
     `workers` threads (and the hardware JPEG decoder's share for "mixed")."""
@@ -107,7 +108,7 @@ def _head(manifest: dict) -> bytes:
 
 def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, workers: Optional[int] = None,
             progress: Optional[Callable[[int], None]] = None, decoder: str = "pil",
-            hw_decoder_load: float = 0.65) -> Path:
+            hw_decoder_load: float = HW_DECODER_LOAD) -> Path:
     """Decode every good file of `index` once and write them to `out` (which must not exist yet), image by image:
     memory stays flat whatever the number of images.
 
