@@ -3,8 +3,10 @@
 Without DALI installed these tests skip, unless FASTGAN_REQUIRE_DALI=1 (as .ci/run sets), where its absence is
 an error: CI must not pass by skipping them.
 """
+import gc
 import itertools
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -29,6 +31,21 @@ from fastgan.data.pipeline_torch import rank_order  # noqa: E402
 CPU = torch.device("cpu")
 
 
+class Recorded:
+    """A pipeline whose run() calls are recorded in `runs`: (arguments, outputs). It holds the pipeline, and the
+    pipeline holds nothing of it. A run() patched onto the pipeline itself made a reference cycle, which left each
+    pipeline to the cycle collector: when a forked worker (index_images' pool) collected its copy, DALI's
+    destructor crashed the worker (SIGSEGV, a BrokenProcessPool in a later test of the same pytest process)."""
+
+    def __init__(self, pipe, runs: list):
+        self.pipe, self.runs = pipe, runs
+
+    def run(self, *args):
+        outputs = self.pipe.run(*args)
+        self.runs.append((args, outputs))
+        return outputs
+
+
 @pytest.fixture
 def builds(monkeypatch):
     """Every pipeline the DALI loader builds, each as the list of its run() calls: (arguments, outputs)."""
@@ -36,16 +53,8 @@ def builds(monkeypatch):
     build = pipeline_dali.build_pipeline
 
     def recording(*args, **kwargs):
-        pipe, runs = build(*args, **kwargs), []
-        run = pipe.run
-
-        def recorded_run(*run_args):
-            outputs = run(*run_args)
-            runs.append((run_args, outputs))
-            return outputs
-        pipe.run = recorded_run
-        built.append(runs)
-        return pipe
+        built.append([])
+        return Recorded(build(*args, **kwargs), built[-1])
     monkeypatch.setattr(pipeline_dali, "build_pipeline", recording)
     return built
 
@@ -222,6 +231,33 @@ def test_mixed_decoder_needs_cuda(image_folder, capsys):
     assert main(["train", "--root", str(image_folder), "--loader", "dali", "--dali-decoder", "mixed",
                  "--device", "cpu"]) == 2
     assert "--dali-decoder mixed decodes on the GPU and needs --device cuda" in capsys.readouterr().err
+
+
+def test_a_pipeline_let_go_is_freed_at_once_not_left_to_the_cycle_collector(tmp_path, monkeypatch):
+    """fastgan forks worker processes after DALI may have run in the same process (index_images' pool, the torch
+    loader's workers, the benches' loaders side by side). A pipeline held in a reference cycle waits for the cycle
+    collector, and a forked worker that collects its copy dies in DALI's destructor (SIGSEGV). So every pipeline
+    fastgan lets go must be freed at once: the loader's old one at a rebuild, its last one with the loader, and
+    decode_all's (prepare and the cache) when it ends. The collector is off, so only reference counts free them."""
+    freed = []
+    build = pipeline_dali.build_pipeline
+    monkeypatch.setattr(pipeline_dali, "build_pipeline",
+                        lambda *args, **kwargs: (pipe := build(*args, **kwargs), freed.append(weakref.ref(pipe)))[0])
+    paths = index_images_of(tmp_path, 24)
+    gc.collect()
+    gc.disable()
+    try:
+        loader = DaliLoader(paths, 16, 3, 8, CPU, seed=7)
+        epochs_of(loader, 2)
+        loader.set_epoch(5, 1)  # a jump: the loader rebuilds
+        list(loader)
+        assert len(freed) == 2 and freed[0]() is None and freed[1]() is not None
+        del loader
+        assert freed[1]() is None
+        assert len(list(decode_all(paths, 16, 3, "cpu", threads=2, batch_size=8))) == 3
+        assert len(freed) == 3 and freed[2]() is None
+    finally:
+        gc.enable()
 
 
 def test_decode_all_yields_every_file_once_in_order_the_last_batch_short(tmp_path):
