@@ -40,6 +40,7 @@ from fastgan.data.files import default_workers, find_images  # noqa: E402
 from fastgan.tutorial import tutorial_loader  # noqa: E402
 from throughput import tutorial_stepper  # noqa: E402
 
+
 def tutorial_run(root: str, epochs: int, batch: int, device: str) -> None:
     """The tutorial's training, whole: its ImageFolder loader (2 workers) and eager fp32 step, as throughput.py's
     tutorial rows build them; its closing line as fastgan's ("trained N images in Xs")."""

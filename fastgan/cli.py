@@ -266,7 +266,7 @@ def run_cache(args: argparse.Namespace) -> int:
         return 0
     removed = clear(folder, args.names)
     print(f"fastgan: removed {plural(len(removed), 'cache file')} ({gb(sum(removed.values()))} freed) "
-                  f"from {folder}")
+          f"from {folder}")
     return 0
 
 
