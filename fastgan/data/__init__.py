@@ -217,10 +217,10 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
         else:  # on the CPU host memory is device memory
             loader = PreparedLoader(pixels, **options)
             where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
-    mirrored = ", mirrored" if cfg.mirror else ""
-    description = f"loader {'prepared' if cached is None else 'cache'} ({where}{mirrored}; {why})"
     if cached is None:
-        return Data(loader, description, f"{manifest['count']:,} prepared images in {file} (from "
-                    f"{manifest['source_root']})", [], loader.preview, manifest["count"])
-    index = cached[1]
-    return Data(loader, description, index.summary(), index.bad, loader.preview, manifest["count"])
+        kind, summary, bad = "prepared", f"{manifest['count']:,} prepared images in {file} (from " \
+                                         f"{manifest['source_root']})", []
+    else:
+        kind, summary, bad = "cache", cached[1].summary(), cached[1].bad
+    mirrored = ", mirrored" if cfg.mirror else ""
+    return Data(loader, f"loader {kind} ({where}{mirrored}; {why})", summary, bad, loader.preview, manifest["count"])
