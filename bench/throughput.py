@@ -45,6 +45,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loaders as loader_bench  # noqa: E402
+from loaders import sync  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
@@ -86,11 +87,6 @@ def fastgan_loader(cfg: Config, device: torch.device):
     """The loader `fastgan train` builds for cfg (prepared data for cfg.data, else image files in cfg.root)."""
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
     return open_data(cfg, device, precision.dtype, *resolve_loader(cfg, device)).loader
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # note: the timing needs the device to have finished
 
 
 def timed(step, batches: Iterator, steps: int, warmup: int, repeats: int, batch: int, device: torch.device) -> dict:
