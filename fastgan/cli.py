@@ -120,7 +120,7 @@ def read_resumed(args: argparse.Namespace) -> dict:
 
 def config_from_args(args: argparse.Namespace, resumed: Optional[dict] = None) -> Config:
     """The preset (demo without --root, the tutorial's otherwise, or the resumed run's), then the flags given."""
-    from dataclasses import fields
+    from dataclasses import fields, replace
     given = {f.name: getattr(args, f.name) for f in fields(Config)
              if getattr(args, f.name, None) is not None}
     if args.resume:
@@ -130,7 +130,10 @@ def config_from_args(args: argparse.Namespace, resumed: Optional[dict] = None) -
         from .distributed import environment
         if environment() is None:  # a --sync-bn run under torchrun may go on in one process
             base["sync_bn"] = False
-        return Config(**{**base, **given})
+        # a run may go on with another loader (the data order is the seed's and the epoch's): the run's own data
+        # options that the loader given now does not use are left out, not refused, as the user did not give them
+        cfg, default = Config(**{**base, **given}), Config()
+        return replace(cfg, **{name: getattr(default, name) for name in cfg.idle_data_options() if name not in given})
     if args.data is not None:  # the file's image size and channels; the demo preset for the demo faces' file
         from .data.demo import is_demo_folder
         from .data.prepared import read_manifest

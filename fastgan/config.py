@@ -229,16 +229,27 @@ class Config:
             raise FastganError(f"give {name('root')} (image files) or {name('data')} (a prepared file), not both")
         if self.mirror and self.data is None:
             raise FastganError(f"{name('mirror')} works with {name('data')} (a prepared file) only")
-        if self.data_memory != "auto" and self.data is None and self.loader in ("dali", "torch"):
+        idle = self.idle_data_options()
+        if "data_memory" in idle:
             raise FastganError(f"{name('data_memory')} works with {name('data')} (a prepared file) or the cache "
                                f"({name('loader')} auto or cache), not {name('loader')} {self.loader}")
-        dali_set = [f.name for f in dataclasses.fields(self)
-                    if f.name in DALI_FIELDS and getattr(self, f.name) != f.default]
-        if dali_set and (self.data is not None or self.loader == "torch"):
+        if idle:
             reason = (f"{name('data')} is decoded already" if self.data is not None
                       else f"{name('loader')} torch decodes with PIL")
-            raise FastganError(f"{name(dali_set[0])} sets how DALI decodes, but {reason}: leave it out")
+            raise FastganError(f"{name(idle[0])} sets how DALI decodes, but {reason}: leave it out")
         return self
+
+    def idle_data_options(self) -> list[str]:
+        """The options of where the pixels live and how DALI decodes that are set (not at their defaults) where this
+        run's data does not use them: --data-memory with --loader dali or torch, DALI's with --data or --loader
+        torch. validate refuses them; a resume leaves out those the checkpoint's run gave (cli.config_from_args)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        idle = []
+        if self.data is None and self.loader in ("dali", "torch"):
+            idle.append("data_memory")
+        if self.data is not None or self.loader == "torch":
+            idle.extend(DALI_FIELDS)
+        return [field for field in idle if getattr(self, field) != defaults[field]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -66,6 +66,15 @@ def test_the_cache_trains_bit_for_bit_as_the_torch_loader_and_later_runs_and_res
     assert same(weights(tmp_path / "first"), straight) and same(weights(tmp_path / "second"), straight)
 
 
+def test_a_cache_run_resumed_with_the_torch_loader_ends_as_the_torch_loader_s_straight_run(folder, tmp_path):
+    """--data-memory host is the cache run's own option, which --loader torch does not use: the resume leaves it
+    out (it is not the user's to leave out) and ends where the torch loader's uninterrupted run ends, bit for bit."""
+    assert train(tmp_path, folder, "torch", "--epochs", "2", "--loader", "torch") == 0
+    assert train(tmp_path, folder, "cached", "--epochs", "1", "--data-memory", "host") == 0
+    assert train(tmp_path, folder, "cached", "--epochs", "2", "--resume", "auto", "--loader", "torch") == 0
+    assert same(weights(tmp_path / "cached"), weights(tmp_path / "torch"))
+
+
 def test_a_changed_folder_size_or_channel_count_makes_a_new_cache_file(folder, tmp_path):
     index = index_images(folder)
     key = cache.cache_key(index, 16, 3, "pil")

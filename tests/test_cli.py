@@ -192,6 +192,33 @@ def test_demo_preset_without_root(monkeypatch, capsys):
     assert (cfg.image_size, cfg.ngf, cfg.batch_size, cfg.epochs) == (64, 64, 128, 5)  # the tutorial's
 
 
+def test_a_resume_with_another_loader_leaves_out_the_run_s_own_options_it_does_not_use():
+    """The run's own --data-memory and DALI options come from its checkpoint, not from the user: a resume with
+    a loader that does not use them leaves them out; those the loader uses stay, and those given are refused."""
+    from fastgan import Config, FastganError
+    from fastgan.cli import build_parser, config_from_args
+
+    def resumed(run: Config, *flags: str) -> Config:
+        args = build_parser().parse_args(["train", "--resume", "auto", "--out", "r", *flags])
+        return config_from_args(args, {"config": run.to_dict()}).validate(flags=True)
+    dali = Config(loader="dali", dali_decoder="cpu", dali_threads=3, hw_decoder_load=0.5, epochs=2)
+    dali_options = ("dali_decoder", "dali_threads", "hw_decoder_load")
+    cfg = resumed(dali, "--loader", "torch")
+    assert (cfg.loader, cfg.epochs) == ("torch", 2)
+    assert [getattr(cfg, f) for f in dali_options] == ["auto", None, 0.65]
+    cfg = resumed(dali, "--loader", "cache")  # the cache decodes with DALI as the run did
+    assert [getattr(cfg, f) for f in dali_options] == ["cpu", 3, 0.5]
+    cached = Config(data_memory="host", dali_threads=3)
+    cfg = resumed(cached, "--loader", "dali")
+    assert (cfg.data_memory, cfg.dali_threads) == ("auto", 3)
+    cfg = resumed(cached, "--loader", "torch")
+    assert (cfg.data_memory, cfg.dali_threads) == ("auto", None)
+    with pytest.raises(FastganError, match="^--dali-threads sets how DALI decodes, but --loader torch decodes "):
+        resumed(dali, "--loader", "torch", "--dali-threads", "2")
+    with pytest.raises(FastganError, match="^--data-memory works with --data"):
+        resumed(dali, "--loader", "torch", "--data-memory", "host")
+
+
 def small_demo(monkeypatch, n=16):
     """The demo preset with n demo faces instead of 4096 (drawn in the tests' private cache)."""
     from fastgan import Config
