@@ -135,7 +135,8 @@ class Config:
                                                "all cores by default)", "data", rule=POSITIVE, metavar="N",
                                          shown=CORES_LESS_ONE)
     hw_decoder_load: float = option(HW_DECODER_LOAD, "share of JPEGs for the GPU's hardware JPEG decoder (A100, "
-                                                     "H100), 0..1", "data", rule=between(0, 1, False, False), metavar="SHARE")
+                                                     "H100), 0..1", "data", rule=between(0, 1, False, False),
+                                    metavar="SHARE")
     # model: the tutorial's defaults
     image_size: int = option(64, "image size, a power of two from 16 to 256 (stride-2 blocks are added or removed; "
                                  "widths grow as in the tutorial, up to 8 x ngf)", "model",

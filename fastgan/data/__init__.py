@@ -218,8 +218,8 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
             loader = PreparedLoader(pixels, **options)
             where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
     if cached is None:
-        kind, summary, bad = "prepared", f"{manifest['count']:,} prepared images in {file} (from " \
-                                         f"{manifest['source_root']})", []
+        kind, bad = "prepared", []
+        summary = f"{manifest['count']:,} prepared images in {file} (from {manifest['source_root']})"
     else:
         kind, summary, bad = "cache", cached[1].summary(), cached[1].bad
     mirrored = ", mirrored" if cfg.mirror else ""
