@@ -259,17 +259,18 @@ def run_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_files, cache_folder, clear, describe
     from .report import gb, plural
     folder = cache_folder(args.cache_dir)
+    where = f"{folder}" if folder.is_dir() else f"{folder}, a folder that does not exist"  # a typo, or no cache yet
     if args.action == "list":
         if args.names:
             raise FastganError("cache list takes no file names; `fastgan cache clear NAME` removes one")
         rows = cache_files(folder)
         for row in rows:  # the listing is the command's output: stdout, a line each
             print(describe(row))
-        print(f"{plural(len(rows), 'cache file')}, {gb(sum(r['bytes'] for r in rows))}, in {folder}")
+        print(f"{plural(len(rows), 'cache file')}, {gb(sum(r['bytes'] for r in rows))}, in {where}")
         return 0
     removed = clear(folder, args.names)
     print(f"fastgan: removed {plural(len(removed), 'cache file')} ({gb(sum(removed.values()))} freed) "
-          f"from {folder}")
+          f"from {where}")
     return 0
 
 

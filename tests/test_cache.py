@@ -1,9 +1,13 @@
 """Decode once, by itself: `fastgan train --root` through the cache file (--loader auto or cache), against the
 torch loader's run from the same folder, the cache's key, its lock, its room check, and `fastgan cache`."""
+import dataclasses
+import hashlib
+import json
 import os
 import threading
 import time
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch
 import fastgan.data.cache as cache
 from fastgan.cli import main
 from fastgan.data.files import index_images
+from fastgan.data.prepared import FORMAT_VERSION, prepare
 from fastgan.errors import FastganError
 from conftest import write_images
 
@@ -92,6 +97,62 @@ def test_a_changed_folder_size_or_channel_count_makes_a_new_cache_file(folder, t
     assert len(files(tmp_path)) == 2  # each state of the folder its own file; the first stays until cleared
 
 
+def decodes(monkeypatch) -> list:
+    """The cache files the runs decode from here on, one entry each."""
+    made, real = [], cache.prepare
+
+    def counted(index, out, *args, **kwargs):
+        made.append(out)
+        return real(index, out, *args, **kwargs)
+    monkeypatch.setattr(cache, "prepare", counted)
+    return made
+
+
+def test_one_folder_however_root_spells_it_is_decoded_once_into_one_file(folder, tmp_path, monkeypatch, capsys):
+    """--root data, ../data from a subfolder and the absolute path are one folder: one decode, one cache file."""
+    made = decodes(monkeypatch)
+    (tmp_path / "sub").mkdir()
+    for i, (cwd, spelled) in enumerate([(tmp_path, "data"), (tmp_path / "sub", "../data"), (tmp_path, str(folder))]):
+        monkeypatch.chdir(cwd)
+        assert train(tmp_path, spelled, f"run{i}", "--epochs", "1") == 0
+    assert len(made) == 1 and files(tmp_path) == made
+    capsys.readouterr()
+    assert main(["cache", "list", "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    assert capsys.readouterr().out.count(" 40 images of 16x16 from ") == 1
+
+
+def key_as_typed(index, image_size, nc, decoder):
+    """The cache key of fastgan before it resolved the files' paths (each as --root was typed), written out."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": FORMAT_VERSION, "root": str(Path(index.root).resolve()),
+                              "image_size": image_size, "nc": nc, "decoder": decoder,
+                              "bad": sorted(str(p) for p, _ in index.bad)}).encode())
+    for path in index.good:
+        stat = os.stat(path)
+        digest.update(f"\n{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def test_a_cache_file_an_earlier_fastgan_named_is_renamed_and_used_not_decoded_again(folder, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.chdir(tmp_path)
+    index = index_images("data")  # --root spelled relative: the earlier key differs from the resolved one
+    earlier = cache_dir(tmp_path) / f"data-16px-3c-pil-{key_as_typed(index, 16, 3, 'pil')}.fgd"
+    earlier.parent.mkdir()
+    prepare(dataclasses.replace(index, root=folder), earlier, 16, 3, workers=1)
+    earlier.with_suffix(".lock").touch()  # as the earlier run left it
+    pixels = earlier.read_bytes()
+    made = decodes(monkeypatch)
+    assert train(tmp_path, "data", "a", "--epochs", "1") == 0
+    [renamed] = files(tmp_path)
+    assert made == [] and renamed != earlier and renamed.read_bytes() == pixels
+    assert sorted(p.name for p in cache_dir(tmp_path).iterdir()) == [renamed.name, renamed.with_suffix(".lock").name]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"renamed the cache file {earlier.name} of an earlier fastgan to {renamed.name}" in err
+    assert train(tmp_path, str(folder), "b", "--epochs", "1") == 0  # and another spelling finds it
+    assert made == [] and files(tmp_path) == [renamed]
+
+
 def test_two_runs_at_once_decode_once_and_both_use_the_file(folder, tmp_path, monkeypatch):
     """The first writer holds the lock while it decodes (slowly here); the second waits and then finds its file."""
     calls = []
@@ -153,8 +214,10 @@ def test_cache_list_and_clear(folder, tmp_path, capsys):
     assert "\n2 cache files, 0.2 MB, in" in out
     assert main(["cache", "clear", "nothing.fgd", "--cache-dir", str(cache_dir(tmp_path))]) == 2
     assert "no cache file nothing.fgd in" in capsys.readouterr().err
+    assert small.with_suffix(".lock").is_file() and large.with_suffix(".lock").is_file()  # each run's writing lock
     assert main(["cache", "clear", small.name, "--cache-dir", str(cache_dir(tmp_path))]) == 0
     assert files(tmp_path) == [large] and "removed 1 cache file (31." in capsys.readouterr().out
+    assert not small.with_suffix(".lock").exists() and large.with_suffix(".lock").is_file()  # its lock went with it
     stranger = cache_dir(tmp_path) / "stranger.fgd"  # not a prepared file: listed with the cache's way out
     stranger.write_bytes(b"not pixels")
     assert main(["cache", "list", "--cache-dir", str(cache_dir(tmp_path))]) == 0
@@ -166,6 +229,12 @@ def test_cache_list_and_clear(folder, tmp_path, capsys):
         assert main(["cache", "clear", "--cache-dir", str(cache_dir(tmp_path))]) == 0
     left = sorted(p.name for p in cache_dir(tmp_path).iterdir())
     assert left == [".busy.fgd.x1.tmp", "busy.lock"]  # the writer's files stay; everything else is gone
+    for action in ("list", "clear"):  # a folder that is not there is said to be missing, not only empty
+        assert main(["cache", action, "--cache-dir", str(tmp_path / "nowhere")]) == 0
+        assert capsys.readouterr().out.endswith(f" {tmp_path / 'nowhere'}, a folder that does not exist\n")
+        assert not (tmp_path / "nowhere").exists()
+    assert main(["cache", "list", "--cache-dir", str(cache_dir(tmp_path))]) == 0
+    assert capsys.readouterr().out.endswith(f"in {cache_dir(tmp_path)}\n")
 
 
 def test_data_memory_is_refused_with_a_loader_that_decodes_every_epoch(folder, tmp_path, capsys):

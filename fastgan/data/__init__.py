@@ -158,18 +158,19 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
     --loader auto where its disk has no room (or for --dry-run, which writes nothing, where it is not there yet),
     (None, and the loader and decoder that decode every epoch), with a line that says why. --loader cache without
     room is refused."""
-    from .cache import cache_folder, cache_path, cached, file_bytes, room_for
+    from .cache import cache_folder, cache_paths, cached, file_bytes, room_for
     if decoder != "pil":
         from .pipeline_dali import readable_by_dali
         index = readable_by_dali(index)  # the cache holds what DALI can decode
     check_enough_images(index, cfg)
     folder = cache_folder(cfg.cache_dir)
-    path = cache_path(folder, index, cfg.image_size, cfg.nc, decoder)
-    if cfg.dry_run and not path.exists():
+    path, earlier = cache_paths(folder, index, cfg.image_size, cfg.nc, decoder)
+    there = path.exists() or earlier.is_file()  # an earlier fastgan's name for it: renamed by cached()
+    if cfg.dry_run and not there:
         console.print(f"fastgan: the run would decode {len(index.good):,} images once into {path}; the dry run "
                       "writes nothing and tries the torch loader instead")
         return None, "torch", "", index
-    if not path.exists():
+    if not there:
         fits, why = room_for(folder, file_bytes(index, cfg.image_size, cfg.nc))
         if not fits:
             if cfg.loader == "cache":

@@ -2,9 +2,10 @@
 (the same format and checks as `fastgan prepare`) and trains from it at the prepared data's speed; later runs, and
 resumed ones, find it at once.
 
-A cache file is named by what its pixels depend on: the folder's file index (each good file's path, size and
-modification time, and the files set aside), the image size, the channels and the decoder. A changed folder
-makes a new file, never a stale read. Files live in ~/.cache/fastgan/prepared/ (XDG_CACHE_HOME) or --cache-dir.
+A cache file is named by what its pixels depend on: the folder's file index (each good file's path under the
+resolved root, size and modification time, and the files set aside), the image size, the channels and the decoder.
+A changed folder makes a new file, never a stale read; the same folder however --root spells it finds the same one
+(a file an earlier fastgan named after the spelling is renamed on first use, not decoded again). Files live in ~/.cache/fastgan/prepared/ (XDG_CACHE_HOME) or --cache-dir.
 Two runs on the same folder never decode it twice: the first holds an exclusive flock on `<name>.lock` while it
 writes (through a temporary file renamed when complete), and the second waits for it and then uses its file.
 `fastgan cache list` shows the files with their sizes, `fastgan cache clear` removes them.
@@ -42,21 +43,35 @@ def cache_folder(cache_dir_option: Optional[str]) -> Path:
 
 
 def cache_key(index: FileIndex, image_size: int, nc: int, decoder: str) -> str:
-    """A digest of everything the cached pixels depend on."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"format": FORMAT_VERSION, "root": str(Path(index.root).resolve()),
-                              "image_size": image_size, "nc": nc, "decoder": decoder,
-                              "bad": sorted(str(p) for p, _ in index.bad)}).encode())
-    for path in index.good:
-        stat = os.stat(path)
-        digest.update(f"\n{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+    """A digest of everything the cached pixels depend on, the files named by their paths under the resolved root:
+    `--root faces`, `../faces` and `/abs/faces` are one folder and find one file."""
+    return cache_keys(index, image_size, nc, decoder)[0]
 
 
-def cache_path(folder: Path, index: FileIndex, image_size: int, nc: int, decoder: str) -> Path:
+def cache_keys(index: FileIndex, image_size: int, nc: int, decoder: str) -> tuple[str, str]:
+    """(the key, the key fastgan gave the same pixels before it resolved the files' paths: each path as --root was
+    typed, so one per spelling of the folder). The two agree where --root was typed resolved."""
+    root = Path(index.root).resolve()
+
+    def resolved(path) -> str:  # the root resolved, the path below it as found (no system call per file)
+        return str(root / Path(path).relative_to(index.root))
+    stats = [os.stat(path) for path in index.good]
+    keys = []
+    for name in (resolved, str):
+        digest = hashlib.sha256()
+        digest.update(json.dumps({"format": FORMAT_VERSION, "root": str(root), "image_size": image_size, "nc": nc,
+                                  "decoder": decoder, "bad": sorted(name(p) for p, _ in index.bad)}).encode())
+        for path, stat in zip(index.good, stats):
+            digest.update(f"\n{name(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        keys.append(digest.hexdigest()[:16])
+    return keys[0], keys[1]
+
+
+def cache_paths(folder: Path, index: FileIndex, image_size: int, nc: int, decoder: str) -> tuple[Path, Path]:
+    """(the cache file of these pixels, the name an earlier fastgan gave the same file: see cache_keys)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(index.root).resolve().name)[:40] or "images"
-    key = cache_key(index, image_size, nc, decoder)
-    return folder / f"{name}-{image_size}px-{nc}c-{DECODER_FLAGS[decoder]}-{key}.fgd"
+    return tuple(folder / f"{name}-{image_size}px-{nc}c-{DECODER_FLAGS[decoder]}-{key}.fgd"
+                 for key in cache_keys(index, image_size, nc, decoder))
 
 
 def naming(path: Path) -> Naming:
@@ -93,13 +108,18 @@ def writing_lock(path: Path) -> Iterator[None]:
 def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: str, workers: Optional[int],
            announce: Callable[[str], None], progress: Callable[[int], Callable[[int], None]],
            hw_decoder_load: float = HW_DECODER_LOAD) -> Path:
-    """The cache file of `index` at this size, channels and decoder: found, or written now (under the lock, with
-    a progress bar from `progress(total)`) by `workers` processes (PIL) or threads (DALI); `announce` gets the line
-    that says which."""
-    path = cache_path(folder, index, image_size, nc, decoder)
+    """The cache file of `index` at this size, channels and decoder: found, renamed from the name an earlier fastgan
+    gave it (see cache_keys), or written now (under the lock, with a progress bar from `progress(total)`) by
+    `workers` processes (PIL) or threads (DALI); `announce` gets the line that says which."""
+    path, earlier = cache_paths(folder, index, image_size, nc, decoder)
     if not path.exists():
         with writing_lock(path):
-            if not path.exists():  # not written meanwhile by a run that held the lock
+            if not path.exists() and earlier.is_file():  # the same pixels: the file is renamed, not decoded again
+                os.replace(earlier, path)
+                drop_lock(earlier.with_suffix(".lock"))
+                announce(f"renamed the cache file {earlier.name} of an earlier fastgan to {path.name}, the name "
+                         "every spelling of --root finds")
+            elif not path.exists():  # not written meanwhile by a run that held the lock
                 announce(f"decoding {len(index.good):,} images once into {path} "
                          f"({gb(file_bytes(index, image_size, nc))}, {DECODER_WORDS[decoder]})")
                 try:
@@ -112,6 +132,23 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
     announce(f"using {path}")
     os.utime(path)  # its date says when it was last used (fastgan cache list)
     return path
+
+
+def drop_lock(lock: Path) -> bool:
+    """Remove the lock file `lock`, and the temporary file a killed run left beside it, unless a run holds it now
+    (it is writing that cache file); whether it was removed."""
+    if not lock.is_file():
+        return False
+    with open(lock, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a run is writing this one: its temporary file and lock stay
+        for tmp in lock.parent.glob(f".{lock.stem}.fgd.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+    return True
 
 
 def cache_files(folder: Path) -> list[dict]:
@@ -150,15 +187,9 @@ def clear(folder: Path, names: list[str]) -> dict[Path, int]:
     for row in rows:
         row["path"].unlink(missing_ok=True)
         removed[row["path"]] = row["bytes"]
-    if not names and folder.is_dir():
-        for lock in folder.glob("*.lock"):
-            with open(lock, "a") as f:
-                if fcntl is not None:
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        continue  # a run is writing this one: its temporary file and lock stay
-                for tmp in folder.glob(f".{lock.stem}.fgd.*.tmp"):
-                    tmp.unlink(missing_ok=True)
-                lock.unlink(missing_ok=True)
+    # the locks: the removed files' own, or all of them (with what killed runs left) when no name was given
+    locks = [r["path"].with_suffix(".lock") for r in rows] if names else \
+        sorted(folder.glob("*.lock")) if folder.is_dir() else []
+    for lock in locks:
+        drop_lock(lock)
     return removed
