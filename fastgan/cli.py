@@ -301,7 +301,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .report import console
     import torch
 
-    from .data.pipeline_dali import INSTALL_HINT, dali_available, readable_by_dali
+    from .data.pipeline_dali import dali_available, dali_missing, readable_by_dali
     # the demo faces at the demo's size, so that the file trains with the demo preset; no bars (quiet)
     # without a terminal, where rich would leave blank lines
     preset = Config.demo if args.root is None else Config
@@ -311,7 +311,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     if choice == "auto":
         choice = "dali-gpu" if torch.cuda.is_available() and dali_available() else "pil"
     if choice.startswith("dali") and not dali_available():
-        raise FastganError(f"--decoder {choice} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+        raise dali_missing(f"--decoder {choice}")
     if choice == "dali-gpu" and not torch.cuda.is_available():
         raise FastganError("--decoder dali-gpu needs a CUDA GPU; use dali-cpu or pil")
     decoder = {flag: decoder for decoder, flag in DECODER_FLAGS.items()}[choice]

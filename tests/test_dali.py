@@ -15,14 +15,17 @@ from PIL import Image
 
 from conftest import write_images
 from fastgan.cli import main
-from fastgan.data.pipeline_dali import dali_available
+from fastgan.data.pipeline_dali import dali_available, dali_unusable
 from fastgan.data.pipeline_torch import TorchLoader, epoch_permutation
 from fastgan.data.synth import write_faces
 
+pytestmark = pytest.mark.dali  # bench/gpu_check.py runs the GPU tests that need DALI once DALI has arrived
+
 if not dali_available():
     if os.environ.get("FASTGAN_REQUIRE_DALI"):
-        raise RuntimeError("FASTGAN_REQUIRE_DALI is set but NVIDIA DALI is not installed")
-    pytest.skip('NVIDIA DALI is not installed (pip install "fastgan[dali]")', allow_module_level=True)
+        raise RuntimeError(f"FASTGAN_REQUIRE_DALI is set but NVIDIA DALI is not usable here: {dali_unusable()}")
+    pytest.skip(f'NVIDIA DALI is not usable here: {dali_unusable()} (pip install "fastgan[dali]")',
+                allow_module_level=True)
 
 from fastgan.data import pipeline_dali  # noqa: E402
 from fastgan.data.pipeline_dali import DaliLoader, decode_all  # noqa: E402
@@ -108,6 +111,19 @@ def test_same_batches_as_the_torch_loader(faces, size, nc, channels_last):
     assert diff.max() < 0.08
     assert diff.mean() < 0.003
     assert diff.flatten().kthvalue(int(diff.numel() * 0.99)).values < 0.02
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_bf16_run_gets_bf16_batches_rounded_from_the_pipelines_float16(faces, channels_last):
+    """DALI has no bfloat16: its float16 output is cast, so that the step sees the run's dtype from every loader
+    (a compiled step otherwise compiles a version for DALI's dtype as well)."""
+    bf16 = list(DaliLoader(faces, 32, 3, 16, CPU, channels_last=channels_last, seed=3, dtype=torch.bfloat16))
+    fp16 = list(DaliLoader(faces, 32, 3, 16, CPU, channels_last=channels_last, seed=3, dtype=torch.float16))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for a, b in zip(bf16, fp16):
+        assert a.dtype == torch.bfloat16 and b.dtype == torch.float16
+        assert a.is_contiguous(memory_format=memory_format)
+        assert torch.equal(a, b.to(torch.bfloat16))  # the rounding autocast does at the first convolution
 
 
 def test_every_image_once_per_epoch_new_order_each_epoch(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastgan.cli import main
-from fastgan.data.pipeline_dali import dali_available
+from fastgan.data.pipeline_dali import dali_available, dali_unusable
 from fastgan.data.synth import write_faces
 
 pytestmark = pytest.mark.gpu
@@ -33,8 +33,9 @@ GRAPHED_VS_EAGER = 3e-3
 def need_dali():
     if not dali_available():
         if os.environ.get("FASTGAN_REQUIRE_DALI"):
-            pytest.fail("FASTGAN_REQUIRE_DALI is set but NVIDIA DALI is not installed", pytrace=False)
-        pytest.skip('NVIDIA DALI is not installed (pip install "fastgan[dali]")')
+            pytest.fail(f"FASTGAN_REQUIRE_DALI is set but NVIDIA DALI is not usable here: {dali_unusable()}",
+                        pytrace=False)
+        pytest.skip(f'NVIDIA DALI is not usable here: {dali_unusable()} (pip install "fastgan[dali]")')
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ SAYS = {"prepared": "loader prepared (cuda memory", "torch": "loader torch", "da
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
-@pytest.mark.parametrize("loader", ["prepared", "torch", "dali"])
+@pytest.mark.parametrize("loader", ["prepared", "torch", pytest.param("dali", marks=pytest.mark.dali)])
 def test_cuda_graphs_train_as_eager_does_on_every_loader(faces, prepared, tmp_path, capsys, loader, amp):
     if loader == "dali":
         need_dali()
@@ -148,6 +149,7 @@ def test_the_prepared_loader_on_cuda_yields_the_cpu_loaders_batches(dtype, mirro
                 assert torch.equal(cuda_batch.cpu(), cpu_batch)
 
 
+@pytest.mark.dali
 def test_prepare_with_dali_on_the_gpu_is_close_to_pil(faces, tmp_path):
     need_dali()
     from fastgan.data.prepared import load_pixels, read_manifest
@@ -167,6 +169,7 @@ def test_prepare_with_dali_on_the_gpu_is_close_to_pil(faces, tmp_path):
     assert mean < 1 and p999 <= 10, f"DALI on the GPU against PIL: mean {mean:.3f}, 99.9th percentile {p999}"
 
 
+@pytest.mark.dali
 def test_three_epochs_of_dali_decoding_on_the_gpu(faces, tmp_path, capsys):
     """One DALI pipeline feeds the whole run, prefetching across epoch ends: every epoch gets all its batches."""
     need_dali()

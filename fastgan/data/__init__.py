@@ -69,10 +69,9 @@ def wants_dali(cfg: Config, device: torch.device) -> bool:
 
 
 def dali_decoder(cfg: Config, device: torch.device) -> str:
-    from .pipeline_dali import INSTALL_HINT, dali_available
+    from .pipeline_dali import dali_available, dali_missing
     if not dali_available():
-        asked = "--loader dali" if cfg.loader == "dali" else f"--dali-decoder {cfg.dali_decoder}"
-        raise FastganError(f"{asked} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+        raise dali_missing("--loader dali" if cfg.loader == "dali" else f"--dali-decoder {cfg.dali_decoder}")
     decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
     if decoder == "mixed" and device.type != "cuda":
         raise FastganError("--dali-decoder mixed decodes on the GPU and needs --device cuda")
@@ -102,13 +101,14 @@ def build_loader(cfg: Config, paths, device: torch.device, dtype: torch.dtype, l
                            channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
             f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
     from .pipeline_dali import DaliLoader
-    # Half-precision batches halve the hand-off; autocast casts them for the first convolution. DALI has no
-    # bfloat16, so a bf16 run gets float16 batches too. The CPU keeps float32 (its fp16 kernels are slow).
+    # Half-precision batches halve the hand-off, in the dtype the networks compute in (DALI has no bfloat16: its
+    # float16 output is cast, the rounding autocast would have done at the first convolution). The CPU keeps
+    # float32 (its fp16 kernels are slow).
     half = device.type == "cuda" and dtype != torch.float32
     threads = cfg.dali_threads or share
     dali = DaliLoader(paths, cfg.image_size, cfg.nc, batch_size, device, channels_last=cfg.channels_last,
                       seed=cfg.seed, decoder=decoder, threads=threads, hw_decoder_load=cfg.hw_decoder_load,
-                      dtype=torch.float16 if half else torch.float32, **shard)
+                      dtype=dtype if half else torch.float32, **shard)
     detail = f", hw_decoder_load {cfg.hw_decoder_load}" if decoder == "mixed" else ""
     return dali, f"loader dali (decoder {decoder}, {threads} threads{detail})"
 

@@ -18,7 +18,8 @@ nor one in a format its decoder does not read (GIF, for instance): those are set
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -35,10 +36,40 @@ DALI_FORMATS = frozenset({"JPEG", "JPEG2000", "TIFF", "PNG", "BMP", "PPM", "WEBP
 # CelebA's aligned crops: preallocation hints for the hardware JPEG decoder's buffers
 CELEBA_WIDTH, CELEBA_HEIGHT = 178, 218
 DECODERS = ("cpu", "mixed")  # "mixed": DALI's name for decoding on the GPU from host-side bytes
+HALF = (torch.float16, torch.bfloat16)  # the pipeline's float16 output serves both
+
+
+NOT_INSTALLED = "not installed"
+
+
+@functools.cache
+def dali_unusable() -> Optional[str]:
+    """Why DALI cannot be used in this process ("not installed", or the error its import raised), or None.
+
+    DALI is imported to find out, once per process: a package that is present but does not load (its CUDA
+    libraries missing, a driver it was not built for) must count as absent, not fail later inside a run."""
+    try:
+        importlib.import_module("nvidia.dali")
+    except ModuleNotFoundError as e:
+        if e.name in ("nvidia", "nvidia.dali"):
+            return NOT_INSTALLED
+        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # an OSError from a missing shared library, a RuntimeError from a CUDA mismatch, ...
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    return dali_unusable() is None
+
+
+def dali_missing(asked: str) -> FastganError:
+    """The one-line error for `asked` (a flag and its value) when DALI cannot be used here."""
+    why = dali_unusable()
+    if why is None or why == NOT_INSTALLED:  # None: dali_available patched out, as tests do
+        return FastganError(f"{asked} needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+    return FastganError(f"{asked} needs NVIDIA DALI, which is installed but does not load here ({why.splitlines()[0]}"
+                        f"); reinstall the build that matches this machine's CUDA: {INSTALL_HINT}")
 
 
 def dali_version() -> Optional[str]:
@@ -65,7 +96,8 @@ def build_pipeline(source, image_size: int, nc: int, batch_size: int, decoder: s
 
     source: called once per batch, up to prefetch_queue_depth batches ahead of the batch run() returns; it
     gives the next batch's file names as `encoded` bytes (batch_size of them or fewer), or raises StopIteration.
-    dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`. to_gpu: the CPU decoder's
+    dtype torch.uint8 skips the normalisation: 0..255 pixels, for `fastgan prepare`; float16 and bfloat16 both
+    leave as float16 (DALI has no bfloat16: DaliLoader casts). to_gpu: the CPU decoder's
     images are copied to GPU device_id inside the pipeline, on DALI's stream."""
     import numpy as np
     from nvidia.dali import fn, pipeline_def, types
@@ -97,7 +129,7 @@ def build_pipeline(source, image_size: int, nc: int, batch_size: int, decoder: s
             # (x - 127.5) / 127.5 maps 0..255 onto [-1, 1], as the tutorial's Normalize(0.5, 0.5) after ToTensor
             images = fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[127.5] * nc,
                                               std=[127.5] * nc, output_layout="HWC",
-                                              dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT)
+                                              dtype=types.FLOAT16 if dtype in HALF else types.FLOAT)
         return images.gpu() if to_gpu else images
 
     pipe = faces()
@@ -161,7 +193,7 @@ class DaliLoader:
                  hw_decoder_load: float = HW_DECODER_LOAD, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32):
         if not dali_available():
-            raise FastganError(f"--loader dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+            raise dali_missing("--loader dali")
         self.device = torch.device(device)
         if decoder not in DECODERS:
             raise FastganError(f"DALI decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
@@ -227,4 +259,6 @@ class DaliLoader:
                 raise
             self.coming = (epoch, i + 1) if i + 1 < self.steps else (epoch + 1, 0)
             batch = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)  # NCHW, channels_last memory
+            if batch.dtype != self.dtype:  # bfloat16, from the pipeline's float16: the run's dtype, so that the
+                batch = batch.to(self.dtype)  # step sees one input dtype whichever loader (one compiled version)
             yield batch if self.channels_last else batch.contiguous()
