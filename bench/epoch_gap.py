@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import os
 import statistics
 import subprocess
 import sys
@@ -68,11 +69,15 @@ def cpu_name() -> str:
 
 
 def commit() -> str:
+    """The commit the figures belong to: $FASTGAN_COMMIT where set (bench/gpu_check.py sets it from its --commit,
+    for a copy of the tree without git), else git's short hash."""
+    if os.environ.get("FASTGAN_COMMIT"):
+        return os.environ["FASTGAN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return "unknown (no git here: set FASTGAN_COMMIT)"
 
 
 def loaders(paths, size: int, batch: int, device: torch.device, workers: int):

@@ -40,7 +40,7 @@ from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.data.files import default_workers, find_images  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.data.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
+from fastgan.data.pipeline_dali import NOT_INSTALLED, DaliLoader, dali_available, dali_unusable, dali_version  # noqa: E402,E501
 from fastgan.data.pipeline_torch import TorchLoader  # noqa: E402
 from fastgan.tutorial import tutorial_loader  # noqa: E402
 
@@ -141,15 +141,22 @@ def loader_rows(paths, folder: Path, size: int, batch: int, device: torch.device
     for n in threads:
         rows.append((f"DALI, CPU decode, {n} threads",
                      (lambda n=n: DaliLoader(paths, size, 3, batch, device, True, decoder="cpu", threads=n))
-                     if dali_available() else "skipped: DALI not installed"))
+                     if dali_available() else dali_skip()))
     for n in threads:
         for load in hw_loads:
             rows.append((f"DALI, GPU decode, {n} threads, hw_decoder_load {load}", (
                 lambda n=n, load=load: DaliLoader(paths, size, 3, batch, device, True, decoder="mixed", threads=n,
                                                   hw_decoder_load=load, dtype=torch.float16))
-                if dali_available() and cuda else
-                "skipped: " + ("no CUDA GPU" if not cuda else "DALI not installed")))
+                if dali_available() and cuda else ("skipped: no CUDA GPU" if not cuda else dali_skip())))
     return rows
+
+
+def dali_skip() -> str:
+    """A DALI row's note where DALI cannot be used here, saying why; "" where it can."""
+    if dali_available():
+        return ""
+    why = dali_unusable()
+    return f"skipped: DALI does not load: {why}" if why and why != NOT_INSTALLED else "skipped: DALI not installed"
 
 
 def main() -> int:

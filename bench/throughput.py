@@ -15,10 +15,14 @@ Three tables:
      step) against fastgan's prepared data with each step variant (on CUDA: compile, CUDA graphs and both,
      in fp16 and in bf16), and DALI decoding (on the GPU where there is one) with the best of them. Each
      loader is built once, outside the timing, and read epoch after epoch as `fastgan train` reads it.
-     The best row is named, and on a GPU whether it meets the targets (DESIGN.md: 45,000 images/s end to
-     end and 25x the tutorial; stretch 85,000).
+     The best row is named, and on a GPU whether it meets the targets (45,000 images/s end to end and
+     25x the tutorial; stretch 85,000).
 They are measured in the order 3, 2, 1, so that a run cut short (bench/gpu_check.py caps it) has the headline.
-On a GPU each row also reports its peak device memory and its share of the FLOP floor (--peak-tflops).
+On a GPU each row also reports its peak device memory and its share of the FLOP floor (--peak-tflops; the FLOPs of
+a step are counted from the model by bench/flops.py). On a GPU the fp32 rows run their convolutions in TF32, as
+torch does by default (torch.backends.cudnn.allow_tf32), and say so. A row that fails records its error and the
+bench goes on; every compiled row starts from a fresh torch.compile state, and a recompile limit hit fails the row
+rather than letting it run uncompiled.
 fastgan's loaders and steps are built by the functions `fastgan train` builds them with (data.open_data and
 trainer.build_trainer), so the bench measures what users run. Every row warms up, synchronizes, and reports
 the median of --repeats timings; rows that cannot run here say why. Device, versions and commit are printed
@@ -45,23 +49,24 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loaders as loader_bench  # noqa: E402
+from flops import step_flop_per_image  # noqa: E402
 from loaders import sync  # noqa: E402
-from fastgan.config import Config  # noqa: E402
+from fastgan.config import HW_DECODER_LOAD, Config  # noqa: E402
 from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.data.files import default_workers, index_images  # noqa: E402
 from fastgan.data import open_data, resolve_loader  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.data.pipeline_dali import dali_available, dali_version  # noqa: E402
+from fastgan.data.pipeline_dali import dali_version  # noqa: E402
 from fastgan.data.prepared import prepare  # noqa: E402
 from fastgan.trainer import build_trainer, resolve_precision  # noqa: E402
 from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_loader, tutorial_step  # noqa: E402
 
-GFLOP_PER_IMAGE = 2.4  # one 64x64 DCGAN step, forward and backward of both networks (DESIGN.md: 2.3-2.5)
-# dense bf16/fp16 matrix TFLOP/s as DESIGN.md counts them; the H200 is the H100's chip with more memory
+# dense bf16/fp16 matrix TFLOP/s, the figure the project's targets count with; the H200 is the H100's chip with
+# more memory
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0}
 SPEED_SETTINGS = ("amp", "channels_last", "compile", "cuda_graphs", "loader", "dali_decoder")  # in --json
-TARGET_IMAGES_PER_SECOND, TARGET_RATIO, STRETCH_IMAGES_PER_SECOND = 45_000, 25.0, 85_000  # one GPU, DESIGN.md
+TARGET_IMAGES_PER_SECOND, TARGET_RATIO, STRETCH_IMAGES_PER_SECOND = 45_000, 25.0, 85_000  # one GPU
 
 
 def tutorial_stepper(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,6 +130,7 @@ class Bench:
     repeats: int
     loader_batches: int  # per loader timing: see bench/loaders.py
     peak: Optional[float]  # the device's peak matrix TFLOP/s, where known
+    flop_per_image: float  # one training step of the model measured (bench/flops.py)
     info: dict
     console: Console
     base: Config
@@ -149,35 +155,57 @@ class Bench:
         if self.gpu:
             figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         if self.peak:
-            figures["fraction_of_flop_floor"] = round(rate * GFLOP_PER_IMAGE / (self.peak * 1e3), 4)
+            figures["fraction_of_flop_floor"] = round(rate * self.flop_per_image / (self.peak * 1e12), 4)
         return figures
 
     def run_rows(self, section: str, rows, make_batches) -> None:
         """Time each (name, cfg or "skipped: why") row; cfg None is the tutorial, the section's first row and
-        the baseline of every row's ratio."""
+        the baseline of every row's ratio. A row that raises is recorded as failed, with its error, and the
+        next row runs: one broken loader or step variant must not take the rows after it."""
         for name, cfg in rows:
-            if isinstance(cfg, str):
-                self.results[section].append({"row": name, "images_per_second": None, "ratio": None, "note": cfg})
-                self.console.print(f"{section}  {name}: {cfg}")
-                continue
-            if self.gpu:
-                torch.cuda.reset_peak_memory_stats(self.device)
-            batches, loader = make_batches(cfg)
+            if not isinstance(cfg, str):
+                try:
+                    self.results[section].append(self.measure_row(section, name, cfg, make_batches))
+                    row = self.results[section][-1]
+                    ratio = f"{row['ratio']:.2f}x the tutorial" if row["ratio"] else "no tutorial figure"
+                    self.console.print(f"{section}  {name}: {row['images_per_second']:,.1f} images/s, {ratio} "
+                                       f"(warm-up {row['warmup_s']:.1f} s)")
+                    self.save()
+                    continue
+                except Exception as e:  # noqa: BLE001 (any error of a row is that row's result)
+                    cfg = f"failed: {type(e).__name__}: {first_line(e)}"
+            self.results[section].append({"row": name, "images_per_second": None, "ratio": None, "note": cfg})
+            self.console.print(f"{section}  {name}: {cfg}")
+            self.save()
+
+    def measure_row(self, section: str, name: str, cfg: Optional[Config], make_batches) -> dict:
+        if self.gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if cfg is not None and cfg.compile:
+            # A fresh compile state: the rows before would otherwise fill torch.compile's cache of versions of
+            # each forward (autocast dtype, requires_grad, input dtype each make one) up to its limit of 8,
+            # past which the row would run uncompiled (main() makes that an error rather than a warning)
+            torch._dynamo.reset()
+        batches, loader = make_batches(cfg)
+        try:
             step = tutorial_stepper(self.base, self.device) if cfg is None else fastgan_step(cfg, self.device, loader)
             figures = timed(step, batches, self.steps, self.warmup, self.repeats, self.batch, self.device)
-            rate = figures["images_per_second"]
-            tutorial = self.results[section][0]["images_per_second"] if self.results[section] else rate
-            row = {"row": name, **figures, "ratio": round(rate / tutorial, 3), **self.peak_figures(rate)}
-            if cfg is not None:
-                self.configs[name] = cfg
-                row["settings"] = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
-            self.results[section].append(row)
-            self.save()
+        finally:
             if hasattr(batches, "close"):
                 batches.close()  # ends the loader's pass (DALI frees its pipeline)
-            del step, batches, loader
-            self.console.print(f"{section}  {name}: {rate:,.1f} images/s, {row['ratio']:.2f}x the tutorial "
-                               f"(warm-up {figures['warmup_s']:.1f} s)")
+        rate = figures["images_per_second"]
+        tutorial = self.results[section][0]["images_per_second"] if self.results[section] else rate
+        row = {"row": name, **figures, "ratio": round(rate / tutorial, 3) if tutorial else None,
+               **self.peak_figures(rate)}
+        if cfg is not None:
+            self.configs[name] = cfg
+            row["settings"] = {k: getattr(cfg, k) for k in SPEED_SETTINGS}
+        return row
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -196,6 +224,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak matrix TFLOP/s, to report steps against the FLOP floor "
                              "[H100, H200: 800 bf16]")
+    parser.add_argument("--dali-only", action="store_true",
+                        help="only the tutorial and DALI's rows: DALI decoding (on the GPU where there is one) with "
+                             "the best mode's step (CUDA: compile, CUDA graphs, bf16, channels_last), end to end, "
+                             "and the DALI loaders alone; for a machine where DALI arrives after the other rows ran")
     parser.add_argument("--json", help="write every figure here")
     return parser.parse_args()
 
@@ -215,14 +247,25 @@ def settings(args: argparse.Namespace, device: torch.device) -> Bench:
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu_name), None)
     if gpu:
         torch.backends.cudnn.benchmark = True  # as fastgan train sets it: fixed shapes, each conv tuned once
+    # a compiled row that runs out of torch.compile's versions would fall back to eager with a warning, and its
+    # figure would be eager's under a compiled row's name: an error instead, which fails that row alone
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    flop = step_flop_per_image(100, args.ngf, args.ngf, 3, 64)
     console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets whole rows
     info = {"device": gpu_name or f"CPU, {default_workers()} cores", "torch": torch.__version__,
             "dali": dali_version(), "commit": loader_bench.commit(), "date": time.strftime("%Y-%m-%d"),
             "image_size": 64, "batch_size": batch, "ngf": args.ngf, "steps_per_timing": steps,
-            "warmup_steps": warmup, "repeats": repeats, "images": n_images, "loader_batches_per_timing": loader_batches}
+            "warmup_steps": warmup, "repeats": repeats, "images": n_images, "loader_batches_per_timing": loader_batches,
+            "gflop_per_image": round(flop / 1e9, 3), "tf32_convolutions": gpu and torch.backends.cudnn.allow_tf32}
     console.print(" · ".join(f"{k} {v}" for k, v in info.items()))
-    return Bench(args, device, batch, steps, warmup, repeats, loader_batches, peak, info, console,
+    return Bench(args, device, batch, steps, warmup, repeats, loader_batches, peak, flop, info, console,
                  Config(batch_size=batch, ngf=args.ngf, ndf=args.ngf, quiet=True))
+
+
+def fp32(bench: "Bench") -> str:
+    """The name of fp32 in a row: on a GPU cuDNN runs fp32 convolutions in TF32 by default (torch's
+    cudnn.allow_tf32), as the tutorial and fastgan train both run them, and the row says so."""
+    return "fp32 (TF32 convolutions)" if bench.info["tf32_convolutions"] else "fp32"
 
 
 def same_images(bench: Bench) -> None:
@@ -235,7 +278,8 @@ def same_images(bench: Bench) -> None:
     bench.folder.mkdir(parents=True)
     for p in bench.paths:
         (bench.folder / p.name).symlink_to(p)
-    bench.prepared_file = prepare(index_images(bench.folder.parent), work / "images.fgd", 64, 3)
+    if not bench.args.dali_only:  # DALI's rows read the JPEGs
+        bench.prepared_file = prepare(index_images(bench.folder.parent), work / "images.fgd", 64, 3)
 
 
 def end_to_end(bench: Bench) -> None:
@@ -248,14 +292,37 @@ def end_to_end(bench: Bench) -> None:
             loader = fastgan_loader(cfg, bench.device)
         return loader_bench.epochs(loader), loader
 
-    bench.run_rows("end_to_end", end_to_end_rows(bench), loader_batches_for)
-    ran = [r for r in bench.results["end_to_end"][1:] if r["images_per_second"]]
-    best_prepared = max(ran, key=lambda r: r["images_per_second"])
-    dali_cfg = dataclasses.replace(bench.configs[best_prepared["row"]], data=None, root=str(bench.folder.parent),
-                                   loader="dali", dali_decoder="mixed" if bench.gpu else "cpu")
-    bench.run_rows("end_to_end", [(f"DALI {'GPU' if bench.gpu else 'CPU'} decode + the best step "
-                                   f"({best_prepared['row']})", dali_cfg if dali_available() else
-                                   "skipped: DALI not installed")], loader_batches_for)
+    if bench.args.dali_only:
+        mode = best_mode(bench)
+        rows, best = [TUTORIAL_ROW], (" + ".join(["channels_last"] + ["compile"] * mode.compile
+                                                 + ["CUDA graphs"] * mode.cuda_graphs
+                                                 + [mode.amp if mode.amp != "off" else fp32(bench)]), mode)
+    else:
+        rows = end_to_end_rows(bench)
+        bench.run_rows("end_to_end", rows, loader_batches_for)
+        ran = [r for r in bench.results["end_to_end"][1:] if r["images_per_second"]]
+        best_row = max(ran, key=lambda r: r["images_per_second"], default=None)
+        best = (best_row["row"], bench.configs[best_row["row"]]) if best_row else (None, None)
+        rows = []
+    name, cfg = best
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, data=None, root=str(bench.folder.parent), loader="dali",
+                                  dali_decoder="mixed" if bench.gpu else "cpu")
+    row = (f"DALI {'GPU' if bench.gpu else 'CPU'} decode + the best step ({name})",
+           loader_bench.dali_skip() or cfg or "skipped: no prepared row ran to take the best step from")
+    bench.run_rows("end_to_end", rows + [row], loader_batches_for)
+
+
+TUTORIAL_ROW = ("tutorial: ImageFolder DataLoader (2 workers) + its eager fp32 step", None)
+
+
+def best_mode(bench: Bench) -> Config:
+    """--dali-only's step: the fastest mode as the full bench finds it (on CUDA compile, CUDA graphs, bf16 and
+    channels_last, gpu_check's train-best flags); on the CPU channels_last in fp32, fast on any CPU."""
+    if bench.gpu:
+        return dataclasses.replace(bench.base, channels_last=True, amp="bf16", compile=not bench.args.no_compile,
+                                   cuda_graphs=True)
+    return dataclasses.replace(bench.base, channels_last=True)
 
 
 def end_to_end_rows(bench: Bench) -> list:
@@ -264,8 +331,8 @@ def end_to_end_rows(bench: Bench) -> list:
     on_gpu = (lambda cfg: cfg) if bench.gpu else (lambda cfg: "skipped: no CUDA GPU")
     compiled = (lambda cfg: "skipped: --no-compile") if bench.args.no_compile else (lambda cfg: cfg)
     rows = [
-        ("tutorial: ImageFolder DataLoader (2 workers) + its eager fp32 step", None),
-        ("prepared, eager fp32", prepared),
+        TUTORIAL_ROW,
+        (f"prepared, eager {fp32(bench)}", prepared),
         ("prepared + channels_last", dataclasses.replace(prepared, channels_last=True)),
         ("prepared + channels_last + bf16", dataclasses.replace(prepared, channels_last=True, amp="bf16")),
         # compile in fp32 is the CPU's row (bf16 is emulated on many CPUs); on CUDA it runs in fp16 and bf16 below,
@@ -294,7 +361,8 @@ def step_alone(bench: Bench) -> None:
     last = dataclasses.replace(bench.base, channels_last=True)
     rows = [
         ("tutorial step: eager fp32, Sigmoid + BCELoss, 4 .item() per step", None),
-        ("fastgan step, eager fp32 (logits, no host sync, fused Adam, no D grads in G's update)", bench.base),
+        (f"fastgan step, eager {fp32(bench)} (logits, no host sync, fused Adam, no D grads in G's update)",
+         bench.base),
         ("+ channels_last", last),
         (f"+ AMP ({amp})", dataclasses.replace(last, amp=amp)),
         (f"+ CUDA graphs ({amp}, channels_last)",
@@ -315,20 +383,28 @@ def step_alone(bench: Bench) -> None:
 def loaders_alone(bench: Bench) -> None:
     """Table 1, measured last: bench/loaders.py's rows and the prepared file, start-up then images/s."""
     rows = loader_bench.loader_rows(bench.paths, bench.folder, 64, bench.batch, bench.device, [default_workers()],
-                                    [0.65])
-    rows.append(("prepared file in memory (fastgan train --data)",
-                 lambda: fastgan_loader(dataclasses.replace(bench.base, data=str(bench.prepared_file),
-                                                            channels_last=True), bench.device)))
+                                    [HW_DECODER_LOAD])
+    if bench.args.dali_only:  # the tutorial's loader, the baseline, and DALI's
+        rows = rows[:1] + [(name, make) for name, make in rows if name.startswith("DALI")]
+    else:
+        rows.append(("prepared file in memory (fastgan train --data)",
+                     lambda: fastgan_loader(dataclasses.replace(bench.base, data=str(bench.prepared_file),
+                                                                channels_last=True), bench.device)))
     for name, make in rows:
-        if isinstance(make, str):
-            bench.results["loaders"].append({"row": name, "images_per_second": None, "note": make})
-            bench.console.print(f"loader  {name}: {make}")
-            continue
-        figures = loader_bench.measure(make, bench.batch, bench.repeats, bench.device, bench.loader_batches)
-        bench.results["loaders"].append({"row": name, **figures})
+        if not isinstance(make, str):
+            try:
+                figures = loader_bench.measure(make, bench.batch, bench.repeats, bench.device, bench.loader_batches)
+                bench.results["loaders"].append({"row": name, **figures})
+                bench.save()
+                bench.console.print(f"loader  {name}: start-up {figures['startup_s']:.2f} s, "
+                                    f"{figures['images_per_second']:,.0f} images/s, "
+                                    f"{loader_bench.describe_gap(figures)}")
+                continue
+            except Exception as e:  # noqa: BLE001 (the row's result: the rows after it still run)
+                make = f"failed: {type(e).__name__}: {first_line(e)}"
+        bench.results["loaders"].append({"row": name, "images_per_second": None, "note": make})
+        bench.console.print(f"loader  {name}: {make}")
         bench.save()
-        bench.console.print(f"loader  {name}: start-up {figures['startup_s']:.2f} s, "
-                            f"{figures['images_per_second']:,.0f} images/s, {loader_bench.describe_gap(figures)}")
 
 
 def print_tables(bench: Bench) -> None:
@@ -336,21 +412,24 @@ def print_tables(bench: Bench) -> None:
     loader_table = Table(title="loaders: start-up, then steady images/s from the same loader, epoch after epoch")
     for column in ("", "start-up (s)", "images/s", "vs tutorial", "epoch boundary"):
         loader_table.add_column(column, justify="right" if column else "left")
-    loader_base = results["loaders"][0]["images_per_second"]
+    loader_base = results["loaders"][0]["images_per_second"] if results["loaders"] else None
     for r in results["loaders"]:
         rate = r["images_per_second"]
         loader_table.add_row(r["row"], f"{r['startup_s']:.2f}" if rate else "", f"{rate:,.0f}" if rate else r["note"],
-                             f"{rate / loader_base:.2f}x" if rate else "", loader_bench.describe_gap(r) if rate else "")
+                             f"{rate / loader_base:.2f}x" if rate and loader_base else "",
+                             loader_bench.describe_gap(r) if rate else "")
     console.print(loader_table)
     for title, section in [("training step, data on the device (images/s)", "steps"),
                            ("end to end, same images (images/s)", "end_to_end")]:
+        if not results[section]:  # --dali-only measures no step table
+            continue
         table = Table(title=title)
         columns = ["", "images/s", "vs tutorial"] + ["peak MB"] * bench.gpu + ["of FLOP floor"] * bool(bench.peak)
         for column in columns:
             table.add_column(column, justify="right" if column else "left")
         for r in results[section]:
             rate = r["images_per_second"]
-            cells = [r["row"], f"{rate:,.1f}" if rate else r["note"], f"{r['ratio']:.2f}x" if rate else ""]
+            cells = [r["row"], f"{rate:,.1f}" if rate else r["note"], f"{r['ratio']:.2f}x" if r["ratio"] else ""]
             if bench.gpu:
                 cells.append(f"{r['peak_memory_mb']:,}" if rate else "")
             if bench.peak:
@@ -359,18 +438,28 @@ def print_tables(bench: Bench) -> None:
         console.print(table)
 
 
-def judge_targets(bench: Bench) -> None:
-    """The best end-to-end row, and on a GPU whether it meets DESIGN.md's targets; the last figures saved."""
+def judge_targets(bench: Bench) -> int:
+    """The best end-to-end row, and on a GPU whether it meets the targets; the last figures saved. The exit
+    status: 0, or 1 when a row failed or no fastgan row ran (the rows measured are saved either way)."""
     gpu, console = bench.gpu, bench.console
+    failed = [r["row"] for section in bench.results.values() for r in section
+              if (r.get("note") or "").startswith("failed")]
+    if failed:
+        console.print(f"failed rows ({len(failed)}): " + "; ".join(failed))
     best = max((r for r in bench.results["end_to_end"][1:] if r["images_per_second"]),
-               key=lambda r: r["images_per_second"])
-    met = gpu and best["images_per_second"] >= TARGET_IMAGES_PER_SECOND and best["ratio"] >= TARGET_RATIO
+               key=lambda r: r["images_per_second"], default=None)
+    if best is None:
+        console.print("no fastgan end-to-end row ran")
+        bench.save(best_end_to_end=None, end_to_end_ratio=None, failed_rows=failed)
+        return 1
+    met = (gpu and best["images_per_second"] >= TARGET_IMAGES_PER_SECOND and best["ratio"] is not None
+           and best["ratio"] >= TARGET_RATIO)
     stretch = gpu and best["images_per_second"] >= STRETCH_IMAGES_PER_SECOND
     targets = {"images_per_second": TARGET_IMAGES_PER_SECOND, "ratio": TARGET_RATIO,
                "stretch_images_per_second": STRETCH_IMAGES_PER_SECOND,
                "met": met if gpu else None, "stretch_met": stretch if gpu else None}
     console.print(f"best end to end: {best['row']}, {best['images_per_second']:,.1f} images/s, "
-                  f"{best['ratio']:.2f}x the tutorial")
+                  + (f"{best['ratio']:.2f}x the tutorial" if best["ratio"] else "no tutorial figure"))
     wanted = (f">= {TARGET_IMAGES_PER_SECOND:,} images/s end to end and >= {TARGET_RATIO:.0f}x the tutorial; "
               f"stretch {STRETCH_IMAGES_PER_SECOND:,}")
     console.print(f"GPU targets ({wanted}): " + (
@@ -378,7 +467,8 @@ def judge_targets(bench: Bench) -> None:
         else "not judged, no CUDA GPU in this run"))
     console.print(f"peak host memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB · "
                   + " · ".join(f"{k} {v}" for k, v in bench.info.items()))
-    bench.save(best_end_to_end=best["row"], end_to_end_ratio=best["ratio"], targets=targets)
+    bench.save(best_end_to_end=best["row"], end_to_end_ratio=best["ratio"], targets=targets, failed_rows=failed)
+    return 1 if failed else 0
 
 
 def main() -> int:
@@ -391,11 +481,11 @@ def main() -> int:
     bench = settings(args, device)
     same_images(bench)
     end_to_end(bench)  # measured in the order 3, 2, 1: a run cut short has the headline
-    step_alone(bench)
+    if not args.dali_only:
+        step_alone(bench)
     loaders_alone(bench)
     print_tables(bench)
-    judge_targets(bench)
-    return 0
+    return judge_targets(bench)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The bench suite keeps working: tiny runs of each script (no figures are asserted: speed is for bench/), and
 the measuring harness reads each loader as training does."""
+import itertools
 import json
 import subprocess
 import sys
@@ -187,3 +188,87 @@ def test_first_run_times_the_tutorial_and_fastgans_first_and_second_run(tmp_path
                               "fastgan --loader torch (decodes every epoch)"]
         assert all(r["images"] == 64 and r["whole_s"] > r["training_s"] > 0 for r in rows.values()), rows
         assert [r["decoded_once"] for r in rows.values()] == [False, True, False, False]
+
+
+def bench_for_rows(tmp_path) -> throughput.Bench:
+    """A Bench on the CPU with no images: for run_rows alone."""
+    args = throughput.argparse.Namespace(json=str(tmp_path / "rows.json"), dali_only=False)
+    return throughput.Bench(args, torch.device("cpu"), 1, 2, 1, 1, 1, None, 1e9, {}, throughput.Console(quiet=True),
+                            throughput.Config())
+
+
+def test_a_row_that_fails_is_recorded_with_its_error_and_the_rows_after_it_run(tmp_path, monkeypatch):
+    """One broken loader or step (a DALI that fails to build, a compile that breaks) must not end the bench: the
+    rows after it still run, and the row records why it has no figure; the JSON is saved after each row."""
+    monkeypatch.setattr(throughput, "tutorial_stepper", lambda cfg, device: lambda batch: torch.ones(5))
+    monkeypatch.setattr(throughput, "fastgan_step", lambda cfg, device, loader: lambda batch: torch.ones(5))
+
+    def make_batches(cfg):
+        if cfg is not None and cfg.loader == "dali":
+            raise RuntimeError("nvJPEG failed to initialise\nsecond line")
+        return itertools.repeat(torch.zeros(1)), None
+    bench = bench_for_rows(tmp_path)
+    rows = [("tutorial", None), ("broken", throughput.Config(loader="dali")), ("after", throughput.Config()),
+            ("skipped", "skipped: no CUDA GPU")]
+    bench.run_rows("end_to_end", rows, make_batches)
+    got = {r["row"]: r for r in bench.results["end_to_end"]}
+    assert list(got) == ["tutorial", "broken", "after", "skipped"]
+    assert got["broken"]["images_per_second"] is None
+    assert got["broken"]["note"] == "failed: RuntimeError: nvJPEG failed to initialise"
+    assert got["after"]["images_per_second"] > 0 and got["after"]["ratio"] > 0
+    assert json.loads((tmp_path / "rows.json").read_text())["end_to_end"][-1]["row"] == "skipped"
+    assert throughput.judge_targets(bench) == 1  # a failed row fails the bench, its figures saved
+
+
+def test_each_compiled_row_starts_from_a_fresh_compile_state_and_a_recompile_limit_fails_it(tmp_path, monkeypatch):
+    """torch.compile keeps up to 8 versions of a forward: the rows before a compiled row would fill them, and
+    the row would then run eager under its compiled name. Each compiled row resets the compile state, and a
+    limit hit anyway is an error of that row, not a warning."""
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # as settings() sets it
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")  # dynamo's guards without inductor's minutes
+
+    def step_of(cfg, device, loader):
+        return lambda batch: compiled(batch).sum().reshape(1)
+
+    monkeypatch.setattr(throughput, "tutorial_stepper", lambda cfg, device: lambda batch: torch.ones(1))
+    monkeypatch.setattr(throughput, "fastgan_step", step_of)
+    dtypes = iter([torch.float32, torch.float64, torch.bfloat16, torch.float16])  # one version each
+
+    def make_batches(cfg):
+        return itertools.repeat(torch.zeros(3, dtype=next(dtypes)) if cfg is not None else torch.zeros(1)), None
+    bench = bench_for_rows(tmp_path)
+    compiled_cfg = throughput.Config(compile=True)
+    bench.run_rows("end_to_end", [("tutorial", None), *[(f"compiled {i}", compiled_cfg) for i in range(3)]],
+                   make_batches)
+    assert all(r["images_per_second"] for r in bench.results["end_to_end"]), bench.results
+    torch._dynamo.reset()
+    dtypes = iter([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    plain = throughput.Config()  # no reset between rows: the third version hits the limit of 2, and fails
+    bench = bench_for_rows(tmp_path)
+    bench.run_rows("end_to_end", [("tutorial", None), *[(f"eager {i}", plain) for i in range(3)]], make_batches)
+    notes = [r.get("note") for r in bench.results["end_to_end"]]
+    assert notes[:3] == [None, None, None] and notes[3].startswith("failed: "), notes
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("sizes", [dict(nz=16, ngf=8, ndf=8, image_size=32), dict(nz=100, ngf=8, ndf=16, image_size=64)])
+def test_the_flop_count_of_a_step_is_what_torch_counts_in_fastgans_step(sizes):
+    """bench/flops.py counts a step from the model's convolutions and Algorithm 1's passes; torch's own counter,
+    run over fastgan's real step, must find the same FLOPs (convolutions forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from flops import step_flop_per_image
+    from fastgan.config import Config
+    from fastgan.step import train_step
+    from fastgan.trainer import build_models, build_optimizers, resolve_precision
+    cfg, cpu, batch = Config(**sizes, batch_size=4), torch.device("cpu"), 4
+    netG, netD = build_models(cfg, cpu)
+    optG, optD = build_optimizers(cfg, netG, netD)
+    precision = resolve_precision("off", cpu)
+    real = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        train_step(netG, netD, optG, optD, real, torch.randn(batch, cfg.nz, 1, 1), precision.autocast,
+                   precision.scaler)
+    assert counter.get_total_flops() / batch == step_flop_per_image(cfg.nz, cfg.ngf, cfg.ndf, 3, cfg.image_size)
+    assert step_flop_per_image() == pytest.approx(2.275e9, rel=1e-3)  # the tutorial's model: 2.27 GFLOP an image
