@@ -55,6 +55,12 @@ def link_or_copy(source: Path, target: Path) -> None:
     atomic_link(source, target)
 
 
+def last_in(folder: Path) -> Path | None:
+    """The latest checkpoint of a run folder (folder/checkpoints/last.pt), or of its checkpoints folder
+    (folder/last.pt); None where there is neither."""
+    return next((p for p in (folder / "checkpoints" / "last.pt", folder / "last.pt") if p.is_file()), None)
+
+
 def read_file(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True onto the CPU; every failure becomes one clear FastganError that says
     what the file is: empty, not a PyTorch file, a PyTorch file cut short or damaged, or one holding objects.
@@ -62,6 +68,10 @@ def read_file(path: str | os.PathLike) -> Any:
     A broken PyTorch file's message says "corrupt or truncated": resume.read_checkpoint then names the newest
     readable checkpoint beside it."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        last = last_in(path)
+        raise FastganError(f"checkpoint {path} is a folder, not a checkpoint file" + (
+            f"; its latest checkpoint is {last}" if last else ""))
     if not path.is_file():
         raise FastganError(f"checkpoint {path} does not exist")
     size = path.stat().st_size

@@ -156,15 +156,15 @@ def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", formatter_class=HelpFormatter, help="write faces from a trained generator",
                        description=paragraphs(
                            "Write a grid of generated images from a fastgan checkpoint (run/checkpoints/last.pt, "
-                           "run/netG.pth) or a pytorch/examples netG_epoch_N.pth; the model's shape is read off the "
-                           "weights. A checkpoint of a run trained with --ema gives its moving-average generator "
+                           "run/netG.pth), a run folder (its checkpoints/last.pt) or a pytorch/examples "
+                           "netG_epoch_N.pth; the model's shape is read off the weights. A checkpoint of a run trained with --ema gives its moving-average generator "
                            "(netG_ema), unless --no-ema.",
                            "With --interpolate STEPS: --n rows, each a spherical interpolation (slerp) from one "
                            "random latent to the next in STEPS images, both ends included, written as a grid and "
                            "as an animated GIF beside it (--out with .gif) that walks all rows there and back. "
                            "Defaults are in [brackets]."))
-    p.add_argument("--checkpoint", required=True, metavar="FILE",
-                   help="fastgan checkpoint or generator state dict (.pth)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="fastgan checkpoint, generator state dict (.pth), or run folder (its checkpoints/last.pt)")
     p.add_argument("--n", type=positive_int, help="number of images; rows with --interpolate [64; 8 rows]")
     p.add_argument("--interpolate", type=int, metavar="STEPS",
                    help="write rows of latent interpolations of STEPS images each (at least 2), and a GIF")

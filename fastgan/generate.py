@@ -31,9 +31,19 @@ PARALLEL_SIN = 1e-6
 
 def read_generator(path: str | os.PathLike, device: torch.device = torch.device("cpu"),
                    ema: bool = True) -> tuple[Generator, str]:
-    """The generator in `path`, its shape (nz, ngf, nc, image size) read off the weights, and which generator
-    it is, worded for the final line: "the EMA generator", "the raw generator (...)" or "the generator in X"."""
-    return generator_from_payload(checkpoint.read_file(path), path, device, ema)
+    """The generator in `path` (a checkpoint or generator file, or a run folder: its checkpoints/last.pt), its shape
+    (nz, ngf, nc, image size) read off the weights, and which generator it is, worded for the final line: "the EMA
+    generator", "the raw generator (...)" or "the generator in X", with "of FILE" for a run folder's."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return generator_from_payload(checkpoint.read_file(path), path, device, ema)
+    last = checkpoint.last_in(folder)
+    if last is None:
+        raise FastganError(f"--checkpoint {folder} is a folder without checkpoints/last.pt, not a fastgan run folder; "
+                           "give a run folder, a checkpoint (RUN/checkpoints/epoch001.pt) or a generator file "
+                           "(RUN/netG.pth)")
+    netG, source = generator_from_payload(checkpoint.read_file(last), last, device, ema)
+    return netG, f"{source} of {last}"
 
 
 def generator_from_payload(payload, path: str | os.PathLike, device: torch.device = torch.device("cpu"),

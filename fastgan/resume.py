@@ -18,13 +18,28 @@ def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
-        return Path(cfg.resume).expanduser()
+        path = Path(cfg.resume).expanduser()
+        if path.is_dir():
+            raise resume_of_a_folder(path)
+        return path
     if cfg.out is None:
         raise FastganError("--resume auto needs --out, the run folder to continue")
     last = Path(cfg.out).expanduser() / "checkpoints" / "last.pt"
     if not last.is_file():
         raise FastganError(f"--resume auto: no checkpoint to resume in {last.parent}")
     return last
+
+
+def resume_of_a_folder(folder: Path) -> FastganError:
+    """--resume FOLDER: what the folder is, and the command that goes on from it."""
+    last = checkpoint.last_in(folder)
+    if last is None:
+        return FastganError(f"--resume {folder} is a folder without checkpoints/last.pt, not a run to continue; "
+                            "give a checkpoint file (--resume RUN/checkpoints/last.pt), or --out RUN --resume auto")
+    run, what = (folder, "a run folder") if last.parent == folder / "checkpoints" else (folder.parent,
+                                                                                       "a run's checkpoints folder")
+    return FastganError(f"--resume {folder} is {what}, not a checkpoint file; continue the run with --out {run} "
+                        f"--resume auto, or give the checkpoint: --resume {last}")
 
 
 def read_checkpoint(path: Path):

@@ -406,6 +406,17 @@ def error_cases(tmp_path, image_folder, trained_run):
         (["train", *CPU, "--resume", "auto", "--out", str(tmp_path / "empty")], "no checkpoint to resume"),
         (["train", *CPU, "--resume", str(trained_run / "netG.pth")], "not a fastgan training checkpoint"),
         (["generate", *CPU, "--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        # a folder where a file is expected: what it is and the way forward, not "does not exist"
+        (["train", *CPU, "--resume", str(trained_run), "--epochs", "3"],
+         f"--resume {trained_run} is a run folder, not a checkpoint file; continue the run with --out {trained_run} "
+         f"--resume auto, or give the checkpoint: --resume {last}"),
+        (["train", *CPU, "--resume", str(trained_run / "checkpoints")],
+         f"is a run's checkpoints folder, not a checkpoint file; continue the run with --out {trained_run} --resume"),
+        (["train", *CPU, "--resume", str(tmp_path / "empty")],
+         f"--resume {tmp_path / 'empty'} is a folder without checkpoints/last.pt, not a run to continue"),
+        (["train", *tiny_root, "--data", root], f"--data {root} is a folder, not a prepared data file; for a folder "
+         f"of images give --root {root}, or make a file of it with fastgan prepare --root {root} --out FILE"),
+        (["eval", *CPU, str(trained_run), "--data", root], f"--data {root} is a folder, not a prepared data file"),
         (["generate", *CPU, "--checkpoint", str(truncated)], "corrupt or truncated"),
         (["generate", *CPU, "--checkpoint", str(pickled)], "pickled Python objects"),
         (["generate", *CPU, "--checkpoint", str(disc)], "discriminator weights"),

@@ -260,6 +260,23 @@ def test_a_plain_state_dict_is_used_as_it_is_with_no_ema(tmp_path, capsys):
     assert "from the generator in netG_ema.pth to" in capsys.readouterr().err
 
 
+def test_a_run_folder_gives_its_latest_checkpoint_as_eval_takes_a_run_folder(tmp_path, capsys):
+    """--checkpoint RUN is RUN/checkpoints/last.pt (its EMA generator here); a folder without one is refused
+    with what it is, not called missing."""
+    raw, ema = tiny_generator(1), tiny_generator(2)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    last = training_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", raw, ema)
+    assert generate("--checkpoint", tmp_path / "run", "--n", 4, "--seed", 0, "--out", tmp_path / "g.png") == 0
+    assert np.array_equal(pixels(tmp_path / "g.png"), grid_of(ema, 4, 0))
+    assert f"from the EMA generator of {last} to" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert generate("--checkpoint", tmp_path / "empty", "--out", tmp_path / "e.png") == 2
+    assert capsys.readouterr().err == (f"fastgan: error: --checkpoint {tmp_path / 'empty'} is a folder without "
+                                       "checkpoints/last.pt, not a fastgan run folder; give a run folder, a checkpoint "
+                                       "(RUN/checkpoints/epoch001.pt) or a generator file (RUN/netG.pth)\n")
+    assert not (tmp_path / "e.png").exists()
+
+
 def test_generator_state_picks_by_ema():
     raw, ema = tiny_generator(1).state_dict(), tiny_generator(2).state_dict()
     payload = {"format": checkpoint.FORMAT, "netG": raw, "netG_ema": ema}

@@ -78,7 +78,7 @@ def naming(path: Path) -> Naming:
     """How messages name a cache file, and its way out when damaged or not a prepared file at all: drop it, and the
     next run decodes anew."""
     remedy = f"remove it with `fastgan cache clear {path.name}` and run again to decode anew"
-    return Naming("the cache file", remedy, remedy)
+    return Naming("the cache file", remedy, remedy, "remove it and run again to decode anew")
 
 
 def file_bytes(index: FileIndex, image_size: int, nc: int) -> int:

@@ -152,12 +152,14 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
 
 @dataclass(frozen=True)
 class Naming:
-    """How the messages about a prepared file name it, and the way out they give when it is damaged (`remedy`) or
-    not a prepared file at all (`stranger`): --data's file by default; a cache file names itself and its own way
-    out (cache.py)."""
+    """How the messages about a prepared file name it, and the way out they give when it is damaged (`remedy`), not
+    a prepared file at all (`stranger`) or a folder (`folder`, with {path}): --data's file by default; a cache file
+    names itself and its own way out (cache.py)."""
     label: str = "--data"
     remedy: str = "prepare it again"
     stranger: str = "make one with fastgan prepare"
+    folder: str = ("for a folder of images give --root {path}, or make a file of it with fastgan prepare --root {path} "
+                   "--out FILE")
 
 
 DATA_FILE = Naming()
@@ -167,6 +169,8 @@ def read_manifest(path: str | os.PathLike, naming: Naming = DATA_FILE) -> tuple[
     """(manifest, offset of the pixels); FastganError for anything that is not a whole .fgd file."""
     path = Path(path).expanduser()
     name, remedy = f"{naming.label} {path}", naming.remedy
+    if path.is_dir():
+        raise FastganError(f"{name} is a folder, not a prepared data file; {naming.folder.format(path=path)}")
     if not path.is_file():
         raise FastganError(f"{name} does not exist")
     with open(path, "rb") as f:
