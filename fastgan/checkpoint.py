@@ -114,7 +114,8 @@ KNOWN_FORMATS = [  # (first bytes, what the file is): files a checkpoint is mist
     (b"\xff\xd8\xff", "is a JPEG image"), (b"\x89PNG", "is a PNG image"), (b"GIF8", "is a GIF image"),
     (b"\x1f\x8b", "is gzip-compressed: decompress it first"), (b"\x80", "is a Python pickle of other objects"),
     (b"\x93NUMPY", "is a NumPy array file"), (b"\x89HDF", "is an HDF5 (Keras) file"),
-]
+    (b"FASTGAN-DATA\n", "is a fastgan prepared data file (images made by fastgan prepare), for fastgan train --data"),
+]  # (the last: data/prepared.py's MAGIC, written out so that reading a checkpoint imports no data module)
 
 
 def describe_contents(head: bytes) -> str:

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import write_images
 
 from fastgan import Config
 from fastgan import train as train_api
 from fastgan.cli import main
+from fastgan.data.files import index_images
+from fastgan.data.prepared import prepare
 from fastgan.sampling import sample
 from fastgan.models import Generator, init_weights
 
@@ -78,7 +81,11 @@ def broken_files(tmp_path) -> list[tuple[str, bytes, str]]:
     other_zip = io.BytesIO()
     with zipfile.ZipFile(other_zip, "w") as archive:
         archive.writestr("faces/0001.txt", "not weights")
+    write_images(tmp_path / "faces", 2)
+    prepared = prepare(index_images(tmp_path / "faces", workers=1), tmp_path / "faces.fgd", 16, 3, workers=1)
     return [
+        ("prepared.pt", prepared.read_bytes(), "is not a PyTorch file: it is a fastgan prepared data file (images "
+         "made by fastgan prepare), for fastgan train --data"),
         ("empty.pt", b"", "is empty (0 bytes), not a checkpoint"),
         ("notes.pt", b"epochs: 25\nlr: 0.0002\n", "is not a PyTorch file: it holds text ('epochs: 25')"),
         ("photo.pt", jpeg.getvalue(), "is not a PyTorch file: it is a JPEG image"),

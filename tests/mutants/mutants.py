@@ -761,4 +761,9 @@ MUTANTS = [
            "    if False:\n        raise FastganError(f\"{name} is a folder",
            "train --data FOLDER (an image folder) says it does not exist instead of pointing to --root",
            ("tests/test_cli.py::test_every_user_error_is_one_line_and_exit_2",)),
+    Mutant("prepared-file-as-checkpoint-unnamed", "fastgan/checkpoint.py",
+           '(b"FASTGAN-DATA\\n", "is a fastgan prepared data file',
+           '(b"FASTGAN-DATA\\n\\0", "is a fastgan prepared data file',
+           "generate --checkpoint X.fgd reports the bytes 46 41 53 54 47 41 4e 2d instead of naming a prepared file",
+           ("tests/test_messages.py::test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is",)),
 ]
