@@ -373,7 +373,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from .metrics.evaluate import evaluate
+    from .metrics.evaluate import evaluate, taken_at
     from .report import console, plural
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
@@ -397,7 +397,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for column in ["checkpoint", "epoch", "generator", *names, "seconds"]:
         table.add_column(column, justify="left" if column in ("checkpoint", "generator") else "right")
     for r in records:
-        table.add_row(Path(r["checkpoint"]).name, "" if r["epoch"] is None else str(r["epoch"]), r["generator"],
+        table.add_row(Path(r["checkpoint"]).name, taken_at(r), r["generator"],
                       *[f"{r[k]:.4f}" if k == "kid" else f"{r[k]:.2f}" for k in names], f"{r['seconds']:.0f}")
     console.print(table)
     folder = Path(args.path).expanduser()

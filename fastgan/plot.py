@@ -62,6 +62,17 @@ def _text_up(img, center, s, font):
     img.paste(BLACK, (center[0] - mask.width // 2, center[1] - mask.height // 2), mask)
 
 
+MARKER_R = 4  # output pixels: the radius of the dot at each measured point (plot_panels)
+
+
+def _draw_markers(draw, cols, ys, color):
+    """A filled dot at each finite point (at SS scale), so that a few measurements read as points, not a bare line."""
+    r = MARKER_R * SS
+    for px, py in zip(cols.tolist(), ys.tolist()):
+        if math.isfinite(py):
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=color)
+
+
 def _draw_series(draw, cols, ys, color):
     """Polyline through (cols, ys), broken at NaN ys. Dense data is reduced to each pixel
     column's min and max (in the order they occur), so at most ~2 segments per column are
@@ -108,7 +119,8 @@ def plot_losses(steps, loss_g, loss_d, path, title: str = "Generator and Discrim
 def plot_panels(panels, xlabel: str, path) -> None:
     """Write charts stacked in one PNG: panels is a list of (title, [(label, x, y), ...]), one chart each, the
     y axis of each its own (fastgan eval's metrics over training, each on its scale)."""
-    charts = [draw_lines(series, title, xlabel, "") for title, series in panels] or [draw_lines([], "", xlabel, "")]
+    charts = [draw_lines(series, title, xlabel, "", markers=True) for title, series in panels] or \
+        [draw_lines([], "", xlabel, "")]
     sheet = Image.new("RGB", (W, H * len(charts)), "white")
     for i, chart in enumerate(charts):
         sheet.paste(chart, (0, H * i))
@@ -120,9 +132,10 @@ def _save(img: Image.Image, path) -> None:
         img.save(f, format="PNG")
 
 
-def draw_lines(series, title: str, xlabel: str, ylabel: str) -> Image.Image:
+def draw_lines(series, title: str, xlabel: str, ylabel: str, markers: bool = False) -> Image.Image:
     """A matplotlib-like line chart of series [(label, x, y), ...], colours C0, C1, ... in order, a legend in
-    the upper right; NaN or inf in y breaks a line, one point is a marker."""
+    the upper right; NaN or inf in y breaks a line, one point is a marker; with `markers`, every point is one
+    (few points, each a measurement: matplotlib's marker="o")."""
     prepared = []
     for label, x, y in series:
         x, y = _as_array(x, f"{label} x"), _as_array(y, f"{label} y")
@@ -163,6 +176,8 @@ def draw_lines(series, title: str, xlabel: str, ylabel: str) -> Image.Image:
     if not empty:
         for (_, x, y), color in zip(prepared, colors):
             _draw_series(draw, np.rint(fx(x) * SS).astype(np.int64), fy(y) * SS, color)
+            if markers:
+                _draw_markers(draw, np.rint(fx(x) * SS).astype(np.int64), fy(y) * SS, color)
     img = img.reduce(SS)
 
     draw = ImageDraw.Draw(img)
@@ -192,5 +207,7 @@ def draw_lines(series, title: str, xlabel: str, ylabel: str) -> Image.Image:
         for i, (name, color) in enumerate(names):
             cy = by + 17 + 22 * i
             draw.line((bx + 8, cy, bx + 36, cy), fill=color, width=2)
+            if markers:
+                draw.ellipse((bx + 22 - MARKER_R, cy - MARKER_R, bx + 22 + MARKER_R, cy + MARKER_R), fill=color)
             _text(draw, (bx + 44, cy), name, f_label, "lm")
     return img

@@ -186,6 +186,43 @@ def test_a_plain_generator_file_in_a_run_folder_is_measured_against_the_runs_dat
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_run_stopped_inside_its_first_epoch_is_measured_at_its_last_checkpoint(image_folder, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """No epoch has ended: the run folder's last.pt is what there is to measure, labelled where it was taken (epoch 1,
+    batch 2 of 3), not "epoch 0", as the folder and as the file; eval.png places it two thirds into epoch 1."""
+    import os
+    import signal
+    import fastgan.trainer
+    run, real_step, calls = tmp_path / "stopped", fastgan.trainer.train_step, []
+
+    def step(*args, **kwargs):  # SIGINT during the 2nd step: that step ends, the run stops in epoch 1
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(fastgan.trainer, "train_step", step)
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["iteration"], saved["step"]) == (0, 2, 2)
+    assert not list((run / "checkpoints").glob("epoch*.pt"))
+    capsys.readouterr()
+    assert main(["eval", str(run), *CPU, "--n", "8"]) == 0
+    by_folder = capsys.readouterr().err
+    [record] = records(run / "eval.jsonl")
+    assert (record["epoch"], record["iteration"], record["step"]) == (1, 2, 2)
+    assert record["epochs"] == pytest.approx(2 / 3) and (run / "eval.png").is_file()
+    assert main(["eval", str(run / "checkpoints" / "last.pt"), *CPU, "--n", "8"]) == 0
+    by_file = capsys.readouterr().err
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for text in (by_folder, by_file)
+            for line in text.splitlines() if "last.pt" in line and "│" in line]
+    assert [row[1] for row in rows] == ["1, batch 2", "1, batch 2"] and rows[0][3:-1] == rows[1][3:-1]
+    assert main(["eval", str(run), *CPU, "--epochs", "1"]) == 2
+    assert "no epoch has ended yet; leave --epochs out to measure its checkpoints/last.pt" in capsys.readouterr().err
+    panels = evaluate.eval_panels([record, {**record, "epoch": 1, "iteration": 0, "epochs": 1.0, "swd": 1.0}])
+    assert panels[0][1][0][1:] == ([pytest.approx(2 / 3), 1.0], [record["swd"], 1.0])  # two points, not one
+
+
 def test_eval_every_records_quality_without_changing_training(image_folder, tmp_path):
     plain, measured = tmp_path / "plain", tmp_path / "measured"
     assert train("--root", image_folder, "--out", plain, "--epochs", 2) == 0

@@ -98,3 +98,17 @@ def test_torch_tensors(tmp_path):
     plot_losses(t, g, d, tmp_path / "p.png")
     im = _load(tmp_path / "p.png")
     assert _has_colour(im, G_BLUE) and _has_colour(im, D_ORANGE)
+
+
+def test_eval_png_marks_each_measured_point(tmp_path):
+    """plot_panels (eval.png) draws a dot at each measurement: three epochs are three visible points, not one bare
+    line. A flat series: its line is 1.5 px thick, a dot reaches 4 px above and below it at each epoch only."""
+    from fastgan.plot import BOTTOM, LEFT, RIGHT, TOP, plot_panels
+    plot_panels([("SWD", [("SWD", [1, 2, 3], [1.0, 1.0, 1.0])])], "epoch", tmp_path / "eval.png")
+    im = np.asarray(_load(tmp_path / "eval.png")).astype(int)
+    line_y = round(BOTTOM - 1.0 / 1.05 * (BOTTOM - TOP))  # y from 0 to 1.05: the axis anchored at 0, 5% headroom
+    blue = lambda x, y: np.abs(im[y, x] - np.array(G_BLUE)).max() <= 40  # noqa: E731
+    middle, between = LEFT + (RIGHT - LEFT) // 2, LEFT + (RIGHT - LEFT) // 4  # epochs 2 and 1.5
+    assert blue(middle, line_y) and blue(between, line_y)  # the line
+    assert blue(middle, line_y - 3) and blue(middle, line_y + 3)  # the dot at epoch 2
+    assert not blue(between, line_y - 3) and not blue(between, line_y + 3)  # the line alone at epoch 1.5

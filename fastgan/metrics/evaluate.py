@@ -193,22 +193,44 @@ class Metrics:
 @dataclass
 class Target:
     path: Path
-    epoch: Optional[int]
+    epoch: Optional[int]      # the epoch it was taken in: its end, or (iteration > 0) inside it
     step: Optional[int]
     payload: dict
+    iteration: int = 0        # batches of that epoch done; 0 at its end
+    epochs: Optional[float] = None  # epochs trained, a fraction inside an epoch: eval.png's x
+
+
+def taken_at(record: dict) -> str:
+    """Where a record's checkpoint was taken, for the table: '3' (the end of epoch 3), '1, batch 2' (inside epoch
+    1), '' (a plain generator file)."""
+    if record["epoch"] is None:
+        return ""
+    return f"{record['epoch']}" + (f", batch {record['iteration']}" if record.get("iteration") else "")
+
+
+def steps_per_epoch(payload: dict) -> Optional[int]:
+    """A checkpoint's batches per epoch: its data's size over the global batch (None where it does not say)."""
+    images, batch = payload.get("images"), payload.get("config", {}).get("batch_size")
+    return images // batch if images and batch else None
 
 
 def targets(path: Path, epochs: Optional[Sequence[int]]) -> tuple[Optional[Path], list[Target]]:
     """(run folder or None, the checkpoints to evaluate): a run folder's epoch checkpoints (those of `epochs`,
-    or all), or the one file given."""
+    or all; its last.pt where no epoch has ended yet), or the one file given."""
     path = path.expanduser()
     if not path.exists():
         raise FastganError(f"{path} does not exist")
     if path.is_dir():
         files = sorted((path / "checkpoints").glob("epoch[0-9][0-9][0-9].pt"))
+        last = path / "checkpoints" / "last.pt"
+        if not files and last.is_file():  # stopped inside its first epoch: its one checkpoint
+            if epochs:
+                raise FastganError(f"{path} has no checkpoint of epoch {epochs[0]}: no epoch has ended yet; "
+                                   "leave --epochs out to measure its checkpoints/last.pt")
+            return path, [target_of(last)]
         if not files:
-            raise FastganError(f"{path} holds no epoch checkpoints (checkpoints/epochNNN.pt): is it a fastgan run "
-                               "folder?")
+            raise FastganError(f"{path} holds no checkpoints (checkpoints/epochNNN.pt, checkpoints/last.pt): is it "
+                               "a fastgan run folder?")
         by_epoch = {int(f.stem[5:]): f for f in files}
         if epochs:
             missing = [e for e in epochs if e not in by_epoch]
@@ -224,10 +246,15 @@ def targets(path: Path, epochs: Optional[Sequence[int]]) -> tuple[Optional[Path]
 
 
 def target_of(path: Path) -> Target:
+    """The file at `path`, labelled by where its checkpoint was taken: a checkpoint's "epoch" counts the epochs
+    done, so one taken inside an epoch (iteration > 0) was taken in the next."""
     payload = checkpoint.read_file(path)
-    if checkpoint.is_fastgan_checkpoint(payload):
-        return Target(path, payload["epoch"], payload["step"], payload)
-    return Target(path, None, None, payload)
+    if not checkpoint.is_fastgan_checkpoint(payload):
+        return Target(path, None, None, payload)
+    done, iteration = payload["epoch"], payload.get("iteration", 0)
+    steps = steps_per_epoch(payload)
+    epochs = done + iteration / steps if iteration and steps else float(done)
+    return Target(path, done + 1 if iteration else done, payload["step"], payload, iteration, epochs)
 
 
 def build_generator(target: Target, ema: bool, device: torch.device) -> tuple[Generator, str]:
@@ -326,7 +353,8 @@ def evaluate(path: str | os.PathLike, root: Optional[str] = None, data: Optional
             raise FastganError(f"{target.path} makes {first_image_shape(netG)} images, the first checkpoint "
                                f"{(image_size, nc)}: evaluate them separately")
         fake = fake_images(netG, len(real.pixels), seed + 1, torch_device, progress)
-        record = {"checkpoint": str(target.path), "epoch": target.epoch, "step": target.step, "generator": which,
+        record = {"checkpoint": str(target.path), "epoch": target.epoch, "iteration": target.iteration,
+                  "epochs": target.epochs, "step": target.step, "generator": which,
                   "n": len(real.pixels), "real": real.description, "seed": seed, **measure(fake),
                   "seconds": round(time.perf_counter() - started, 1),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -371,11 +399,13 @@ def read_records(path: Path) -> list[dict]:
 
 def eval_panels(records: list[dict]) -> list[tuple[str, list]]:
     """A panel per metric, a line per generator (raw, EMA) and per number of images compared: figures of other
-    --n are other measurements (SWD's noise and bias change with n), so they are drawn apart and labelled."""
-    latest: dict[tuple[int, str, int], dict] = {}
+    --n are other measurements (SWD's noise and bias change with n), so they are drawn apart and labelled. x: the
+    epochs trained ("epochs", a fraction for a checkpoint taken inside an epoch; "epoch" in older records)."""
+    latest: dict[tuple[float, str, int], dict] = {}
     for record in records:
         if record.get("epoch") is not None:
-            latest[(record["epoch"], record.get("generator"), record.get("n"))] = record
+            x = record.get("epochs", record["epoch"])
+            latest[(x, record.get("generator"), record.get("n"))] = record
     panels = []
     for metric, title in (("swd", "SWD x 1e3 (lower is better)"), ("fid", "FID (lower is better)"),
                           ("kid", "KID (lower is better)")):
