@@ -331,3 +331,24 @@ def test_a_file_in_the_hub_cache_that_is_not_the_published_one_is_refused(offlin
     with pytest.raises(FastganError, match="6726825d") as error:
         load_inception()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("torch_home, xdg, folder, spelled", [
+    ("th", "xdg", "th/hub/checkpoints", "$TORCH_HOME/hub/checkpoints"),
+    (None, "xdg", "xdg/torch/hub/checkpoints", "$XDG_CACHE_HOME/torch/hub/checkpoints"),
+    (None, None, "home/.cache/torch/hub/checkpoints", "~/.cache/torch/hub/checkpoints"),
+])
+def test_docs_name_each_folder_eval_looks_in_for_the_weights(tmp_path, monkeypatch, torch_home, xdg, folder, spelled):
+    """Where eval looks for the Inception weights (torch.hub's folder: TORCH_HOME, else XDG_CACHE_HOME, else ~/.cache)
+    is the folder docs/evaluation.md names for that setting."""
+    from pathlib import Path
+    from fastgan.metrics.inception import hub_checkpoint
+    for name, value in (("TORCH_HOME", torch_home), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(tmp_path / value))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub_checkpoint() == tmp_path / folder / FID_WEIGHTS_FILE
+    page = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    assert f"`{spelled}`" in " ".join(page.split())

@@ -131,7 +131,8 @@ def load_inception(path: Optional[str | os.PathLike] = None, device: str | torch
 
 
 def hub_checkpoint() -> Path:
-    """Where torch.hub keeps the file: $TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints by default."""
+    """Where torch.hub keeps the file: $TORCH_HOME/hub/checkpoints, else $XDG_CACHE_HOME/torch/hub/checkpoints,
+    else ~/.cache/torch/hub/checkpoints (torch.hub.get_dir's order)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 
 
