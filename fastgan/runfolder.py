@@ -72,6 +72,8 @@ def choose(out: Optional[str], resuming: bool) -> Path:
         if why:
             raise FastganError(f"--out {folder} is not writable ({why}: {ancestor})")
         return folder
+    if not os.access(folder, os.W_OK | os.X_OK):  # said now, not after the data is read (minutes for CelebA)
+        raise FastganError(f"--out {folder} is not writable (Permission denied); choose another folder")
     pid = in_use(folder)
     if pid is not None:
         raise FastganError(f"--out {folder} is in use by another fastgan train (process {pid}); wait for it to "

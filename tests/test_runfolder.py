@@ -38,6 +38,36 @@ def test_the_largest_seed_trains(tmp_path, image_folder):
                  "--seed", str(MAX_SEED)]) == 0
 
 
+@pytest.mark.parametrize("resuming", [False, True])
+def test_an_existing_unwritable_out_is_refused_before_the_data_is_decoded(tmp_path, image_folder, capsys, monkeypatch,
+                                                                          resuming):
+    """As a new folder under an unwritable one is: at once, before the images are read (and decoded into the cache:
+    minutes for CelebA)."""
+    import os
+    import fastgan.data
+    out = tmp_path / "out"
+    if resuming:
+        assert main(["train", *TINY, "--root", str(image_folder), "--out", str(out)]) == 0
+    else:
+        out.mkdir()
+    read, real_index = [], fastgan.data.index_data
+    monkeypatch.setattr(fastgan.data, "index_data", lambda cfg: (read.append(cfg.root), real_index(cfg))[1])
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: answer as the kernel answers anyone else
+        real_access = os.access
+        monkeypatch.setattr(runfolder.os, "access", lambda path, mode: (
+            False if os.fspath(path) == os.fspath(out) and mode & os.W_OK else real_access(path, mode)))
+    try:
+        flags = ["--resume", "auto", "--epochs", "2"] if resuming else []
+        capsys.readouterr()
+        assert main(["train", *TINY, "--root", str(image_folder), "--out", str(out), *flags]) == 2
+    finally:
+        out.chmod(0o755)
+    assert capsys.readouterr().err == (f"fastgan: error: --out {out} is not writable (Permission denied); choose "
+                                       "another folder\n")
+    assert read == []
+
+
 def test_a_check_that_fails_after_reading_the_data_leaves_no_folder(tmp_path, image_folder, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--batch-size", "25"]) == 2

@@ -786,4 +786,9 @@ MUTANTS = [
            'draw_lines(series, title, xlabel, "", markers=False)',
            "eval.png draws three measured epochs as one line without a mark at each measurement",
            ("tests/test_plot.py::test_eval_png_marks_each_measured_point",)),
+    Mutant("existing-out-writability-unchecked", "fastgan/runfolder.py",
+           "    if not os.access(folder, os.W_OK | os.X_OK):  # said now",
+           "    if False:  # said now",
+           "an existing unwritable --out is found only when the run folder is made, after the data is read and decoded",
+           ("tests/test_runfolder.py::test_an_existing_unwritable_out_is_refused_before_the_data_is_decoded",)),
 ]
