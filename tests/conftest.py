@@ -26,6 +26,28 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
+def backend_flags_restored():
+    """cuDNN's and TF32's process-wide switches put back after every test: `fastgan train` turns
+    cudnn.benchmark on, GPU tests turn TF32 off or cuDNN deterministic on, and one test's setting must not leak
+    into the next test of the same worker."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved[:4]
+    torch.set_float32_matmul_precision(saved[4])
+
+
+@pytest.fixture
+def deterministic_cuda():
+    """fp32 on the GPU that two runs can compare weight for weight: cuDNN's deterministic algorithms, no
+    autotuning (which may pick other algorithms for two builds of the same shapes), no TF32. Restored after the
+    test by backend_flags_restored."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory):
     """Keep the file-index cache, the demo faces and the decoded-once cache of the tests out of the user's
     ~/.cache. A patch of its own: a test's `monkeypatch.undo()` must not send its runs to ~/.cache (it did)."""
@@ -71,13 +93,14 @@ def command_flags() -> dict[str, frozenset]:
 
 def foreign_flags(command: str, message: str) -> list[str]:
     """The --flags that `message` names as `command`'s but which it does not have. A flag after "fastgan OTHER"
-    is OTHER's (advice may send the user to another command by name); torchrun's own flags are not checked."""
+    is OTHER's (advice may send the user to another command by name); torchrun's and pip's own flags are not
+    checked."""
     flags, current, foreign = command_flags(), command, []
     words = [w.strip("()[]{},.;:'\"`") for w in message.split()]
     for i, word in enumerate(words):
         if word == "fastgan" and i + 1 < len(words) and words[i + 1] in flags:
             current = words[i + 1]
-        elif word == "torchrun":
+        elif word in ("torchrun", "pip"):
             current = None
         elif current is not None:
             foreign += [flag for flag in FLAG.findall(word) if flag not in flags[current]]

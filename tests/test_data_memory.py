@@ -207,6 +207,18 @@ def test_on_cuda_the_host_and_disk_tiers_copy_through_pinned_memory_and_give_the
     host = StreamedLoader(pixels.numpy(), **options)
     disk = StreamedLoader(source, check=check, **options)
     assert host.copies is not None and host.host_rows(np.arange(3)).is_pinned()
+    # A batch of six 8x8 images copies in microseconds, so a missing wait would almost never show: each copy is
+    # queued behind ~50 ms of spinning on the side stream (torch.cuda._sleep), so that the step's stream, were it
+    # not to wait for the side stream, would read the batch's memory before the copy has written it
+    copy = StreamedLoader._to_device
+
+    def delayed(self, tensor):
+        if tensor is not None:
+            with torch.cuda.stream(self.copies):
+                torch.cuda._sleep(50_000_000)  # cycles: tens of ms at the GPU's clock
+        return copy(self, tensor)
+    host._to_device = delayed.__get__(host)
+    disk._to_device = delayed.__get__(disk)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for loader in (device, host, disk):

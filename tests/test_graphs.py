@@ -159,9 +159,7 @@ def test_what_the_gpu_comparison_counts_holds_for_two_eager_runs_on_the_cpu(amp)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 @pytest.mark.parametrize("in_graph", [True, False])
-def test_cuda_graph_training_equals_eager_training(amp, in_graph):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_graph_training_equals_eager_training(amp, in_graph, deterministic_cuda):
     cfg = Config(image_size=16, ngf=8, ndf=8, nz=16, batch_size=8, amp=amp, channels_last=True, device="cuda")
     data = pixels(n=48, size=16)  # 6 steps an epoch; 2 epochs cross an epoch boundary (the graph feed reloads)
     start = [p.detach().clone() for p in build_trainer(cfg, torch.device("cuda"),
@@ -175,9 +173,10 @@ def test_cuda_graph_training_equals_eager_training(amp, in_graph):
     diff_g = (weights(graphed.netG) - weights(eager.netG)).abs()
     diff_d = (weights(graphed.netD) - weights(eager.netD)).abs()
     if amp == "off":
-        # fp32 without TF32: the same kernels replayed; cuDNN may pick other algorithms in the two builds, which
-        # differ by float rounding (~1e-7 per op). One Adam step more or fewer moves weights by ~lr = 2e-4, and
-        # the typical weight here has moved by `moved.median()` over 12 steps: the bound sits 10x below one step
+        # fp32 without TF32, cuDNN deterministic and not autotuned: the same algorithms in both builds, so the
+        # graph replays eager's kernels and only fused or reordered arithmetic could differ (~1e-7 per op). One
+        # Adam step more or fewer moves weights by ~lr = 2e-4, and the typical weight here has moved by
+        # `moved.median()` over 12 steps: the bound sits 10x below one step
         torch.testing.assert_close(graph_stats, eager_stats, rtol=1e-4, atol=1e-5)
         assert diff_g.max() < 2e-5 and diff_d.max() < 2e-5
     else:
@@ -191,11 +190,9 @@ def test_cuda_graph_training_equals_eager_training(amp, in_graph):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("in_graph", [True, False])
-def test_the_ema_update_inside_the_graph_equals_eager(in_graph):
+def test_the_ema_update_inside_the_graph_equals_eager(in_graph, deterministic_cuda):
     """--ema under --cuda-graphs: the average's update is captured with the step (its images counter on the
     device), undone after the warm-up like the weights, and replayed once per step."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = Config(image_size=16, ngf=8, ndf=8, nz=16, batch_size=8, channels_last=True, device="cuda",
                  ema_kimg=0.05)  # a 50-image half-life: after its ramp-up it moves visibly in 12 steps
     data = pixels(n=48, size=16)

@@ -217,11 +217,12 @@ def test_compile_matches_eager_fp32():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_fp32_step_matches_the_cpu():
+def test_cuda_fp32_step_matches_the_cpu(deterministic_cuda):
     cfg = small_config()
     data = batches(cfg, 2)
+    torch.manual_seed(cfg.seed)
+    g0 = {k: v.clone() for k, v in build_models(cfg, DEVICE)[0].state_dict().items()}
     ref_stats, ref_g, _ = run_fastgan(cfg, data)
-    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32, not TF32 convolutions
     torch.manual_seed(cfg.seed)
     cuda = torch.device("cuda")
     netG, netD = build_models(cfg, cuda)
@@ -230,7 +231,12 @@ def test_cuda_fp32_step_matches_the_cpu():
     stats = torch.stack([train_step(netG, netD, optG, optD, real.to(cuda), noise.to(cuda), precision.autocast,
                                     precision.scaler) for real, noise in data]).cpu()
     torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-4)
-    assert max_abs_diff({k: v.cpu() for k, v in netG.state_dict().items()}, ref_g, buffers=False) < 1e-4
+    # The GPU's kernels round otherwise than the CPU's: where a gradient is ~0 its sign may flip, and Adam then
+    # moves that weight by up to 2 lr = 4e-4 the other way, so a bound on single weights could fail without a
+    # bug. The whole update is compared by its norm: one flipped element changes it by under 1% here, one step
+    # more or fewer (of 2) by about half
+    g = {k: v.cpu() for k, v in netG.state_dict().items()}
+    assert (update(g, ref_g).norm() / update(ref_g, g0).norm()) < 0.05
 
 
 @pytest.mark.gpu
