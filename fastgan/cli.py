@@ -453,6 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # under torchrun every rank may speak: say which
     label = f"(rank {where[0]} of {where[1]}) " if where else ""
     try:
+        from .install import require_torchvision
+        require_torchvision()  # every command reads or writes images through it; --help and --version do not
         return args.func(args)
     except TrainingStopped as e:  # a stop the user asked for, with its checkpoint written: not an error
         say(f"fastgan: {label}{e}")

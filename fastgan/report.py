@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
-from torchvision.utils import make_grid
 
 from .atomic import atomic_write
 
@@ -31,6 +30,7 @@ def write_json(path: Path, payload) -> None:
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None) -> Image.Image:
     """A grid of [-1, 1] images as the tutorial draws it (2-pixel padding), on the fixed [-1, 1] scale so
     that grids from different steps compare."""
+    from torchvision.utils import make_grid  # (here: `fastgan --help` and --version never import torchvision)
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     array = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

@@ -445,6 +445,42 @@ def test_a_real_process_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_torchvision_of_another_build_gets_one_line_and_help_and_version_need_none(tmp_path):
+    """A CPU torch with a torchvision from another index fails on `import torchvision` (its operators are missing):
+    --help and --version still work, every other command says so in one line with the versions and the install."""
+    from importlib import metadata
+    site = tmp_path / "site"  # a torchvision 0.30.0 that fails to import as a mismatched build does
+    (site / "torchvision").mkdir(parents=True)
+    (site / "torchvision" / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (site / "torchvision-0.30.0.dist-info").mkdir()
+    (site / "torchvision-0.30.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\n"
+                                                                    "Version: 0.30.0\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    def fastgan(*argv):
+        return subprocess.run([sys.executable, "-m", "fastgan", *argv], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=120)
+    for argv in (["--version"], ["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"]):
+        result = fastgan(*argv)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (argv, result.stderr)
+    assert fastgan("--version").stdout.startswith("fastgan ")
+    build = torch.__version__.partition("+")[2]
+    wanted = f"0.{int(torch.__version__.split('.')[1]) + 15}.*"
+    line = (f"fastgan: error: torchvision 0.30.0 does not load with torch {torch.__version__} (operator "
+            "torchvision::nms does not exist): the two come from different builds; install the torchvision built "
+            f'for this torch: pip install --force-reinstall --no-deps "torchvision=={wanted}"'
+            + (f" --index-url https://download.pytorch.org/whl/{build}" if build else "") + "\n")
+    for argv in (["train", "--dry-run", "--device", "cpu"], ["cache", "list", "--cache-dir", str(tmp_path)]):
+        result = fastgan(*argv)
+        assert (result.returncode, result.stderr) == (2, line), argv
+    # the pairing rule, against published pairs and this machine's own
+    from fastgan.install import matching_torchvision
+    assert [matching_torchvision(v) for v in ("2.4.1", "2.9.1", "2.14.1+cpu", "1.13.1")] == \
+        ["0.19.*", "0.24.*", "0.29.*", ""]
+    assert re.fullmatch(matching_torchvision(torch.__version__).replace(".*", r"\.\d+.*"),
+                        metadata.version("torchvision"))
+
+
 def test_argparse_errors_exit_2_and_help_exits_0(capsys):
     assert main(["train", "--batch-size", "x"]) == 2
     assert capsys.readouterr().err == ("fastgan train: error: argument --batch-size: invalid int value: 'x' "
@@ -453,10 +489,26 @@ def test_argparse_errors_exit_2_and_help_exits_0(capsys):
     assert "--ckpt-every" in capsys.readouterr().out
 
 
-def test_train_with_amp_and_channels_last(image_folder, tmp_path, capsys):
+def test_train_with_amp_and_channels_last(image_folder, tmp_path, capsys, monkeypatch):
+    import fastgan.cpu
+    monkeypatch.setattr(fastgan.cpu, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 1, "--amp", "--channels-last") == 0
-    assert "precision bf16" in capsys.readouterr().err  # --amp alone on the CPU
+    assert "precision bf16" in capsys.readouterr().err  # --amp alone on a CPU with bf16 instructions
     assert (tmp_path / "run" / "netG.pth").exists()
+
+
+@pytest.mark.parametrize("amp, precision", [([], "fp32"), (["bf16"], "bf16")])
+def test_amp_on_a_cpu_without_bf16_instructions_is_fp32_unless_bf16_is_asked_for(image_folder, tmp_path, capsys,
+                                                                                  monkeypatch, amp, precision):
+    """--amp alone where bf16 would be emulated (slower than fp32) plans fp32 and says why; --amp bf16 is obeyed
+    with the same note."""
+    import fastgan.cpu
+    monkeypatch.setattr(fastgan.cpu, "cpu_flags", lambda: {"avx2", "fma"})
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--amp", *amp, "--dry-run") == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["resolved"]["precision"] == precision
+    assert "fastgan: note:" in err and "bf16" in err
 
 
 def test_synth_writes_faces_and_keeps_existing_files(tmp_path, capsys):

@@ -21,7 +21,6 @@ from .. import distributed
 from ..config import Config
 from ..errors import FastganError
 from .files import FileIndex, default_workers, index_images
-from .pipeline_torch import ImageFiles, TorchLoader, epoch_permutation
 from ..report import console
 
 
@@ -97,6 +96,7 @@ def build_loader(cfg: Config, paths, device: torch.device, dtype: torch.dtype, l
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
     shard = dict(rank=ranks.rank, world_size=ranks.world_size)
     if loader == "torch":
+        from .pipeline_torch import TorchLoader  # (torchvision: imported where used, so --help never needs it)
         return TorchLoader(paths, cfg.image_size, cfg.nc, batch_size, device,
                            channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
             f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
@@ -147,6 +147,7 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
     loader, description = build_loader(cfg, index.good, device, dtype, loader_name, decoder, ranks)
 
     def preview(count: int) -> torch.Tensor:
+        from .pipeline_torch import ImageFiles, epoch_permutation
         dataset = ImageFiles(index.good, cfg.image_size, cfg.nc)
         return torch.stack([dataset[int(j)] for j in epoch_permutation(len(dataset), cfg.seed, 0)[:count]])
     return Data(loader, description, index.summary(), index.bad, preview, len(index.good))
