@@ -114,11 +114,12 @@ def open_outputs(cfg: Config, run: Path, resumed: Optional[dict], carried: int, 
     step = resumed["step"] if resumed else 0
     if resumed:
         records, grids = set_aside_later_results(run, step, carried)
-        if records or grids:
+        moved = [f"{plural(count, what)} to {where}" for count, what, where in (
+            (records, "metrics record", run / f"metrics.after-{step}.jsonl"),
+            (grids, "sample grid", run / "samples" / f"after-{step}")) if count]  # only what moved, where it went
+        if moved:
             console.print(f"fastgan: what was written after the checkpoint at iteration {step} is made again now, "
-                          f"so it moves aside: {plural(records, 'metrics record')} to "
-                          f"{run / f'metrics.after-{step}.jsonl'}, {plural(grids, 'sample grid')} to "
-                          f"{run / 'samples' / f'after-{step}'}")
+                          f"so it moves aside: {', '.join(moved)}")
     config_file = run / "config.json"
     write_json(config_file if not config_file.exists() else run / f"config.resumed-at-{step}.json", cfg.to_dict())
     if skipped:

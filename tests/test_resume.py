@@ -215,7 +215,10 @@ def test_sigint_inside_a_log_interval_leaves_the_records_of_the_run_left_alone(i
     assert steps_of(run) == [4, 6, 8, 10]  # the stop logs the steps it cut short: 9 and 10
     capfd.readouterr()
     assert main(["train", "--out", str(run), "--resume", "auto", "--quiet"]) == 0
-    assert "1 metrics record to" in capfd.readouterr().err
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"so it moves aside: 1 metrics record to {run / 'metrics.after-10.jsonl'}" in err
+    # no grid was drawn after step 10: the line names no grids and no folder for them, and none is made
+    assert "sample grid" not in err and not (run / "samples" / "after-10").exists()
     assert steps_of(run, "metrics.after-10.jsonl") == [10]
     assert_same_training(straight, run)
 

@@ -801,4 +801,9 @@ MUTANTS = [
            "        pass  # every command",
            "a torchvision of another build ends every command in a traceback (operator torchvision::nms does not exist)",
            ("tests/test_cli.py::test_a_torchvision_of_another_build_gets_one_line_and_help_and_version_need_none",)),
+    Mutant("resume-names-empty-grid-folder", "fastgan/outputs.py",
+           '(grids, "sample grid", run / "samples" / f"after-{step}")) if count]',
+           '(grids, "sample grid", run / "samples" / f"after-{step}")) if count or what == "sample grid"]',
+           "a resume says it moved 0 sample grids to samples/after-N, a folder it never makes",
+           ("tests/test_resume.py::test_sigint_inside_a_log_interval_leaves_the_records_of_the_run_left_alone",)),
 ]
