@@ -112,9 +112,10 @@ class Config:
     mirror: bool = option(False, "with --data: flip a random half of each epoch's images horizontally, another "
                                  "half each epoch", "data")
     data_memory: str = option("auto", "with --data or the cache, where the pixels live: device (GPU memory; RAM on "
-                                      "the CPU), host (RAM, batches copied ahead), disk (the file memory-mapped, read "
-                                      "a few batches ahead); auto: device, else host, else disk, the first that fits "
-                                      "in half of the free memory", "data", rule=one_of(DATA_MEMORY_CHOICES),
+                                      "the CPU), host (RAM, batches copied ahead to the GPU; on the CPU the same as "
+                                      "device), disk (the file memory-mapped, read a few batches ahead); auto: device, "
+                                      "else host, else disk, the first that fits in half of the free memory", "data",
+                              rule=one_of(DATA_MEMORY_CHOICES),
                               metavar="{auto,device,host,disk}")
     workers: Optional[int] = option(
         None, "torch loader: DataLoader worker processes, 0 to decode in the training process; the cache's "

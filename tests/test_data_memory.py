@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,21 @@ def test_a_tier_that_cannot_hold_the_set_is_refused_in_one_line_before_anything_
     assert len(err.splitlines()) == 1 and not run.exists()
     assert main(["train", "--data-memory", "disk", "--loader", "torch", "--device", "cpu"]) == 2
     assert "--data-memory works with --data (a prepared file) or the cache" in capsys.readouterr().err
+
+
+def test_on_the_cpu_the_host_tier_is_the_device_tier_as_the_docs_say(prepared16, tmp_path, capsys):
+    """--data-memory host is taken on the CPU, where RAM is the device's memory: the run holds the pixels as the
+    device tier does, trains its weights bit for bit, and docs/data.md's row says so (it said CUDA only)."""
+    argv = ["train", "--data", str(prepared16), "--device", "cpu", "--batch-size", "6", "--ngf", "4", "--ndf", "4",
+            "--nz", "8", "--quiet", "--image-size", "16", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path / "device"), "--data-memory", "device"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "host"), "--data-memory", "host"]) == 0
+    assert "loader prepared (cpu memory (host memory on the CPU); " in " ".join(capsys.readouterr().err.split())
+    device, host = (torch.load(tmp_path / run / "netG.pth", weights_only=True) for run in ("device", "host"))
+    assert all(torch.equal(device[k], host[k]) for k in device)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| `host` |"))
+    assert "CUDA only" not in row and "on the CPU" in row and "`device` tier" in row
 
 
 def test_a_run_from_the_mapped_file_trains_and_resumes_as_one_from_device_memory(prepared16, tmp_path, capsys):

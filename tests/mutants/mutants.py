@@ -806,4 +806,9 @@ MUTANTS = [
            '(grids, "sample grid", run / "samples" / f"after-{step}")) if count or what == "sample grid"]',
            "a resume says it moved 0 sample grids to samples/after-N, a folder it never makes",
            ("tests/test_resume.py::test_sigint_inside_a_log_interval_leaves_the_records_of_the_run_left_alone",)),
+    Mutant("cpu-host-tier-streamed", "fastgan/data/__init__.py",
+           'if tier == "host" and device.type == "cuda":',
+           'if tier == "host":',
+           "--data-memory host on the CPU copies batches ahead between two places in RAM instead of being the device tier",
+           ("tests/test_data_memory.py::test_on_the_cpu_the_host_tier_is_the_device_tier_as_the_docs_say",)),
 ]
