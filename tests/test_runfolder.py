@@ -68,6 +68,20 @@ def test_an_existing_unwritable_out_is_refused_before_the_data_is_decoded(tmp_pa
     assert read == []
 
 
+def test_every_file_a_run_leaves_is_in_the_docs_table(tmp_path, image_folder):
+    """docs/training.md's table of what a run leaves behind names each thing a finished run's folder holds, its
+    lock file too."""
+    import re
+    from pathlib import Path
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--ema"]) == 0
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    table = re.search(r"## What a run leaves behind\n(.*?)\n## ", page, re.S).group(1)
+    left = sorted(f"{p.name}{'/' if p.is_dir() else ''}" for p in run.iterdir())
+    assert runfolder.LOCK_NAME in left
+    assert [name for name in left if f"`{name}" not in table] == []
+
+
 def test_a_check_that_fails_after_reading_the_data_leaves_no_folder(tmp_path, image_folder, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--root", str(image_folder), "--out", str(run), "--batch-size", "25"]) == 2
