@@ -14,8 +14,10 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Column
+from rich.text import Text
 
 from .atomic import atomic_write
 
@@ -129,6 +131,13 @@ class MetricsLog:
         self.file.close()
 
 
+class StatsColumn(ProgressColumn):
+    """The latest statistics, on one line: cut with an ellipsis where the terminal is narrow, never wrapped."""
+
+    def render(self, task) -> Text:
+        return Text(task.fields["stats"], no_wrap=True, overflow="ellipsis")
+
+
 class RunProgress:
     """A rich progress bar over all the run's iterations (epoch, iteration, images/s, ETA, latest statistics),
     or plain log lines at each log interval: with quiet=True, and where stderr is not a terminal (a log file,
@@ -140,10 +149,14 @@ class RunProgress:
         self.last_line = ""
         self.bar: Optional[Progress] = None
         if not self.quiet:
+            # a narrow terminal (80 columns) shortens the bar and the statistics, never the count, the speed or the
+            # times: rich narrows the columns that may wrap, and these may not
+            whole = lambda: Column(no_wrap=True)  # noqa: E731
             self.bar = Progress(
-                TextColumn("[bold]{task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                TextColumn("[bold]{task.fields[epoch]}", table_column=whole()), BarColumn(),
+                MofNCompleteColumn(table_column=whole()), TextColumn("{task.fields[speed]}", table_column=whole()),
+                TimeElapsedColumn(table_column=whole()), TextColumn("ETA", table_column=whole()),
+                TimeRemainingColumn(table_column=whole()), StatsColumn(),
                 console=console, transient=False)
             self.task = self.bar.add_task("train", total=total_steps, completed=done_steps,
                                           epoch="", speed="", stats="")

@@ -67,6 +67,26 @@ def test_the_step_0_grid_shows_the_untrained_generator_not_flat_grey(image_folde
     assert tile_std(run / "samples" / "fake_step0000002.png", 16) > 0  # later grids: drawn, in eval mode
 
 
+# ---- the progress bar ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width", [60, 80, 100])
+def test_the_progress_bar_keeps_its_count_speed_and_times_whole_in_a_narrow_terminal(monkeypatch, width):
+    """In 80 columns the bar and the statistics give way; the iteration count, images/s, elapsed time and ETA stay
+    whole (they were cut to '12345…' and '-:--:…')."""
+    import io
+    from rich.console import Console
+    import fastgan.report as report
+    out = io.StringIO()
+    monkeypatch.setattr(report, "console", Console(file=out, width=width, force_terminal=True, color_system=None))
+    progress = report.RunProgress(39550, 12345, False, 25, 1582)
+    progress.bar.update(progress.task, epoch="epoch 10/25", speed="45,000 img/s", stats="D 1.386 G 0.693 D(x) 0.50")
+    report.console.print(progress.bar.make_tasks_table(progress.bar.tasks))
+    [line] = out.getvalue().splitlines()
+    assert len(line) <= width
+    for whole in ("epoch 10/25", " 12345/39550 ", " 45,000 img/s ", " 0:00:00 ", " ETA ", " -:--:-- ", " D"):
+        assert whole in line, (whole, line)
+
+
 # ---- broken checkpoints --------------------------------------------------------------------------------------
 
 def broken_files(tmp_path) -> list[tuple[str, bytes, str]]:
