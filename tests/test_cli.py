@@ -511,6 +511,18 @@ def test_amp_on_a_cpu_without_bf16_instructions_is_fp32_unless_bf16_is_asked_for
     assert "fastgan: note:" in err and "bf16" in err
 
 
+def test_amp_fp16_on_the_cpu_is_obeyed_with_a_note_that_it_is_slow_there(image_folder, tmp_path, capsys):
+    """--help calls fp16 autocast poor on the CPU: a run that asks for it gets it (fp16, with its GradScaler) and one
+    line that says so at the start; --amp off gets no such line."""
+    assert train("--root", image_folder, "--out", tmp_path / "fp16", "--epochs", 1, "--amp", "fp16") == 0
+    err = capsys.readouterr().err
+    assert err.count("fastgan: note: fp16 autocast is slow on the CPU, several times slower than fp32 (--amp off); "
+                     "training in fp16 as --amp fp16 asks\n") == 1 and "precision fp16" in err
+    assert torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] > 0
+    assert train("--root", image_folder, "--out", tmp_path / "fp32", "--epochs", 1) == 0
+    assert "fp16 autocast" not in capsys.readouterr().err
+
+
 def test_synth_writes_faces_and_keeps_existing_files(tmp_path, capsys):
     out = tmp_path / "faces"
     assert main(["synth", str(out), "--n", "5", "--seed", "2"]) == 0

@@ -821,4 +821,9 @@ MUTANTS = [
            'TimeRemainingColumn(table_column=whole()), TextColumn("{task.fields[stats]}"),',
            "in a narrow terminal the progress bar's statistics wrap onto a second line instead of being shortened",
            ("tests/test_messages.py::test_the_progress_bar_keeps_its_count_speed_and_times_whole_in_a_narrow_terminal",)),
+    Mutant("cpu-fp16-unsaid", "fastgan/loop.py",
+           '    if device.type == "cpu" and precision.name == "fp16":',
+           '    if device.type == "cuda" and precision.name == "fp16":',
+           "--amp fp16 on the CPU is accepted silently, though --help calls fp16 autocast poor there",
+           ("tests/test_cli.py::test_amp_fp16_on_the_cpu_is_obeyed_with_a_note_that_it_is_slow_there",)),
 ]
