@@ -1,10 +1,19 @@
-"""One command for a lent GPU machine: the environment, the GPU tests, the throughput headline, then the CLI paths
-that no GPU test runs at full size, each part timed and capped, everything summarised even when time runs out.
+"""One command for a lent GPU machine: the environment, the GPU tests, the throughput headline, DALI's GPU decoding,
+then the CLI paths that no GPU test runs at full size, each part timed and capped, everything summarised even when
+time runs out.
 
-    python bench/gpu_check.py OUTDIR              # on the GPU: the default plan, within --budget (540 s)
-    python bench/gpu_check.py --plan              # the parts in order, each with its estimate and cap
-    python bench/gpu_check.py --cpu OUTDIR        # the same plan at tiny sizes on a CPU: the rehearsal (CI runs it)
-    python bench/gpu_check.py --only throughput OUTDIR     # or --skip dali; --all adds the extra parts
+    python3 bench/gpu_check.py --call 1 --commit C OUTDIR   # the lent machine's calls 1 to 4 (docs/gpu-check.md)
+    python3 bench/gpu_check.py OUTDIR             # the whole default plan in one command, within --budget (540 s)
+    python3 bench/gpu_check.py --plan [--call N]  # the parts in order, each with its estimate and cap
+    python3 bench/gpu_check.py --cpu OUTDIR       # the same plan at tiny sizes on a CPU: the rehearsal (CI runs it)
+    python3 bench/gpu_check.py --only throughput OUTDIR    # or --skip dali; --all adds the extra parts
+
+A lent machine runs one command of at most 600 s a call, takes 64 MiB a call and is taken back, /tmp with it,
+after about 30 s idle. So the plan is cut into calls (CALLS), each useful alone: the call that carries DALI's
+part.00 runs the GPU tests, the next carries part.01 and runs the throughput headline, the third carries part.02,
+unpacks DALI once the parts are whole (bench/gpu_stage.py) and runs the DALI parts; where a part is missing it says
+so in one line and runs the rest of the plan instead, which is also call 4's. A machine taken back between calls
+costs time, never the figures a call already returned.
 
 Run it from the repository root of a plain copy (fastgan need not be installed: the repository goes on the
 subprocesses' PYTHONPATH, the CLI runs as `python -m fastgan`). OUTDIR must be new or empty, and receives two files
@@ -41,6 +50,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpu_parts import DALI_PARTS, PARTS, Part, PartFailed, PartTimedOut, Result, has_module, last_line
+from gpu_stage import prepare_dali, stage
 
 REPO = Path(__file__).resolve().parents[1]
 # `fastgan synth`: 2.8 ms per 178x218 face on one core (measured on the 2-core CPU: 2,000 faces in 9.5 s, 20 in
@@ -52,6 +62,36 @@ GPU_COUNT, CPU_COUNT = 20_000, 64
 # cores; its budget only guards against a hang
 GPU_BUDGET_S, CPU_BUDGET_S = 540, 900
 CPU_TIMEOUT_S = 240  # any one --cpu part: the longest (throughput) took 45 s on the 2 busy cores
+CARRIED = REPO / ".devcarry"  # where a call's carried DALI part lands in the machine's copy of the tree
+STAGE, SITE = Path("/tmp/stage"), Path("/tmp/site")  # the parts gathered over the calls; DALI unpacked
+
+
+class Call:
+    """One command on the lent machine: the DALI part it carries, its parts, its budget (gpu_check stops starting
+    parts after it; the lending tool's timeout_s is the budget plus 40 s), and what it runs instead when DALI
+    cannot be had."""
+
+    def __init__(self, number: int, carries: str, parts: tuple, budget_s: int, without_dali: tuple = ()):
+        self.number, self.carries, self.parts, self.budget_s = number, carries, parts, budget_s
+        self.without_dali = without_dali
+
+
+# The lease of a lent machine, in seconds: 900 in all, its start, every transfer and idle wait included. A start
+# takes 60-180 s; a turn between calls 15 s typically, 30 s at worst (past ~30 s idle the machine is taken back);
+# carrying a 58 MiB part and the tree about 10 s (an estimate); a call past its budget ends within 15 s (the
+# started part's SIGTERM grace); unpacking the parts 13 s on the 2-core CPU. docs/gpu-check.md tabulates them:
+# the typical lease must end with 180 s to spare, the worst must still return the throughput headline (call 2)
+LEASE_S, SPARE_S, START_S, WORST_START_S, GAP_S, WORST_GAP_S = 900, 180, 120, 180, 15, 30
+TRANSFER_S, OVERRUN_S, UNPACK_S = 10, 15, 15
+REST = ("env", "synth", "prepare", "profile", "train-best", "ema-eval", "swd-speed")
+CALLS = {c.number: c for c in [
+    # the estimates (GPU, read off the code, not yet measured): 165 s, 220 s, 135 s (+15 s unpacking), 170 s
+    Call(1, "part.00", ("env", "gpu-tests"), 240),
+    Call(2, "part.01", ("env", "synth", "throughput"), 300),
+    Call(3, "part.02", ("env", "synth", "prepare", "dali-tests", "prepare-dali", "throughput-dali"), 200,
+         without_dali=REST),
+    Call(4, "", REST, 240),
+]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,6 +102,9 @@ class Check:
 
     def __init__(self, out: Path, work: Path, cpu: bool, count: int, budget_s: float, commit: Optional[str]):
         self.out, self.work, self.cpu, self.count = out, work, cpu, count
+        self.extra_env: dict = {}  # DALI unpacked from the carried parts: its PYTHONPATH and LD_LIBRARY_PATH
+        self.dali_blocked: Optional[str] = None  # why the DALI parts skip, where staging found no usable DALI
+        self.notes: list[str] = []  # lines for the summary's head (what the call staged)
         self.device = "cpu" if cpu else "cuda"
         self.budget_end = time.monotonic() + budget_s
         self.budget_s, self.commit = budget_s, commit
@@ -80,8 +123,10 @@ class Check:
         self.deadline = self.budget_end
 
     def environ(self, require_gpu: bool = False, require_dali: bool = False) -> dict:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(self.work / "cache"),
-               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(self.work / "cache")}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        if self.commit:
+            env["FASTGAN_COMMIT"] = self.commit  # the benches' JSONs name it on a copy without git
         for name, wanted in (("FASTGAN_REQUIRE_GPU", require_gpu), ("FASTGAN_REQUIRE_DALI", require_dali)):
             env.pop(name, None)
             if wanted:
@@ -92,7 +137,9 @@ class Check:
         """Run argv in the repository root, its output appended to the part's log; (exit status, output).
 
         Bounded by the part's deadline: past it, the command's whole process group (torchrun's ranks,
-        DataLoader workers) gets SIGTERM, then SIGKILL 10 s later, and the part fails as timed out."""
+        DataLoader workers) gets SIGTERM, then SIGKILL 10 s later, and the part fails as timed out. However the
+        command ends, what it left running in its group (a hung test's torchrun children, a worker) is ended too,
+        so that nothing of one part runs on into the next and skews its figures."""
         argv = [str(a) for a in argv]
         line = " ".join(argv)
         self.commands.append(line)
@@ -110,6 +157,8 @@ class Check:
             except KeyboardInterrupt:
                 stop_group(child)
                 raise
+            finally:
+                end_group(child.pid)
         with open(self.log) as log:
             log.seek(start)
             output = log.read()
@@ -123,6 +172,42 @@ class Check:
         if code != 0:
             raise PartFailed(f"fastgan {args[0]} exited with {code}: {last_line(output)}")
         return output
+
+
+def end_group(group: int, grace_s: float = 5.0) -> None:
+    """Whatever is left in process group `group` (its leader has exited): SIGTERM, then SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_alive(group):
+            return
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and group_alive(group):
+            time.sleep(0.1)
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of `group` still runs. Zombies do not count: where nothing reaps orphans (a container
+    whose first process is a shell), a killed process stays a zombie, and signal 0 still reaches it."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: signal 0 (zombies count)
+        try:
+            os.killpg(group, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":  # state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def stop_group(child: subprocess.Popen) -> None:
@@ -201,6 +286,8 @@ def run_part(check: Check, part: Part) -> tuple[Result, float]:
     start = time.monotonic()
     if check.cpu and part.cuda_only:
         return Result("skipped", "no GPU (--cpu)"), 0.0
+    if part.name in DALI_PARTS and check.dali_blocked:
+        return Result("skipped", check.dali_blocked), 0.0
     if part.name in DALI_PARTS and not check.env_info.get("dali"):
         return Result("skipped", "DALI absent: " + (check.env_info.get("dali_absent_because") or
                                                       "the environment part did not run")), 0.0
@@ -282,6 +369,7 @@ def write_summary(check: Check, rows: list, pending: list[str], total_s: float) 
             f"driver {info.get('driver') or '?'} · DALI {info.get('dali') or 'absent'} · Python "
             f"{info.get('python', '?')} · commit {info.get('commit', check.commit or '?')} · {check.count:,} "
             f"synthetic faces · total {total_s:.0f} s of a {check.budget_s:.0f} s budget", "",
+            *[f"{note}  " for note in check.notes], *[""] * bool(check.notes),
             "| part | status | seconds | key figure |", "|---|---|---:|---|"]
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     body = [f"| {name} | {cell(status_text(r))} | {seconds:.1f} | {cell(r.key)} |" for name, r, seconds in rows]
@@ -292,8 +380,9 @@ def write_summary(check: Check, rows: list, pending: list[str], total_s: float) 
         tail = log_tail(check.logs / f"{name}.log")
         if tail:
             tails += ["", f"## {name}: the end of its log", "", "```", *tail, "```"]
-    rerun = (["", f"Again, the failed parts only: `python bench/gpu_check.py {'--cpu ' if check.cpu else ''}"
-              f"--only {','.join(failed)} NEW_OUTDIR`"] if failed and not pending else [])
+    rerun = (["", f"Again, the failed parts only: `python3 bench/gpu_check.py {'--cpu ' if check.cpu else ''}"
+              f"--only {','.join(failed)}{' --commit ' + check.commit if check.commit else ''} NEW_OUTDIR`"]
+             if failed and not pending else [])
     text = "\n".join(head + body + rerun + tails) + "\n"
     replace_file(check.out / "summary.md", text.encode())
     return text
@@ -335,19 +424,28 @@ def command_line() -> argparse.ArgumentParser:
                         help=f"stop starting parts after this long [{GPU_BUDGET_S}; --cpu {CPU_BUDGET_S}]")
     parser.add_argument("--work", help="scratch folder for faces, prepared files, runs and logs [a new temporary one]")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    parser.add_argument("--commit", help="the commit to report where the copy has no git")
+    parser.add_argument("--commit", help="the commit to report where the copy has no git (the benches' JSONs too)")
+    parser.add_argument("--call", type=int, choices=sorted(CALLS), metavar="N",
+                        help="the lent machine's call N (1-4, docs/gpu-check.md): its parts and budget; stages the "
+                             "DALI part it carried (.devcarry/) and, in call 3, unpacks DALI once the parts are whole")
+    parser.add_argument("--stage", default=str(STAGE), help=f"where the carried parts gather over the calls [{STAGE}]")
+    parser.add_argument("--site", default=str(SITE), help=f"where DALI is unpacked [{SITE}]")
     return parser
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = command_line()
     args = parser.parse_args(argv)
+    call = CALLS.get(args.call)
+    if call and (args.only or args.all):
+        print("gpu_check: error: --call N chooses the parts itself; leave out --only and --all", file=sys.stderr)
+        return 2
     try:
-        parts = select(args.only, args.skip, args.all)
+        parts = select(",".join(call.parts) if call else args.only, args.skip, args.all)
     except ValueError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
-    budget = args.budget or (CPU_BUDGET_S if args.cpu else GPU_BUDGET_S)
+    budget = args.budget or (CPU_BUDGET_S if args.cpu else call.budget_s if call else GPU_BUDGET_S)
     if args.plan:
         print(plan_text(parts, args.cpu, budget))
         return 0
@@ -366,6 +464,8 @@ def main(argv: Optional[list] = None) -> int:
     work = Path(args.work).expanduser().resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     check = Check(out, work, args.cpu, count, budget, args.commit)
+    if call:
+        parts = stage_call(check, call, parts, Path(args.stage), Path(args.site), args.skip)
     print(f"gpu_check: {'--cpu, ' if args.cpu else ''}{len(parts)} parts, budget {budget:.0f} s, {count:,} faces; "
           f"summary and logs in {out}, scratch in {work}", flush=True)
     try:
@@ -375,6 +475,27 @@ def main(argv: Optional[list] = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print("\n" + summary, flush=True)
     return code
+
+
+def stage_call(check: Check, call: Call, parts: list[Part], stage_dir: Path, site: Path,
+               skip: Optional[str]) -> list[Part]:
+    """Stage the DALI part this call carried; where the call has DALI parts, unpack and import DALI, or say in one
+    line why not and take the call's plan without DALI. The parts to run."""
+    if not any(p.name in DALI_PARTS for p in parts):
+        staged = stage(CARRIED, stage_dir, call.carries)
+        line = (f"call {call.number}: DALI parts staged in {stage_dir}: {', '.join(staged) or 'none'} "
+                f"(DALI unpacks in call 3)")
+        print(f"gpu_check: {line}", flush=True)
+        check.notes.append(line)
+        return parts
+    dali = prepare_dali(CARRIED, stage_dir, site, call.carries, check.cpu)
+    print(f"gpu_check: call {call.number}: {dali.line}", flush=True)
+    check.notes.append(f"call {call.number}: {dali.line}")
+    if dali.usable:
+        check.extra_env = dali.env
+        return parts
+    check.dali_blocked = dali.line
+    return select(",".join(call.without_dali), skip) if call.without_dali else parts
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ def environment() -> dict:
     try:
         import nvidia.dali
         info["dali"] = nvidia.dali.__version__
-    except ImportError as e:  # the reason goes into the DALI parts' "skipped" line
+    except Exception as e:  # noqa: BLE001 (not installed, or its libraries do not load): the DALI parts' "skipped"
+        # line says why
         info["dali"] = None
-        info["dali_absent_because"] = str(e)
+        info["dali_absent_because"] = f"{type(e).__name__}: {e}"
     return info
 
 

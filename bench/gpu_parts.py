@@ -26,10 +26,13 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_TIMEOUT_S = 150  # pytest-timeout's cap on any one GPU test (a compile is under a minute)
+# pytest-timeout's thread method: a timer thread that dumps the stacks and ends the process (xdist starts a new
+# worker), which reaches a test stuck inside C (a CUDA call, NCCL, DALI) where the signal method's SIGALRM
+# handler would wait for the C call to return
+TEST_TIMEOUT_METHOD = "thread"
 TEST_WORKERS = 4  # pytest-xdist processes for the GPU tests: one GPU holds four tiny models' contexts easily
 # skips that are no fault of this machine's: test_distributed's two-GPU tests on a one-GPU machine
 ALLOWED_SKIPS = ("needs two CUDA GPUs",)
-DALI_ABSENT_SKIP = "NVIDIA DALI is not installed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,23 +185,31 @@ def git_commit() -> str:
         return "unknown (no git here: pass --commit)"
 
 
-def part_gpu_tests(check: Check) -> Result:
-    """The tests marked gpu, and only those (CI runs the CPU suite on every submission), with
-    FASTGAN_REQUIRE_GPU=1 (a gpu test that would skip for want of a GPU fails instead) and, where DALI imports,
-    FASTGAN_REQUIRE_DALI=1; in parallel and each test capped where pytest-xdist and pytest-timeout are installed.
-    With --cpu every one of them skips for want of a GPU: the rehearsal of the command and its judgement."""
-    dali = bool(check.env_info.get("dali"))
-    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "--durations=10", "-p", "no:cacheprovider"]
+def pytest_argv(markers: Optional[str], timeout_s: int = TEST_TIMEOUT_S, paths: tuple = ()) -> list:
+    """pytest over the tests `markers` selects; in parallel and each test capped (thread method) where
+    pytest-xdist and pytest-timeout are installed."""
+    argv = [sys.executable, "-m", "pytest", *(["-m", markers] if markers else []), "-q", "-rfEs", "--durations=10",
+            "-p", "no:cacheprovider", *map(str, paths)]
     if has_module("xdist"):
         argv += ["-n", str(min(TEST_WORKERS, os.cpu_count() or 1))]
     if has_module("pytest_timeout"):
-        argv += ["--timeout", str(TEST_TIMEOUT_S)]
-    code, output = check.sh(argv, require_gpu=not check.cpu, require_dali=dali)
-    allowed = ALLOWED_SKIPS + (() if dali else (DALI_ABSENT_SKIP,)) + (("needs a CUDA GPU",) if check.cpu else ())
-    result = judge_pytest(code, output, allowed, want_passed=not check.cpu)
-    if result.status == "passed" and check.cpu:
-        result.key += " (--cpu: every gpu test skips for want of one)"
-    return result
+        argv += ["--timeout", str(timeout_s), "-o", f"timeout_method={TEST_TIMEOUT_METHOD}"]
+    return argv
+
+
+def gpu_tests(markers: str, require_dali: bool):
+    """A part that runs the tests marked gpu that `markers` selects, and only those (CI runs the CPU suite on
+    every submission), with FASTGAN_REQUIRE_GPU=1 (a gpu test that would skip for want of a GPU fails instead)
+    and, for the DALI tests, FASTGAN_REQUIRE_DALI=1. With --cpu every one of them skips for want of a GPU: the
+    rehearsal of the command and its judgement."""
+    def run(check: Check) -> Result:
+        code, output = check.sh(pytest_argv(markers), require_gpu=not check.cpu, require_dali=require_dali)
+        allowed = ALLOWED_SKIPS + (("needs a CUDA GPU",) if check.cpu else ())
+        result = judge_pytest(code, output, allowed, want_passed=not check.cpu)
+        if result.status == "passed" and check.cpu:
+            result.key += " (--cpu: every gpu test skips for want of one)"
+        return result
+    return run
 
 
 def part_synth(check: Check) -> Result:
@@ -307,10 +318,11 @@ def part_torchrun(check: Check) -> Result:
     return Result("passed", key=rate_key(figures) + (" (gloo: --cpu)" if check.cpu else ""), figures=figures)
 
 
-def bench_figures(check: Check, script: str, args: list) -> dict:
+def bench_figures(check: Check, script: str, args: list, name: Optional[str] = None) -> dict:
     """Run `script` (a bench/ script that takes --json) with `args`; the figures it wrote (into the logs, which
-    the archive carries), or PartFailed naming its exit status and last line, or the file it did not write."""
-    out = check.logs / f"{Path(script).stem}.json"
+    the archive carries, as `name`.json), or PartFailed naming its exit status and last line, or the file it did
+    not write."""
+    out = check.logs / f"{name or Path(script).stem}.json"
     code, output = check.sh([sys.executable, script, "--json", out, *args])
     if code != 0:
         raise PartFailed(f"{script} exited with {code}: {last_line(output)}")
@@ -319,27 +331,54 @@ def bench_figures(check: Check, script: str, args: list) -> dict:
     return json.loads(out.read_text())
 
 
-def part_throughput(check: Check) -> Result:
-    """The bench's end-to-end rows against the tutorial (measured first), then its step and loader tables. Cut at
-    its cap, the part fails but keeps the rows measured by then (the bench rewrites its JSON after every row)."""
-    sizes = (["--quick", "--steps", 1, "--repeats", 1, "--ngf", 8, "--batch-size", 8, "--images", check.count,
-              "--no-compile", "--device", "cpu"] if check.cpu else ["--steps", 50])
-    try:
-        figures = bench_figures(check, "bench/throughput.py", ["--root", check.faces, *sizes])
-        detail = ""
-    except PartTimedOut:
-        partial = check.logs / "throughput.json"
-        if not partial.is_file():
-            raise
-        figures = json.loads(partial.read_text())
-        detail = "timed out at its cap; the rows measured by then are in logs/throughput.json"
+def throughput_part(dali_only: bool):
+    """The bench's end-to-end rows against the tutorial (measured first), then its step and loader tables; with
+    `dali_only` the tutorial and DALI's rows alone (throughput.py --dali-only). However it ends (a failed row,
+    a crash, its cap), the part keeps the rows measured by then: the bench rewrites its JSON after every row."""
+    name = "throughput-dali" if dali_only else "throughput"
+
+    def run(check: Check) -> Result:
+        sizes = (["--quick", "--steps", 1, "--repeats", 1, "--ngf", 8, "--batch-size", 8, "--images", check.count,
+                  "--no-compile", "--device", "cpu"] if check.cpu else ["--steps", 50])
+        partial = check.logs / f"{name}.json"
+        try:
+            figures = bench_figures(check, "bench/throughput.py",
+                                    ["--root", check.faces, *sizes, *["--dali-only"] * dali_only], name)
+            detail = ""
+        except (PartTimedOut, PartFailed) as e:
+            if not partial.is_file():
+                raise
+            figures = json.loads(partial.read_text())
+            why = "timed out at its cap" if isinstance(e, PartTimedOut) else str(e)
+            detail = f"{why}; the rows measured by then are in logs/{partial.name}"
+        return Result("failed" if detail else "passed", detail, throughput_key(figures), figures={
+            k: figures.get(k) for k in ("best_end_to_end", "end_to_end_ratio", "targets", "failed_rows")})
+    return run
+
+
+def throughput_key(figures: dict) -> str:
+    """The best end-to-end row and its ratio to the tutorial, and the rows that failed, in one line."""
     rows = [r for r in figures.get("end_to_end", []) if isinstance(r, dict) and r.get("images_per_second")]
     best = max(rows[1:], key=lambda r: r["images_per_second"], default=None)
     ratio = best.get("ratio") if best else None
-    key = "; ".join(filter(None, [f"best end to end {best['images_per_second']:,.0f} img/s ({best.get('row')})"
-                                  if best else "", f"{ratio}x the tutorial" if ratio else ""]))
-    return Result("failed" if detail else "passed", detail, key or "throughput.json written", figures={
-        k: figures.get(k) for k in ("best_end_to_end", "end_to_end_ratio", "targets")})
+    failed = [r["row"] for section in ("end_to_end", "steps", "loaders") for r in figures.get(section, [])
+              if isinstance(r, dict) and str(r.get("note", "")).startswith("failed")]
+    return "; ".join(filter(None, [f"best end to end {best['images_per_second']:,.0f} img/s ({best.get('row')})"
+                                   if best else "", f"{ratio}x the tutorial" if ratio else "",
+                                   f"{len(failed)} rows failed" if failed else ""])) or "no row measured"
+
+
+def part_profile(check: Check) -> Result:
+    """bench/profile_step.py: a trace summary of the best mode's step on the prepared file (on CUDA: compile, CUDA
+    graphs, bf16, channels_last): kernels per step, the longest ones, time per kind, the share of the FLOP floor."""
+    sizes = ["--image-size", check.image_size, "--batch-size", check.batch, *check.model_flags[:6], "--device",
+             check.device] if check.cpu else []
+    figures = bench_figures(check, "bench/profile_step.py", ["--data", check.prepared, *sizes])
+    share = figures.get("fraction_of_flop_floor")
+    return Result("passed", key=f"{figures['kernels_per_step']:,.0f} {figures['unit']}s a step, "
+                                f"{figures['step_ms']:.2f} ms a step ({figures['images_per_second']:,.0f} img/s)"
+                                + (f", {share:.1%} of the FLOP floor" if share else "")
+                                + (f"; {figures['note']}" if figures.get("note") else ""), figures=figures)
 
 
 def part_ema_eval(check: Check) -> Result:
@@ -408,15 +447,26 @@ def part_root_cache(check: Check) -> Result:
 
 BEST = ["--compile", "--cuda-graphs", "--amp", "bf16", "--channels-last"]  # the headline mode, as users run it
 PARTS = [
-    # the default plan, in order of value; estimates add up to 480 s (see gpu_check.GPU_BUDGET_S)
-    Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 10, 60),
-    Part("gpu-tests", "pytest -m gpu: every GPU test, FASTGAN_REQUIRE_GPU=1 (and _DALI=1 where DALI imports)",
-         part_gpu_tests, 150, 240, groups=("tests",)),
+    # the default plan, in order of value: the GPU tests, the headline, DALI's GPU decoding, then the rest;
+    # gpu_check.CALLS splits it into the lent machine's calls, each within its own budget
+    Part("env", "GPU, driver, torch, CUDA, cuDNN, DALI, Python, commit (always runs)", part_environment, 5, 60),
+    Part("gpu-tests", "pytest -m 'gpu and not dali': every GPU test that needs no DALI, FASTGAN_REQUIRE_GPU=1",
+         gpu_tests("gpu and not dali", require_dali=False), 160, 220, groups=("tests",)),
     Part("synth", "fastgan synth: the synthetic faces every later part uses (--count)", part_synth, 15, 60),
     Part("throughput", "bench/throughput.py --steps 50: the headline, end to end against the tutorial, 64x64, "
-         "batch 128", part_throughput, 180, 270, needs=("synth",)),
+         "batch 128", throughput_part(dali_only=False), 200, 280, needs=("synth",)),
     Part("prepare", "fastgan prepare --decoder pil: the prepared file of the training parts", part_prepare, 10, 60,
          needs=("synth",)),
+    Part("dali-tests", "pytest -m 'gpu and dali': the GPU tests that need DALI, FASTGAN_REQUIRE_DALI=1",
+         gpu_tests("gpu and dali", require_dali=True), 40, 120, groups=("dali", "tests")),
+    Part("prepare-dali", "fastgan prepare --decoder dali-gpu, compared with PIL's pixels (when DALI imports)",
+         part_prepare_dali, 15, 90, cuda_only=True, needs=("prepare",), groups=("dali",)),
+    Part("throughput-dali", "bench/throughput.py --dali-only: DALI decoding on the GPU with the best mode's step, "
+         "end to end against the tutorial, and the DALI loader alone", throughput_part(dali_only=True), 50, 120,
+         needs=("synth",), groups=("dali",)),
+    Part("profile", "bench/profile_step.py: a torch.profiler summary of the best mode's step (kernels a step, the "
+         "longest, time per kind, share of the FLOP floor)", part_profile, 45, 120, needs=("prepare",),
+         groups=("profile",)),
     Part("train-best", "train --data --compile --cuda-graphs --amp bf16 --channels-last --ema, 2 epochs "
          "(--cpu: --amp bf16 --channels-last --ema)",
          train_part("prepared", [*BEST, "--ema"], ["precision bf16", "compile {compile}", "CUDA graphs {graphs}"],
@@ -426,8 +476,6 @@ PARTS = [
          needs=("train-best",), groups=("quality",)),
     Part("swd-speed", "bench/swd_speed.py --device cuda: SWD of 16,384 + 16,384 64x64 images (--cpu: 64, CPU)",
          part_swd_speed, 30, 90, groups=("quality",)),
-    Part("prepare-dali", "fastgan prepare --decoder dali-gpu, compared with PIL's pixels (when DALI imports)",
-         part_prepare_dali, 20, 90, cuda_only=True, needs=("prepare",), groups=("dali",)),
     # extra: each is a CLI path that a GPU test already runs at tiny sizes; --all or --only runs them here
     Part("train-fp16", "train --data --amp fp16 (the GradScaler), eager", train_part(
          "prepared", ["--amp", "fp16"], ["precision fp16"]), 20, 90, needs=("prepare",), groups=("train",),

@@ -123,7 +123,7 @@ def test_the_driver_goes_on_past_failures_and_bounds_every_part(tmp_path, monkey
     printed = capsys.readouterr().out
     assert "] hang: failed: timed out after 2 s (" in printed
     assert "| late | failed: not started: the --budget of 15 s was spent | 0.0 |  |\n" in printed
-    assert "the failed parts only: `python bench/gpu_check.py --only bad,crash,hang,long,late NEW_OUTDIR`" in printed
+    assert "the failed parts only: `python3 bench/gpu_check.py --only bad,crash,hang,long,late NEW_OUTDIR`" in printed
     assert printed.rstrip().endswith("```")  # the summary comes last, with the failed parts' log tails
     assert not (tmp_path / "work").exists()  # the scratch folder is removed unless --keep
 
@@ -176,18 +176,173 @@ def test_selection_adds_what_a_part_needs_and_skip_takes_groups():
     assert names(gpu_check.select("graphs-fp16", None)) == ["env", "synth", "prepare", "graphs-fp16"]  # an extra
     no_dali = names(gpu_check.select(None, "dali", everything=True))
     assert "loader-dali" not in no_dali and "prepare-dali" not in no_dali and "loader-torch" in no_dali
-    assert names(gpu_check.select("tests", None)) == ["env", "gpu-tests"]
+    assert names(gpu_check.select("tests", None)) == ["env", "gpu-tests", "dali-tests"]
     assert names(gpu_check.select("ema-eval", None)) == ["env", "synth", "prepare", "train-best", "ema-eval"]
 
 
-def test_the_default_plan_fits_its_budget_with_a_margin(capsys):
-    """The lent machine's longest command is 600 s: the budget stays under it, the default plan's estimates a
-    tenth under the budget (room for estimates that were too low), and every part's cap above its estimate."""
-    plan = gpu_check.select(None, None)
-    assert gpu_check.GPU_BUDGET_S + 30 <= 600  # + the last part's SIGTERM grace and the final archive
-    assert sum(p.estimate_s for p in plan) <= 0.9 * gpu_check.GPU_BUDGET_S
+def estimate(call) -> int:
+    return sum(p.estimate_s for p in gpu_check.select(",".join(call.parts), None))
+
+
+def test_every_call_fits_its_budget_and_the_lease_leaves_time_to_spare(capsys):
+    """The lent machine's arithmetic (docs/gpu-check.md): each call's estimates a tenth under its budget, the
+    budget (plus the tool's margin) under the 600 s a command may take; the typical lease (a 2-minute start,
+    15-s turns) ends calls 1-3 with 3 minutes to spare, and the worst (3-minute start, 30-s turns, every call
+    running to its budget) still returns call 2's throughput headline."""
+    calls = gpu_check.CALLS
+    assert [c.carries for c in calls.values()] == ["part.00", "part.01", "part.02", ""]
+    for call in calls.values():
+        unpack = gpu_check.UNPACK_S if call.number == 3 else 0
+        assert estimate(call) + unpack <= 0.9 * call.budget_s, call.number
+        assert call.budget_s + 40 <= 600
     assert all(p.estimate_s < p.timeout_s for p in gpu_check.PARTS)
-    assert gpu_check.main(["--plan"]) == 0
+    typical = (gpu_check.START_S + sum(estimate(calls[n]) + gpu_check.TRANSFER_S for n in (1, 2, 3))
+               + gpu_check.UNPACK_S + 2 * gpu_check.GAP_S)
+    assert typical <= gpu_check.LEASE_S - gpu_check.SPARE_S, typical
+    worst_headline = (gpu_check.WORST_START_S + sum(calls[n].budget_s + gpu_check.OVERRUN_S + gpu_check.TRANSFER_S
+                                                    for n in (1, 2)) + gpu_check.WORST_GAP_S)
+    assert worst_headline <= gpu_check.LEASE_S, worst_headline
+    assert "throughput" in calls[2].parts and "gpu-tests" in calls[1].parts
+    # the order of value: the GPU tests, the headline, DALI's GPU decoding, then the rest (call 3 without DALI)
+    assert {"dali-tests", "prepare-dali", "throughput-dali"} <= set(calls[3].parts)
+    assert calls[3].without_dali == calls[4].parts
+    assert gpu_check.main(["--plan", "--call", "3"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"\n{p.name} " in printed for p in plan)
-    assert "\nestimated total " in printed and "not in this plan (--all or --only NAME): " in printed
+    assert all(f"\n{name} " in printed for name in calls[3].parts)
+    assert "\nestimated total " in printed
+
+
+# ---- the calls of a lent machine: DALI's parts gathered, unpacked once whole, checked by importing -------------
+
+FAKE_VERSION = "9.9.9"
+
+
+def fake_dali_parts(folder: Path, parts: int = 3, loads: bool = True) -> list[Path]:
+    """A DALI-shaped package (nvidia/dali) as stage-wheels.sh packs one: a tar, xz-compressed, split into
+    `parts` files part.00, part.01, ...; its import raises as a DALI without its libraries does unless `loads`."""
+    import io
+    import lzma
+    source = folder / "src"
+    (source / "nvidia" / "dali").mkdir(parents=True)
+    (source / "nvidia" / "__init__.py").write_text("")
+    init = f"__version__ = {FAKE_VERSION!r}\n" if loads else "raise OSError('libnvjpeg.so.13: cannot open')\n"
+    (source / "nvidia" / "dali" / "__init__.py").write_text(init)
+    (source / "nvidia" / "dali" / "payload.bin").write_bytes(os.urandom(60_000))  # spans the parts
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(source, arcname=".")
+    packed = lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ)
+    size = -(-len(packed) // parts)
+    carried = folder / "devcarry"
+    carried.mkdir()
+    paths = []
+    for i in range(parts):
+        paths.append(carried / f"part.{i:02d}")
+        paths[-1].write_bytes(packed[i * size:(i + 1) * size])
+    return paths
+
+
+def call_check(tmp_path) -> "gpu_check.Check":
+    return gpu_check.Check(tmp_path / "out", tmp_path / "work", False, 64, 60, "abc1234")
+
+
+def run_calls(tmp_path, monkeypatch, numbers, parts) -> tuple:
+    """Stage calls `numbers` in turn as the GPU machine would (cpu=False: DALI imported from the site folder in a
+    process of its own), each carrying only its own part; (check, parts to run) of the last call."""
+    carried = parts[0].parent
+    monkeypatch.setattr(gpu_check, "CARRIED", carried)
+    stage_dir, site = tmp_path / "stage", tmp_path / "site"
+    for number in numbers:
+        call = gpu_check.CALLS[number]
+        check = call_check(tmp_path)
+        chosen = gpu_check.stage_call(check, call, gpu_check.select(",".join(call.parts), None), stage_dir, site, None)
+    return check, [p.name for p in chosen]
+
+
+def test_call_3_unpacks_the_parts_of_three_calls_and_imports_dali_from_them(tmp_path, monkeypatch, capsys):
+    parts = fake_dali_parts(tmp_path)
+    check, chosen = run_calls(tmp_path, monkeypatch, (1, 2, 3), parts)
+    assert chosen == [p.name for p in gpu_check.select(",".join(gpu_check.CALLS[3].parts), None)]
+    assert check.dali_blocked is None
+    assert check.extra_env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "site")
+    # the environment the parts' commands get imports the unpacked package, in a process of its own
+    env = check.environ()
+    found = subprocess.run([sys.executable, "-c", "import nvidia.dali as d; print(d.__version__)"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert found.stdout.strip() == FAKE_VERSION, found.stderr
+    assert env["FASTGAN_COMMIT"] == "abc1234"
+    assert f"DALI {FAKE_VERSION} unpacked into" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["part.00", "part.01", "part.02"]
+
+
+@pytest.mark.parametrize("calls, says", [
+    ((1, 3), "part.01 missing"),                           # the machine was taken back after call 1
+    ((3,), "part.00, part.01 missing"),                     # a fresh machine for call 3
+    ((1, 2, 4), None),                                      # call 4 never needs DALI
+])
+def test_a_call_3_without_its_earlier_parts_says_so_and_runs_the_rest_without_dali(tmp_path, monkeypatch, capsys,
+                                                                                   calls, says):
+    parts = fake_dali_parts(tmp_path)
+    check, chosen = run_calls(tmp_path, monkeypatch, calls, parts)
+    assert chosen == [p.name for p in gpu_check.select(",".join(gpu_check.REST), None)]
+    assert not check.extra_env
+    if says:
+        assert check.dali_blocked.startswith("DALI skipped: ") and says in check.dali_blocked
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[-1].startswith(f"gpu_check: call 3: DALI skipped: {says}")  # one line says why
+        result, _ = gpu_check.run_part(check, next(p for p in gpu_check.PARTS if p.name == "prepare-dali"))
+        assert result.status == "skipped" and result.detail == check.dali_blocked
+
+
+def test_parts_that_end_early_a_damaged_part_and_a_dali_that_does_not_import_are_named(tmp_path, monkeypatch):
+    import gpu_stage
+    parts = fake_dali_parts(tmp_path / "short")
+    stage_dir = tmp_path / "stage-short"
+    stage_dir.mkdir()
+    for part in parts[:2]:  # part.02 never came
+        (stage_dir / part.name).write_bytes(part.read_bytes())
+    why = gpu_stage.unpack(stage_dir, tmp_path / "site-short")
+    assert why.startswith("the parts up to part.01 end before the archive does: a later part is missing")
+    assert not (tmp_path / "site-short").exists()
+    parts = fake_dali_parts(tmp_path / "damaged")
+    stage_dir = tmp_path / "stage-damaged"
+    stage_dir.mkdir()
+    for part in parts:
+        data = bytearray(part.read_bytes())
+        if part.name == "part.01":
+            data[100:200] = bytes(100)
+        (stage_dir / part.name).write_bytes(bytes(data))
+    assert gpu_stage.unpack(stage_dir, tmp_path / "site-damaged").startswith("the parts do not unpack: ")
+    parts = fake_dali_parts(tmp_path / "broken", loads=False)
+    check, chosen = run_calls(tmp_path / "broken", monkeypatch, (1, 2, 3), parts)
+    assert check.dali_blocked == "DALI skipped: it unpacks but does not import: OSError: libnvjpeg.so.13: cannot open"
+    assert "dali-tests" not in chosen
+
+
+def test_what_a_part_leaves_running_is_ended_with_the_part(tmp_path, monkeypatch):
+    """A command that exits but leaves a process behind in its group (a timed-out test's torchrun child, a worker)
+    does not run on into the next part: the part's whole process group ends with it."""
+    pid_file = tmp_path / "left.pid"
+    code = ("import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))")
+    monkeypatch.setattr(gpu_check, "PARTS", [fake_part("env", "print('fine')"), fake_part("leaves", code)])
+    assert gpu_check.main([str(tmp_path / "out"), "--budget", "30", "--work", str(tmp_path / "work")]) == 0
+    pid = int(pid_file.read_text())
+    try:
+        assert "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text(), pid  # killed, not yet reaped
+    except FileNotFoundError:
+        pass  # killed and reaped
+
+
+@pytest.mark.skipif(not gpu_parts.has_module("pytest_timeout"), reason="needs pytest-timeout (the test extra)")
+def test_a_gpu_test_stuck_where_signals_cannot_reach_is_ended_at_its_cap(tmp_path):
+    """pytest-timeout's signal method waits for the stuck call to return; the thread method that gpu_check asks
+    for ends it. The stuck test blocks SIGALRM and sleeps, as a test stuck inside C would never see it."""
+    stuck = tmp_path / "test_stuck.py"
+    stuck.write_text("import signal, time\n\n\ndef test_stuck():\n"
+                     "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n    time.sleep(60)\n")
+    argv = [a for a in gpu_parts.pytest_argv(None, timeout_s=3, paths=(stuck,))]
+    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=45)  # the signal method:
+    assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout[-2000:]  # 60 s, past this
+    # the timer thread's stack dump names the timeout (with pytest-xdist the worker it ended is reported crashed)
+    assert "Timeout" in result.stdout + result.stderr or "crashed while running" in result.stdout
