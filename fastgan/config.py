@@ -18,7 +18,7 @@ HW_DECODER_LOAD = 0.65
 # each decoder as fastgan prepare --decoder and a cache file's name say it
 DECODER_FLAGS = {"pil": "pil", "cpu": "dali-cpu", "mixed": "dali-gpu"}
 DATA_MEMORY_CHOICES = ("auto", "device", "host", "disk")
-AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA, bf16 on the CPU
+AMP_CHOICES = ("off", "auto", "fp16", "bf16")  # "auto": fp16 + GradScaler on CUDA; bf16 or fp32 on the CPU (cpu.py)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DALI_FIELDS = ("dali_decoder", "dali_threads", "hw_decoder_load")  # how DALI decodes: --loader dali, cache or auto
 MODEL_FIELDS = ("image_size", "nc", "nz", "ngf", "ndf")  # what a checkpoint's weights depend on
@@ -165,9 +165,10 @@ class Config:
     # speed: each of these is checked against eager fp32 in the tests
     device: str = option("auto", "where to train; auto: CUDA when torch sees a GPU", "speed",
                          rule=one_of(DEVICE_CHOICES), metavar="{auto,cpu,cuda}")
-    amp: str = option("off", "mixed precision; --amp alone: fp16 with a GradScaler on CUDA, bf16 on the CPU (where "
-                             "fp16 autocast is poor); bf16 needs no scaler", "speed", rule=one_of(AMP_CHOICES),
-                      metavar="{off,auto,fp16,bf16}", nargs="?", const="auto")
+    amp: str = option("off", "mixed precision; --amp alone: the fastest the device really has: fp16 with a GradScaler "
+                             "on CUDA; on the CPU bf16 where it has bf16 instructions (AVX512-BF16, AMX), else fp32, "
+                             "as emulated bf16 is 2 to 10 times slower (the run says so); bf16 needs no scaler",
+                      "speed", rule=one_of(AMP_CHOICES), metavar="{off,auto,fp16,bf16}", nargs="?", const="auto")
     channels_last: bool = option(False, "channels_last memory for the networks and batches", "speed")
     compile: bool = option(False, "torch.compile both networks (CPU too; the first iterations compile)", "speed")
     cuda_graphs: bool = option(

@@ -21,6 +21,7 @@ import torch
 from . import distributed
 from .checkpoint import unwrap
 from .config import Config
+from .cpu import why_bf16_is_emulated
 from .ema import GeneratorEMA
 from .errors import FastganError
 from .models import Discriminator, Generator, init_weights
@@ -32,6 +33,7 @@ class Precision:
     name: str           # fp32 | fp16 | bf16
     autocast: object    # a context manager: nullcontext() for fp32
     scaler: torch.amp.GradScaler  # disabled unless fp16
+    note: str = ""      # where the precision is slow here, or not what --amp usually gives: the run says it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,8 +42,24 @@ class Precision:
 
 
 def resolve_precision(amp: str, device: torch.device, cuda_graphs: bool = False) -> Precision:
-    """--amp: off -> fp32; auto -> fp16 + GradScaler on CUDA, bf16 on the CPU (where fp16 autocast is poor)."""
-    name = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(amp) or ("fp16" if device.type == "cuda" else "bf16")
+    """--amp: off -> fp32; fp16, bf16 as asked; auto -> the fastest mixed precision the device really has: fp16 +
+    GradScaler on CUDA; on the CPU bf16 where it has bf16 instructions (fp16 autocast is poor there), else fp32,
+    as emulated bf16 is 2 to 10 times slower than fp32 (bench/RESULTS.md)."""
+    emulated = why_bf16_is_emulated() if device.type == "cpu" and amp in ("auto", "bf16") else None
+    if amp != "auto":
+        name = {"off": "fp32", "fp16": "fp16", "bf16": "bf16"}[amp]
+    elif device.type == "cuda":
+        name = "fp16"
+    else:
+        name = "fp32" if emulated else "bf16"
+    note = ""
+    if emulated:  # said either way: the user asked for mixed precision and gets fp32, or gets the slow kind
+        note = f"{emulated}: " + ("bf16 would be emulated, 2 to 10 times slower than fp32, so --amp trains in fp32 "
+                                  "here" if amp == "auto" else "--amp bf16 is emulated, 2 to 10 times slower than "
+                                  "fp32 (--amp alone trains in fp32 here)")
+    elif device.type == "cpu" and name == "fp16":  # obeyed, as asked, but --help calls it poor there
+        note = ("fp16 autocast is slow on the CPU, several times slower than fp32 (--amp off); training in fp16 as "
+                "--amp fp16 asks")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FastganError("--amp bf16 asked for, but this GPU does not support bfloat16; use --amp fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
@@ -49,7 +67,7 @@ def resolve_precision(amp: str, device: torch.device, cuda_graphs: bool = False)
     autocast = torch.autocast(device.type, dtype=dtype, cache_enabled=not cuda_graphs) if dtype else nullcontext()
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-    return Precision(name, autocast, scaler)
+    return Precision(name, autocast, scaler, note)
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discriminator]:

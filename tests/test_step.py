@@ -3,6 +3,8 @@
 Tolerances were measured (see each test) and carry a margin of about 3-10x, not more.
 """
 import copy
+import os
+import platform
 
 import pytest
 import torch
@@ -159,11 +161,70 @@ def test_the_step_computes_in_the_dtype_asked_for(amp, dtype):
     assert precision.dtype == dtype  # and the batches the loaders deliver are in that dtype too
 
 
-def test_amp_auto_on_cpu_is_bf16_without_scaler():
+def dtypes_seen(precision, amp) -> set:
+    """The dtypes that really ran in each network's first layer during one step of a run's trainer."""
+    cfg = small_config(image_size=16, ngf=4, ndf=4, amp=amp)
+    trainer = build_trainer(cfg, DEVICE, precision)
+    seen = set()
+    for layer in (trainer.netG.main[0], trainer.netD.main[0]):
+        layer.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    (real, _), = batches(cfg, 1)
+    trainer(real)
+    return seen
+
+
+# CPUs as /proc/cpuinfo lists them, with whether bf16 runs on their own instructions there
+SAPPHIRE_RAPIDS = {"avx2", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"}
+ZEN4 = {"avx2", "avx512f", "avx512bw", "avx512_bf16"}
+SKYLAKE_X = {"avx2", "avx512f", "avx512bw", "avx512_vnni"}  # AVX-512 without bf16: emulated, measured 2x slower
+ZEN3 = {"avx2", "fma"}  # AVX2 only: emulated, measured 10x slower
+
+
+@pytest.mark.parametrize("flags, native", [(SAPPHIRE_RAPIDS, True), (ZEN4, True), (SKYLAKE_X, False), (ZEN3, False)])
+def test_amp_auto_on_cpu_is_bf16_where_the_cpu_has_bf16_instructions_else_fp32(monkeypatch, flags, native):
+    """--amp alone means the fastest mixed precision the CPU really has: bf16 (no scaler) on bf16 instructions,
+    fp32 where bf16 would be emulated (slower than fp32), with a note saying so; the step computes in it."""
+    import fastgan.cpu
+    monkeypatch.setattr(fastgan.cpu, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     precision = resolve_precision("auto", DEVICE)
-    assert precision.name == "bf16" and not precision.scaler.is_enabled()
+    assert precision.name == ("bf16" if native else "fp32") and not precision.scaler.is_enabled()
+    assert dtypes_seen(precision, "auto") == {torch.bfloat16 if native else torch.float32}
+    assert bool(precision.note) == (not native)
+    # asked for by name, each precision is obeyed, emulated or not; emulated bf16 gets the note
+    explicit = resolve_precision("bf16", DEVICE)
+    assert explicit.name == "bf16" and dtypes_seen(explicit, "bf16") == {torch.bfloat16}
+    assert bool(explicit.note) == (not native)
     assert resolve_precision("fp16", DEVICE).scaler.is_enabled()
-    assert resolve_precision("off", DEVICE).name == "fp32"
+    assert resolve_precision("off", DEVICE).name == "fp32" and not resolve_precision("off", DEVICE).note
+
+
+@pytest.mark.parametrize("cap, native", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                                         ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_amp_auto_on_cpu_follows_onednn_isa_cap(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA below the ISAs with bf16 instructions makes oneDNN emulate bf16 on a CPU that has them
+    (measured: 10x slower than fp32 under AVX2): --amp then trains in fp32."""
+    import fastgan.cpu
+    monkeypatch.setattr(fastgan.cpu, "cpu_flags", lambda: SAPPHIRE_RAPIDS)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert resolve_precision("auto", DEVICE).name == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize("probe, native", [(True, True), (False, False)])
+def test_amp_auto_without_proc_cpuinfo_asks_torch(monkeypatch, probe, native):
+    """Without /proc/cpuinfo (macOS, Windows) the bf16 instructions are torch's own probe's."""
+    import fastgan.cpu
+    monkeypatch.setattr(fastgan.cpu, "cpu_flags", lambda: None)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: probe, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert resolve_precision("auto", DEVICE).name == ("bf16" if native else "fp32")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"),
+                    reason="reads an x86 CPU's /proc/cpuinfo")
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    from fastgan.cpu import cpu_flags
+    assert {"fpu", "sse2"} <= cpu_flags()  # every x86-64 CPU lists them
 
 
 def test_amp_fp16_with_scaler_runs_on_cpu():
