@@ -154,7 +154,8 @@ def test_a_cache_file_an_earlier_fastgan_named_is_renamed_and_used_not_decoded_a
 
 
 def test_two_runs_at_once_decode_once_and_both_use_the_file(folder, tmp_path, monkeypatch):
-    """The first writer holds the lock while it decodes (slowly here); the second waits and then finds its file."""
+    """The first writer holds the lock while it decodes (slowly here); the second waits, says whose lock it waits
+    for, and then finds its file."""
     calls = []
     real = cache.prepare
 
@@ -174,7 +175,8 @@ def test_two_runs_at_once_decode_once_and_both_use_the_file(folder, tmp_path, mo
     for t in threads:
         t.join()
     assert len(calls) == 1 and got["a"] == got["b"] and got["a"].is_file()
-    assert sorted(line.split()[0] for line in lines) == ["decoding", "using"]
+    assert sorted(line.split()[0] for line in lines) == ["decoding", "using", "waiting"]
+    assert f"waiting for process {os.getpid()}, which is writing the cache file {got['a'].name}" in " ".join(lines)
 
 
 Usage = namedtuple("Usage", "total used free")

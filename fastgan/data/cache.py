@@ -96,12 +96,24 @@ def room_for(folder: Path, nbytes: int) -> tuple[bool, str]:
 
 
 @contextmanager
-def writing_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`.lock for the block: one writer per cache file; the others wait here."""
+def writing_lock(path: Path, announce: Callable[[str], None] = lambda line: None) -> Iterator[None]:
+    """An exclusive flock on `path`.lock for the block: one writer per cache file; the others wait here, and
+    `announce` says whose lock they wait for (the holder writes its process id into the lock file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as f:
+    lock = path.with_suffix(".lock")
+    with open(lock, "a+") as f:
         if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                announce(f"waiting for process {holder}, which is writing the cache file {path.name} (its lock "
+                         f"{lock}); this run then uses that file")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
         yield
 
 
@@ -113,7 +125,7 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
     `workers` processes (PIL) or threads (DALI); `announce` gets the line that says which."""
     path, earlier = cache_paths(folder, index, image_size, nc, decoder)
     if not path.exists():
-        with writing_lock(path):
+        with writing_lock(path, announce):
             if not path.exists() and earlier.is_file():  # the same pixels: the file is renamed, not decoded again
                 os.replace(earlier, path)
                 drop_lock(earlier.with_suffix(".lock"))

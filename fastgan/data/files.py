@@ -6,10 +6,13 @@ on CelebA's 202,599 files only stats them.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
 import os
+import signal
+import sys
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -165,13 +168,29 @@ def parallel_map(function: Callable, items: Iterable, workers: int, count: Optio
     if workers <= 1 or count < 64:
         yield map(function, items)
         return
-    executor = ProcessPoolExecutor(workers)
+    executor = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         # chunks of up to 256 items, at least 8 per worker: few round trips, and the work stays balanced
         chunk = max(1, min(256, count // (8 * workers)))
         yield _in_chunks(executor, function, iter(items), chunk, CHUNKS_IN_FLIGHT_PER_WORKER * workers)
     finally:
         executor.shutdown(cancel_futures=True)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
+
+
+def die_with_parent(parent: int) -> None:
+    """Run first in each worker process: end it with its parent, even a parent killed by SIGKILL (the OOM killer),
+    which runs no clean-up. Otherwise the worker lives on, blocked writing results no one reads, holding the
+    files it inherited (a cache's lock and temporary file): the next run on the folder would wait for it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl here: torch's own watchdog still ends DataLoader workers
+            pass
+    if os.getppid() != parent:  # the parent ended before the line above took effect
+        os._exit(1)
 
 
 CHUNKS_IN_FLIGHT_PER_WORKER = 4  # sent ahead of the results read: the workers never wait for the reader

@@ -6,6 +6,9 @@ NCHW (channels_last memory when asked), on the training device; the last incompl
 """
 from __future__ import annotations
 
+import functools
+import os
+import signal
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -14,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from ..errors import FastganError
-from .files import load_image
+from ..interrupt import STOP_SIGNALS
+from .files import die_with_parent, load_image
 
 
 def image_transform(image_size: int, nc: int) -> transforms.Compose:
@@ -86,6 +90,16 @@ class EpochShuffle(Sampler[int]):
         return iter(order[self.start * self.batch_size:].tolist())
 
 
+def worker_start(parent: int, worker_id: int) -> None:
+    """Each DataLoader worker, first: it dies with the training process, and it ignores the stop signals, which
+    that process handles. A scheduler's SIGTERM (docker stop, systemd, Slurm) reaches the whole process group, and
+    torch's own handler would end the worker at once; its parent would then fail on the lost worker instead of
+    finishing its step and writing the checkpoint. The parent still ends its workers, through torch's queues."""
+    die_with_parent(parent)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class TorchLoader:
     """Batches of [-1, 1] images on `device`, decoded by `workers` processes (0: in this process).
 
@@ -105,7 +119,7 @@ class TorchLoader:
         self.loader = DataLoader(
             ImageFiles(paths, image_size, nc), batch_size=batch_size, sampler=self.sampler, drop_last=True,
             num_workers=workers, pin_memory=pinned, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None, worker_init_fn=functools.partial(worker_start, os.getpid()))
         self.non_blocking = pinned  # pinned host memory makes the copy asynchronous
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
