@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.data.files import find_images  # noqa: E402
-from fastgan.data.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
+from fastgan.pipeline_dali import DaliLoader, dali_available, dali_version  # noqa: E402
 from fastgan.data.pipeline_torch import TorchLoader  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.data.files import default_workers, find_images  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.data.pipeline_dali import NOT_INSTALLED, DaliLoader, dali_available, dali_unusable, dali_version  # noqa: E402,E501
+from fastgan.pipeline_dali import NOT_INSTALLED, DaliLoader, dali_available, dali_unusable, dali_version  # noqa: E402,E501
 from fastgan.data.pipeline_torch import TorchLoader  # noqa: E402
 from fastgan.tutorial import tutorial_loader  # noqa: E402
 

@@ -1,7 +1,7 @@
 """A torch.profiler summary of the best mode's training step, to decide the next speed work: what the step spends its
 time on, and how far it is from the FLOP floor.
 
-    python bench/profile_step.py --data faces.fgd --json profile.json    # CUDA: compile, CUDA graphs, bf16, channels_last
+    python bench/profile_step.py --data faces.fgd --json out.json   # CUDA: compile, graphs, bf16, channels_last
     python bench/profile_step.py --data tiny.fgd --device cpu --image-size 16 --batch-size 16 --ngf 8 --ndf 8 --nz 16
 
 The step is built as `fastgan train --data FILE` builds it for that mode (the prepared loader in device memory,

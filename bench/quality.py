@@ -54,7 +54,7 @@ from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.metrics.evaluate import evaluate  # noqa: E402
 from fastgan.data.files import default_workers, index_images  # noqa: E402
-from fastgan.data.pipeline_dali import dali_available, dali_version  # noqa: E402
+from fastgan.pipeline_dali import dali_available, dali_version  # noqa: E402
 from fastgan.data.prepared import prepare  # noqa: E402
 from epoch_gap import commit, cpu_name  # noqa: E402
 

@@ -57,7 +57,7 @@ from fastgan.errors import FastganError  # noqa: E402
 from fastgan.data.files import default_workers, index_images  # noqa: E402
 from fastgan.data import open_data, resolve_loader  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
-from fastgan.data.pipeline_dali import dali_version  # noqa: E402
+from fastgan.pipeline_dali import dali_version  # noqa: E402
 from fastgan.data.prepared import prepare  # noqa: E402
 from fastgan.trainer import build_trainer, resolve_precision  # noqa: E402
 from fastgan.tutorial import TutorialDiscriminator, TutorialGenerator, tutorial_loader, tutorial_step  # noqa: E402

@@ -301,7 +301,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .report import console
     import torch
 
-    from .data.pipeline_dali import dali_available, dali_missing, readable_by_dali
+    from .pipeline_dali import dali_available, dali_missing, readable_by_dali
     # the demo faces at the demo's size, so that the file trains with the demo preset; no bars (quiet)
     # without a terminal, where rich would leave blank lines
     preset = Config.demo if args.root is None else Config

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import loaders as loader_bench  # noqa: E402
 import throughput  # noqa: E402
-from fastgan.data.pipeline_dali import dali_available  # noqa: E402
+from fastgan.pipeline_dali import dali_available  # noqa: E402
 
 # the end-to-end rows a user runs; the CUDA ones say "skipped: no CUDA GPU" on the CPU
 CUDA_ROWS = [f"prepared + {what} ({precision})" for precision in ("fp16", "bf16")

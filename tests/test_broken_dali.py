@@ -34,7 +34,7 @@ def python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 def test_a_dali_that_does_not_load_counts_as_absent_with_its_reason(broken_dali):
     result = python("""
-        from fastgan.data.pipeline_dali import dali_available, dali_unusable, dali_version
+        from fastgan.pipeline_dali import dali_available, dali_unusable, dali_version
         import loaders
         print(dali_available(), dali_version())
         print(dali_unusable())

@@ -585,8 +585,8 @@ def test_train_on_cuda(image_folder, tmp_path, capsys, flags):
 
 
 def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch, capsys):
-    import fastgan.data.pipeline_dali
-    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: False)
+    import fastgan.pipeline_dali
+    monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)
     assert main(["train", *CPU, "--root", str(image_folder), "--loader", "dali"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastgan: error: --loader dali needs NVIDIA DALI, which is not installed: "
@@ -596,12 +596,12 @@ def test_loader_dali_without_dali_says_how_to_install(image_folder, monkeypatch,
 def test_auto_loader_choice(monkeypatch):
     """--loader auto (and cache) decodes once into the cache: with DALI on the GPU where CUDA and DALI are there,
     with PIL otherwise; where the cache has no room, auto decodes every epoch with per_epoch_loader's choice."""
-    import fastgan.data.pipeline_dali
+    import fastgan.pipeline_dali
     from fastgan import Config, FastganError
     from fastgan.data import per_epoch_loader, resolve_loader
     cpu = torch.device("cpu")
     for installed in (False, True):
-        monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
+        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
         assert resolve_loader(Config(device="cpu"), cpu) == ("cache", "pil")  # no DALI by default on the CPU
         assert resolve_loader(Config(device="cpu", loader="cache"), cpu) == ("cache", "pil")
         assert per_epoch_loader(Config(device="cpu"), cpu) == ("torch", "")
@@ -609,12 +609,12 @@ def test_auto_loader_choice(monkeypatch):
     assert resolve_loader(Config(loader="dali", device="cpu"), cpu) == ("dali", "cpu")
     assert resolve_loader(Config(loader="dali", dali_decoder="cpu", device="cpu"), cpu) == ("dali", "cpu")
     # a --dali-decoder given is DALI's decoder for the cache too (and where auto decodes every epoch), or refused
-    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: True)
+    monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: True)
     assert resolve_loader(Config(device="cpu", dali_decoder="cpu"), cpu) == ("cache", "cpu")
     assert per_epoch_loader(Config(device="cpu", dali_decoder="cpu"), cpu) == ("dali", "cpu")
     with pytest.raises(FastganError, match="--dali-decoder mixed decodes on the GPU and needs --device cuda"):
         resolve_loader(Config(device="cpu", loader="cache", dali_decoder="mixed"), cpu)
-    monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: False)
+    monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: False)
     with pytest.raises(FastganError, match="^--dali-decoder cpu needs NVIDIA DALI, which is not installed"):
         resolve_loader(Config(device="cpu", dali_decoder="cpu"), cpu)
     with pytest.raises(FastganError, match=r"^hw_decoder_load \(--hw-decoder-load\) sets how DALI decodes, but "
@@ -624,7 +624,7 @@ def test_auto_loader_choice(monkeypatch):
     # needs no GPU to be built, so this choice is checked on every machine
     cuda = torch.device("cuda")
     for installed, cached, every_epoch in ((True, "mixed", ("dali", "mixed")), (False, "pil", ("torch", ""))):
-        monkeypatch.setattr(fastgan.data.pipeline_dali, "dali_available", lambda: installed)
+        monkeypatch.setattr(fastgan.pipeline_dali, "dali_available", lambda: installed)
         assert resolve_loader(Config(device="cuda"), cuda) == ("cache", cached), installed
         assert per_epoch_loader(Config(device="cuda"), cuda) == every_epoch, installed
 

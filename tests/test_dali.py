@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import write_images
 from fastgan.cli import main
-from fastgan.data.pipeline_dali import dali_available, dali_unusable
+from fastgan.pipeline_dali import dali_available, dali_unusable
 from fastgan.data.pipeline_torch import TorchLoader, epoch_permutation
 from fastgan.data.synth import write_faces
 
@@ -27,8 +27,8 @@ if not dali_available():
     pytest.skip(f'NVIDIA DALI is not usable here: {dali_unusable()} (pip install "fastgan[dali]")',
                 allow_module_level=True)
 
-from fastgan.data import pipeline_dali  # noqa: E402
-from fastgan.data.pipeline_dali import DaliLoader, decode_all  # noqa: E402
+from fastgan import pipeline_dali  # noqa: E402
+from fastgan.pipeline_dali import DaliLoader, decode_all  # noqa: E402
 from fastgan.data.pipeline_torch import rank_order  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastgan.cli import main
-from fastgan.data.pipeline_dali import dali_available, dali_unusable
+from fastgan.pipeline_dali import dali_available, dali_unusable
 from fastgan.data.synth import write_faces
 
 pytestmark = pytest.mark.gpu

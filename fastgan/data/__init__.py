@@ -1,5 +1,6 @@
-"""The data path, from image files to training batches: the file index (files.py), the torchvision and DALI loaders
-(pipeline_torch.py, pipeline_dali.py), prepared data (prepared.py) and the demo faces (synth.py, demo.py). This
+"""The data path, from image files to training batches: the file index (files.py), the torchvision loader
+(pipeline_torch.py; the DALI loader is fastgan/pipeline_dali.py), prepared data (prepared.py) and the demo faces
+(synth.py, demo.py). This
 module opens the run's data: the file index (or a prepared file) and the loader the run asked for, over this
 rank's shard.
 
@@ -63,12 +64,12 @@ def per_epoch_loader(cfg: Config, device: torch.device) -> tuple[str, str]:
 
 def wants_dali(cfg: Config, device: torch.device) -> bool:
     """Whether --loader auto or cache decodes with DALI: asked for with --dali-decoder, or on CUDA when installed."""
-    from .pipeline_dali import dali_available
+    from ..pipeline_dali import dali_available
     return cfg.dali_decoder != "auto" or (device.type == "cuda" and dali_available())
 
 
 def dali_decoder(cfg: Config, device: torch.device) -> str:
-    from .pipeline_dali import dali_available, dali_missing
+    from ..pipeline_dali import dali_available, dali_missing
     if not dali_available():
         raise dali_missing("--loader dali" if cfg.loader == "dali" else f"--dali-decoder {cfg.dali_decoder}")
     decoder = cfg.dali_decoder if cfg.dali_decoder != "auto" else ("mixed" if device.type == "cuda" else "cpu")
@@ -100,7 +101,7 @@ def build_loader(cfg: Config, paths, device: torch.device, dtype: torch.dtype, l
         return TorchLoader(paths, cfg.image_size, cfg.nc, batch_size, device,
                            channels_last=cfg.channels_last, workers=workers, seed=cfg.seed, **shard), \
             f"loader torch ({workers} worker{'s' if workers != 1 else ''})"
-    from .pipeline_dali import DaliLoader
+    from ..pipeline_dali import DaliLoader
     # Half-precision batches halve the hand-off, in the dtype the networks compute in (DALI has no bfloat16: its
     # float16 output is cast, the rounding autocast would have done at the first convolution). The CPU keeps
     # float32 (its fp16 kernels are slow).
@@ -141,7 +142,7 @@ def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name
         if cached is not None:
             return open_prepared(cfg, device, dtype, ranks, (cached, index))
     if loader_name == "dali":
-        from .pipeline_dali import readable_by_dali
+        from ..pipeline_dali import readable_by_dali
         index = readable_by_dali(index)
     check_enough_images(index, cfg)
     loader, description = build_loader(cfg, index.good, device, dtype, loader_name, decoder, ranks)
@@ -161,7 +162,7 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
     room is refused."""
     from .cache import cache_folder, cache_paths, cached, file_bytes, room_for
     if decoder != "pil":
-        from .pipeline_dali import readable_by_dali
+        from ..pipeline_dali import readable_by_dali
         index = readable_by_dali(index)  # the cache holds what DALI can decode
     check_enough_images(index, cfg)
     folder = cache_folder(cfg.cache_dir)

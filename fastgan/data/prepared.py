@@ -62,7 +62,7 @@ def decoded_images(paths, image_size: int, nc: int, workers: int, decoder: str,
             for image in results:
                 yield image[None]
     else:
-        from .pipeline_dali import decode_all
+        from ..pipeline_dali import decode_all
         for batch in decode_all(paths, image_size, nc, decoder, threads=workers, hw_decoder_load=hw_decoder_load):
             yield batch.numpy()
 

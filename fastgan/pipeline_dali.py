@@ -24,10 +24,10 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..config import HW_DECODER_LOAD
-from ..errors import FastganError
-from .files import FileIndex, default_workers
-from .pipeline_torch import no_full_batch, rank_order
+from .config import HW_DECODER_LOAD
+from .errors import FastganError
+from .data.files import FileIndex, default_workers
+from .data.pipeline_torch import no_full_batch, rank_order
 
 INSTALL_HINT = ('pip install "fastgan[dali]" (DALI built for CUDA 12; with a CUDA 13 driver, '
                 'pip install nvidia-dali-cuda130 instead)')
