@@ -3,10 +3,11 @@
     fastgan eval runs/celeba --root ~/celeba        # every epoch's checkpoint: eval.jsonl, eval.png, a table
     fastgan eval runs/celeba/netG_ema.pth --data celeba64.fgd --metrics swd,fid,kid
 
-Metrics: SWD (fastgan.swd: ProGAN's sliced Wasserstein distance, x 1e3 per pyramid level and their mean; no
-download), FID and KID (fastgan.fid, with pytorch-fid's Inception network: the weights come from torch.hub's cache
-or --inception PATH). N real images are drawn (seeded) from the data, decoded exactly as training decodes them,
-and as many generated ones from seeded noise; every figure is of uint8 pixels, the images as saved.
+Metrics: SWD (fastgan.metrics.swd: ProGAN's sliced Wasserstein distance, x 1e3 per pyramid level and their
+mean; no download), FID and KID (fastgan.metrics.fid, with pytorch-fid's Inception network: the weights come from
+torch.hub's cache or --inception PATH). N real images are drawn (seeded) from the data, decoded exactly as
+training decodes them, and as many generated ones from seeded noise; every figure is of uint8 pixels, the images
+as saved.
 
 The real side is cached per data set, image size and count (~/.cache/fastgan/eval/): its pixels for SWD and its
 Inception features for FID/KID, so a second eval of the same data costs only the generated side.

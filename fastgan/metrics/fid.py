@@ -1,4 +1,4 @@
-"""FID and KID between two sets of images, from the Inception features of fastgan.inception.
+"""FID and KID between two sets of images, from the Inception features of fastgan.metrics.inception.
 
 FID (Heusel et al. 2017) follows pytorch-fid's calculate_frechet_distance (Apache-2.0), without scipy: the
 trace of sqrtm(S1 S2) comes from one symmetric eigendecomposition. KID (Binkowski et al. 2018) is the unbiased
