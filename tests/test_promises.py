@@ -304,6 +304,22 @@ def test_eval_of_fewer_images_than_the_file_holds_draws_anew_per_seed_and_caches
     assert real_images(16, 3, 10, 1, data=str(data)).key == draws[1].key  # the same seed: the same entry
 
 
+def test_evals_real_images_of_a_folder_are_decoded_once_however_root_spells_it(image_folder, tmp_path,
+                                                                                 monkeypatch):
+    import fastgan.data.prepared
+    from fastgan.metrics import evaluate
+    decoded = []
+    real_decode = fastgan.data.prepared.decode_with_pil
+    monkeypatch.setattr(fastgan.data.prepared, "decode_with_pil",
+                        lambda paths, *args: decoded.append(len(paths)) or real_decode(paths, *args))
+    monkeypatch.chdir(image_folder.parent)
+    spellings = [str(image_folder), image_folder.name, f"../{image_folder.parent.name}/{image_folder.name}"]
+    reals = [evaluate.real_images(16, 3, 10, 1, root=root) for root in spellings]
+    assert decoded == [10]  # the first spelling decoded; the others found its entry
+    assert len({real.key for real in reals}) == 1
+    assert all(torch.equal(real.pixels, reals[0].pixels) for real in reals)
+
+
 # ---- options at their edges --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, accepted", [(0.0, True), (1.0, True), (0.65, True), (-1e-9, False),

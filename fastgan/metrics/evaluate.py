@@ -83,7 +83,9 @@ def real_images(image_size: int, nc: int, n: int, seed: int = 0, root: Optional[
         raise FastganError(f"--root {folder}: none of its image files can be decoded")
     picked = choose(len(index.good), n, seed)
     paths = [index.good[i] for i in picked]
-    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]  # a changed file is another set
+    # each file by its place under the folder (the folder is keyed resolved): every spelling of --root finds the
+    # same entry; a changed file is another set
+    stamp = [(str(Path(p).relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     key = digest("root", str(folder.resolve()), stamp, image_size, nc, seed)
     description = f"{len(paths):,} of the {len(index.good):,} images under {folder}"
     cached = cache_dir() / "eval" / key / "pixels.npy"

@@ -844,6 +844,11 @@ MUTANTS = [
            "a page points to a bench script the project does not have",
            ("tests/test_references.py",)),
 
+    Mutant("eval-real-cache-per-spelling", "fastgan/metrics/evaluate.py",
+           "    stamp = [(str(Path(p).relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]",
+           "    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]",
+           "eval's real images of a folder are decoded again for every spelling of --root",
+           ("tests/test_promises.py::test_evals_real_images_of_a_folder_are_decoded_once_however_root_spells_it",)),
     # --- the third fresh trial: a folder where a file was expected, spellings of --root, text slips ----------
     Mutant("cache-key-paths-as-typed", "fastgan/data/cache.py",
            "        return str(root / Path(path).relative_to(index.root))\n",
