@@ -7,12 +7,51 @@ and at worst a hidden `.tmp` file beside it, which fastgan never reads.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
+
+from .errors import FastganError
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
+
+
+class DiskFull(FastganError):
+    """A write that found no room: one line naming the file, its folder and the room left there."""
+
+
+def disk_full(path: Path, error: OSError) -> DiskFull:
+    probe = Path(path).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "its free space unknown"
+    why = error.strerror or "No space left on device"
+    return DiskFull(f"cannot write {Path(path).name} in {Path(path).parent}: {why} ({free} there)")
+
+
+class _Recording:
+    """A file that remembers the first OSError its writes raised: torch.save and PIL replace it with errors of their
+    own (`inline_container.cc ... unexpected pos`, `'_idat' object has no attribute 'fileno'`)."""
+
+    def __init__(self, file: IO):
+        self._file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
 
 # mkstemp creates 0600 files; outputs get the permissions a plain open() would give them (0666 less the umask)
 _UMASK = os.umask(0)
@@ -47,19 +86,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
     durable=False skips the flushes to the disk (still atomic against a crashing process, not against a power
     cut): for the thousands of small files of a synthetic data set, where one flush each would cost seconds."""
     path = Path(path)
-    fd, tmp = _temporary_beside(path)
+    try:
+        fd, tmp = _temporary_beside(path)
+    except OSError as e:
+        if e.errno in FULL:
+            raise disk_full(path, e) from None
+        raise
+    recording: Optional[_Recording] = None
     try:
         with os.fdopen(fd, mode) as f:
-            yield f
+            recording = _Recording(f)
+            yield recording
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
         if durable:
             fsync_folder(path.parent)
-    except BaseException:
+    except BaseException as e:
         with suppress(FileNotFoundError):
             tmp.unlink()
+        cause = e if isinstance(e, OSError) else recording.error if recording else None
+        if cause is not None and cause.errno in FULL:  # one line, whatever the writer made of it
+            raise disk_full(path, cause) from None
         raise
 
 

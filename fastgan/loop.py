@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import checkpoint, distributed, runfolder
+from .atomic import DiskFull
 from .config import Config
 from .data import open_data, resolve_loader
 from .distributed import resolve_device
@@ -30,7 +31,7 @@ from .errors import FastganError, TrainingStopped
 from .interrupt import StopRequests
 from .interval import IntervalStats, last_good_checkpoint
 from .models import count_parameters
-from .outputs import NoOutputs, RunOutputs, open_outputs
+from .outputs import NoOutputs, RunOutputs, finish_from_checkpoint, open_outputs
 from .report import RunProgress, console, format_stats
 from .resume import check_resumable, find_resume_checkpoint, unfinished_interval
 from .sampling import FIXED_NOISE_SIZE, make_fixed_noise
@@ -90,7 +91,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     loader_name, decoder = resolve_loader(cfg, device)
     if cfg.tensorboard:
         summary_writer_class()  # without the package: one line naming the extra, before anything is written
-    resume_path = find_resume_checkpoint(cfg)
+    resume_path = find_resume_checkpoint(cfg, console.print)
     out = run_folder_of(cfg, resume_path)
     resumed = check_resumable(resume_path, cfg, resumed, Path(out).expanduser() if out else None) \
         if resume_path else None
@@ -100,6 +101,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     with ranks.together("checking the run folder"):
         if ranks.is_main:
             run = runfolder.choose(out, resuming=resumed is not None)
+    if resumed and resumed["epoch"] >= cfg.epochs:  # its final checkpoint: a kill or a full disk cut the end short
+        return finish_from_checkpoint(run, resumed, resume_path, held) if ranks.is_main else None
     batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)  # this rank's share
     with ranks.local_main_first("reading the data"):  # local rank 0 fills the file index's cache first
         data = open_data(cfg, device, precision.dtype, loader_name, decoder, ranks)
@@ -181,6 +184,8 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
                         measure_epoch(measure, trainer, position, stats, outputs, cfg.epochs)
                 position.end_epoch()
                 saved = save_checkpoint(trainer, state, outputs, ranks)
+    except DiskFull as e:  # a checkpoint, grid or record cut short: the checkpoint before it is whole
+        raise FastganError(f"{e}; free some room there, then {way_on(run, ranks)}") from None
     except KeyboardInterrupt:
         last = run / "checkpoints" / "last.pt" if run else None
         console.print(f"fastgan: interrupted at once at iteration {position.step}; " + (
@@ -191,7 +196,10 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
         outputs.close()
 
     # ---- the end products -----------------------------------------------------------------------------------
-    outputs.finish(trainer.netG, stats.loss_history(), trainer.ema)  # on a stop: the run so far
+    try:
+        outputs.finish(trainer.netG, stats.loss_history(), trainer.ema)  # on a stop: the run so far
+    except DiskFull as e:
+        raise FastganError(f"{e}; free some room there, then {way_on(run, ranks)}") from None
     if stop and saved[1].epoch < cfg.epochs:  # (a stop asked for during the very last step changes nothing)
         path, at = saved
         # a rank can be outvoted into stopping before its own copy of the signal arrives
@@ -260,6 +268,13 @@ def run_folder_of(cfg: Config, resume_path: Optional[Path]) -> Optional[str]:
     if cfg.out is None and resume_path is not None and resume_path.parent.name == "checkpoints":
         return str(resume_path.parent.parent)  # continue in the run folder the checkpoint belongs to
     return cfg.out
+
+
+def way_on(run: Optional[Path], ranks: distributed.Ranks) -> str:
+    """The next command after a fault: resume from the last checkpoint, or (none yet) start again."""
+    if run and (run / "checkpoints" / "last.pt").exists():
+        return f"continue with: {resume_command(run, ranks)}"
+    return "run the same command again"
 
 
 def resume_command(run: Path, ranks: distributed.Ranks) -> str:

@@ -76,18 +76,36 @@ class RunOutputs:
         """The end products (at the end, and on a stop: the run so far): the loss plot, the animation of the
         progress grids, netG.pth (pytorch/examples' format: the unwrapped generator's state dict, on the CPU) and
         netG_ema.pth."""
-        steps = torch.arange(1, loss_history.shape[0] + 1)
-        plot_losses(steps, loss_history[:, 1], loss_history[:, 0], self.run / "loss.png")
-        save_animation(sample_grids(self.run / "samples"), self.run / "progress.gif")
         weights = {k: v.cpu() for k, v in checkpoint.unwrap(netG).state_dict().items()}
-        checkpoint.write_file(self.run / "netG.pth", weights)
-        if ema is not None:
-            checkpoint.write_file(self.run / "netG_ema.pth", ema.state_dict()["netG_ema"])
+        write_end_products(self.run, weights, loss_history, ema.state_dict()["netG_ema"] if ema is not None else None)
 
     def close(self) -> None:
         self.metrics.close()
         if self.tensorboard:
             self.tensorboard.close()
+
+
+def write_end_products(run: Path, netG: dict, loss_history: torch.Tensor, netG_ema: Optional[dict] = None) -> None:
+    """loss.png, progress.gif, netG.pth (and netG_ema.pth) from G's state dict and the (step, 2) loss history."""
+    steps = torch.arange(1, loss_history.shape[0] + 1)
+    plot_losses(steps, loss_history[:, 1], loss_history[:, 0], run / "loss.png")
+    save_animation(sample_grids(run / "samples"), run / "progress.gif")
+    checkpoint.write_file(run / "netG.pth", netG)
+    if netG_ema is not None:
+        checkpoint.write_file(run / "netG_ema.pth", netG_ema)
+
+
+def finish_from_checkpoint(run: Path, payload: dict, path: Path, held: Optional[ExitStack]) -> Path:
+    """A run whose final checkpoint `payload` (at `path`) was written but whose end products were not (a kill, a
+    full disk): write them from it, under the run folder's lock, training nothing."""
+    lock, _ = runfolder.create(run, resuming=True)
+    if held is not None:
+        held.callback(lock.release)
+    write_end_products(run, checkpoint.strip_prefixes(payload["netG"]), payload["loss_history"][:payload["step"]],
+                       payload.get("netG_ema"))
+    console.print(f"fastgan: {path} is the run's final checkpoint ({plural(payload['epoch'], 'epoch')}): wrote the "
+                  f"end products it lacked (loss.png, progress.gif, netG.pth); results in {run}")
+    return run
 
 
 class NoOutputs:
@@ -138,6 +156,14 @@ def set_aside_later_results(run: Path, step: int, carried: int = 0) -> tuple[int
             move_later_samples(run / "samples", step))
 
 
+def parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
 def move_later_samples(folder: Path, step: int) -> int:
     later = [p for p in sample_grids(folder) if grid_step(p) > step]
     if later:
@@ -154,12 +180,17 @@ def trim_metrics(path: Path, step: int, aside: Optional[str] = None) -> int:
     many."""
     if not path.exists():
         return 0
-    keep, later = [], []
-    for line in path.read_text().splitlines():
+    keep, later, text = [], [], path.read_text()
+    lines = text.splitlines()
+    torn = bool(lines) and not text.endswith("\n") and not parses(lines[-1])
+    for line in lines[:-1] if torn else lines:  # a last record cut short (a full disk, a kill): dropped
         try:
             (later if json.loads(line).get("step", 0) > step else keep).append(line)
         except ValueError:
             keep.append(line)  # not ours to judge: left in place
+    if torn and not later:
+        with atomic_write(path, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
     if later:
         with open(path.with_name(aside or f"metrics.after-{step}.jsonl"), "a") as f:
             f.write("\n".join(later) + "\n")

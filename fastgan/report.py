@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +21,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Column
 from rich.text import Text
 
-from .atomic import atomic_write
+from .atomic import FULL, atomic_write, disk_full
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # log lines stay whole in files
 
@@ -122,10 +124,22 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per log interval, appended and flushed so that a crash loses nothing."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+        self.path, self.file = path, open(path, "ab", buffering=0)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """Append one record, whole or not at all: a write cut short (a full disk) is cut off again, so that no
+        torn record stays in the middle of the file after a resume."""
+        line, before = (json.dumps(record) + "\n").encode(), os.fstat(self.file.fileno()).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += self.file.write(line[written:])
+        except OSError as e:
+            with suppress(OSError):
+                os.ftruncate(self.file.fileno(), before)
+            if e.errno in FULL:
+                raise disk_full(self.path, e) from None
+            raise
 
     def close(self) -> None:
         self.file.close()

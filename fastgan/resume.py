@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from . import checkpoint
 from .config import MODEL_FIELDS, Config
@@ -14,7 +14,9 @@ from .errors import FastganError
 from .report import plural
 
 
-def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
+def find_resume_checkpoint(cfg: Config, announce: Callable[[str], None] = lambda line: None) -> Optional[Path]:
+    """--resume's checkpoint; for auto, --out's newest complete one: last.pt, unless an epoch file is newer (a run
+    killed between writing epochNNN.pt and pointing last.pt at it), which `announce` then names."""
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
@@ -24,10 +26,22 @@ def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
         return path
     if cfg.out is None:
         raise FastganError("--resume auto needs --out, the run folder to continue")
-    last = Path(cfg.out).expanduser() / "checkpoints" / "last.pt"
+    folder = Path(cfg.out).expanduser() / "checkpoints"
+    last = folder / "last.pt"
+    newest = newest_epoch_file(folder)
+    if newest is not None and (not last.is_file() or newest.stat().st_mtime_ns > last.stat().st_mtime_ns):
+        announce(f"fastgan: {newest.name} is newer than {last.name} (the run ended between writing the two): "
+                 f"resuming from {newest}")
+        return newest
     if not last.is_file():
-        raise FastganError(f"--resume auto: no checkpoint to resume in {last.parent}")
+        raise FastganError(f"--resume auto: no checkpoint to resume in {folder}")
     return last
+
+
+def newest_epoch_file(folder: Path) -> Optional[Path]:
+    """checkpoints/epochNNN.pt of the highest epoch, or None. (Every checkpoint is renamed into place whole.)"""
+    epochs = [p for p in folder.glob("epoch*.pt") if p.stem[5:].isdigit()] if folder.is_dir() else []
+    return max(epochs, key=lambda p: int(p.stem[5:]), default=None)
 
 
 def resume_of_a_folder(folder: Path) -> FastganError:
@@ -100,10 +114,22 @@ def check_resumable(path: Path, cfg: Config, payload: Optional[dict] = None, run
     if payload.get("iteration", 0) and saved_batch != cfg.batch_size:
         raise FastganError(f"checkpoint {path} stopped inside an epoch at batch size {saved_batch}; resume it "
                            f"with that batch size, or change --batch-size from an epoch's checkpoint (epochNNN.pt)")
-    if payload["epoch"] >= cfg.epochs:
+    if payload["epoch"] >= cfg.epochs and not (run is not None and is_final_without_end_products(path, payload, run)):
         raise FastganError(f"checkpoint {path} has already trained {plural(payload['epoch'], 'epoch')}; pass "
                            f"--epochs larger than {payload['epoch']} to train more")
     return payload
+
+
+END_PRODUCTS = ("loss.png", "progress.gif", "netG.pth")
+
+
+def is_final_without_end_products(path: Path, payload: dict, run: Path) -> bool:
+    """Whether `payload` (at `path`) is the final checkpoint of the run in `run`, whose end products a kill or a full
+    disk cut short: a resume then only writes them (loop.finish_run)."""
+    final = payload["epoch"] >= payload["config"].get("epochs", payload["epoch"]) and not payload.get("iteration")
+    wanted = END_PRODUCTS + (("netG_ema.pth",) if payload.get("netG_ema") is not None else ())
+    return (final and path.parent.resolve() == (run / "checkpoints").resolve()
+            and not all((run / name).is_file() for name in wanted))
 
 
 def check_same_run(run: Path, payload: dict, path: Path) -> None:

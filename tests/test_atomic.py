@@ -21,7 +21,7 @@ def test_a_write_lands_whole_with_plain_permissions_and_nothing_beside_it(tmp_pa
 def test_a_write_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path):
     target = tmp_path / "last.pt"
     target.write_bytes(b"previous")
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(atomic.DiskFull, match="cannot write last.pt in .*: No space left on device"):
         with atomic.atomic_write(target) as f:
             f.write(b"half")
             raise OSError(28, "No space left on device")

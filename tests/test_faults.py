@@ -16,10 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastgan.atomic
+import fastgan.checkpoint
+import fastgan.report
 from fastgan.cli import main
 from fastgan.data import cache
 
-from test_resume import STEPS_PER_EPOCH, TINY, load, on_call, train
+from test_resume import TINY, assert_same_training, load, on_call, train
 
 
 def alive(pid: int) -> bool:
@@ -128,3 +131,144 @@ def test_sighup_stops_like_sigterm(image_folder, tmp_path, monkeypatch, capfd):
         assert signal.getsignal(signal.SIGHUP) is unhandled  # the caller's handler is put back
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+# ---- 4. half-finished ends: each has a way out ---------------------------------------------------------------
+
+def test_a_run_killed_after_its_final_checkpoint_finishes_its_end_products_on_resume(image_folder, tmp_path, capfd):
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 0
+    for name in ("netG.pth", "loss.png", "progress.gif"):  # the kill came before the end products
+        (run / name).unlink()
+    capfd.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"{run / 'checkpoints' / 'last.pt'} is the run's final checkpoint (2 epochs): wrote the end products" in err
+    final = load(run / "checkpoints" / "last.pt")
+    assert all(torch.equal(v, final["netG"][k]) for k, v in load(run / "netG.pth").items())
+    assert (run / "loss.png").is_file() and (run / "progress.gif").is_file()
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 2  # a whole run: nothing left to do
+    assert "has already trained 2 epochs; pass --epochs larger than 2" in capfd.readouterr().err
+
+
+def test_a_kill_between_the_epoch_file_and_last_pt_resumes_from_the_epoch_file(image_folder, tmp_path, monkeypatch,
+                                                                                capfd):
+    run, links = tmp_path / "run", [0]
+    real_link = fastgan.checkpoint.link_or_copy
+
+    def killed_at_the_second(source, target):
+        links[0] += 1
+        if links[0] == 2:  # epoch002.pt is written, last.pt still points at epoch001.pt
+            raise KeyboardInterrupt
+        real_link(source, target)
+    monkeypatch.setattr(fastgan.checkpoint, "link_or_copy", killed_at_the_second)
+    assert train("--root", image_folder, "--out", run, "--epochs", 3) == 130
+    monkeypatch.undo()
+    assert load(run / "checkpoints" / "last.pt")["epoch"] == 1 and (run / "checkpoints" / "epoch002.pt").is_file()
+    capfd.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    err = " ".join(capfd.readouterr().err.split())
+    assert (f"epoch002.pt is newer than last.pt (the run ended between writing the two): resuming from "
+            f"{run / 'checkpoints' / 'epoch002.pt'}") in err
+    assert load(run / "checkpoints" / "last.pt")["epoch"] == 3 and (run / "netG.pth").is_file()
+    straight = tmp_path / "straight"
+    assert train("--root", image_folder, "--out", straight, "--epochs", 3) == 0
+    assert_same_training(run, straight)  # nothing lost, nothing trained twice
+
+
+# ---- 5. a full disk: one line naming the file, its folder and the room left; records whole or not at all ---------
+
+class FullFile:
+    """A file on a disk that fills during this write: half the bytes land, then ENOSPC."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def fill_the_disk_at(monkeypatch, name: str, when: bytes = b""):
+    """Writes of the file `name` (through its temporary file, or appended) find the disk full, from the first write
+    holding `when`."""
+    real_fdopen, real_open = os.fdopen, open
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        return FullFile(f) if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{name}.") else f
+
+    class FullFrom(FullFile):
+        def write(self, data):
+            return (FullFile.write if when in data else lambda self, d: self._file.write(d))(self, data)
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return FullFrom(f) if Path(path).name == name else f
+    monkeypatch.setattr(fastgan.atomic.os, "fdopen", fdopen)
+    monkeypatch.setattr(fastgan.report, "open", open_, raising=False)
+
+
+@pytest.mark.parametrize("name, when", [("epoch002.pt", b""), ("fake_step0000004.png", b""), ("netG.pth", b""),
+                                        ("metrics.jsonl", b'"step": 4,')])
+def test_a_full_disk_is_one_line_and_the_run_goes_on_from_its_last_checkpoint(image_folder, tmp_path, monkeypatch,
+                                                                                capfd, name, when):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert train("--root", image_folder, "--out", straight, "--epochs", 2) == 0
+    fill_the_disk_at(monkeypatch, name, when)
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 2
+    err = capfd.readouterr().err
+    folder = run / "checkpoints" if name.endswith(".pt") else run / "samples" if name.endswith(".png") else run
+    assert "Traceback" not in err and err.count("error") == 1, err
+    assert err.strip().splitlines()[-1].startswith("fastgan: error: cannot write"), err  # one line, the last
+    assert f"cannot write {name} in {folder}: No space left on device (" in " ".join(err.split())
+    assert f"MB free there); free some room there, then continue with: fastgan train --out {run} --resume auto" \
+        in " ".join(err.split())
+    assert not [p for p in run.rglob(".*.tmp")]  # no temporary file left
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())  # no torn record
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    assert_same_training(run, straight)  # nothing lost
+
+
+def test_a_resume_drops_a_torn_last_record_of_metrics_jsonl(image_folder, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    on_call(monkeypatch, {5: lambda args: os.kill(os.getpid(), signal.SIGTERM)})
+    assert train("--root", image_folder, "--out", run, "--epochs", 2) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "iteration": 1, "step": 4, "Loss_D": 1.')  # a record cut short by a kill
+    assert main(["train", "--out", str(run), "--resume", "auto"]) == 0
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_really_full_disk_under_torch_save_and_pil_is_one_line(tmp_path):
+    """On a real full disk torch.save and PIL hide the ENOSPC under errors of their own; a 1 MB tmpfs (where this
+    machine lets the tests mount one) shows that the line still names the file and the room left."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount here")
+    try:
+        from PIL import Image
+        from fastgan.atomic import DiskFull
+        from fastgan.checkpoint import write_file
+        from fastgan.report import save_image_atomic
+        with pytest.raises(DiskFull, match=f"cannot write x.pt in {small}: No space left on device \\("):
+            write_file(small / "x.pt", {"weights": torch.zeros(1 << 20)})
+        noise = torch.randint(0, 255, (1000, 1000, 3), dtype=torch.uint8).numpy()
+        with pytest.raises(DiskFull, match=f"cannot write g.png in {small}: No space left on device \\("):
+            save_image_atomic(Image.fromarray(noise), small / "g.png")
+        assert list(small.iterdir()) == []  # no temporary file left
+    finally:
+        subprocess.run(["umount", str(small)])
