@@ -371,8 +371,7 @@ def throughput_key(figures: dict) -> str:
 def part_profile(check: Check) -> Result:
     """bench/profile_step.py: a trace summary of the best mode's step on the prepared file (on CUDA: compile, CUDA
     graphs, bf16, channels_last): kernels per step, the longest ones, time per kind, the share of the FLOP floor."""
-    sizes = ["--image-size", check.image_size, "--batch-size", check.batch, *check.model_flags[:6], "--device",
-             check.device] if check.cpu else []
+    sizes = ["--image-size", check.image_size, *check.model_flags, "--device", check.device] if check.cpu else []
     figures = bench_figures(check, "bench/profile_step.py", ["--data", check.prepared, *sizes])
     share = figures.get("fraction_of_flop_floor")
     return Result("passed", key=f"{figures['kernels_per_step']:,.0f} {figures['unit']}s a step, "
