@@ -1,7 +1,16 @@
 """fastgan: DCGAN face generators trained as fast as the hardware allows; a faithful, readable version of the
 PyTorch DCGAN faces tutorial."""
-from .config import Config
-from .errors import FastganError, TrainingStopped
+import os
+
+# torch's OpenMP threads sleep while they wait for work instead of spinning: where other programs share the cores, the
+# spinning threads take the turns of the one they wait for, and a run trained at a tenth of its speed
+# (bench/threads.py). OpenMP reads the policy once, as torch loads it, so it is set here, before anything imports
+# torch; a waiting policy the user set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME) wins.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & os.environ.keys():
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+from .config import Config  # noqa: E402 (imports torch)
+from .errors import FastganError, TrainingStopped  # noqa: E402
 
 __version__ = "0.1.0"
 

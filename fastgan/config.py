@@ -169,6 +169,11 @@ class Config:
                              "on CUDA; on the CPU bf16 where it has bf16 instructions (AVX512-BF16, AMX), else fp32, "
                              "as emulated bf16 is 2 to 10 times slower (the run says so); bf16 needs no scaler",
                       "speed", rule=one_of(AMP_CHOICES), metavar="{off,auto,fp16,bf16}", nargs="?", const="auto")
+    threads: Optional[int] = option(
+        None, "torch's CPU threads in each training process; they sleep while they wait for each other "
+        "(OMP_WAIT_POLICY=PASSIVE unless set), so other programs on the cores slow a run down instead of stalling "
+        "it (bench/threads.py); the weights depend on the count", "speed", rule=POSITIVE, metavar="N",
+        shown="OMP_NUM_THREADS where set, else one per core")
     channels_last: bool = option(False, "channels_last memory for the networks and batches", "speed")
     compile: bool = option(False, "torch.compile both networks (CPU too; the first iterations compile)", "speed")
     cuda_graphs: bool = option(

@@ -1,7 +1,13 @@
-"""What the CPU offers a run: whether it computes bf16 with its own instructions (--amp).
+"""What the CPU offers a run: whether it computes bf16 with its own instructions (--amp), and how many threads
+torch's step uses (--threads).
 
-Without AVX512-BF16 or AMX, oneDNN emulates bf16 convolutions, and bf16 autocast runs slower than fp32
+bf16: without AVX512-BF16 or AMX, oneDNN emulates bf16 convolutions, and bf16 autocast runs slower than fp32
 (bench/RESULTS.md: 2x slower with AVX-512, 10x with AVX2 only), so --amp (auto) trains in fp32 there.
+
+Threads: torch's OpenMP threads meet at the end of every parallel region, thousands per step. Where other programs
+take cores, a thread the scheduler has set aside holds up the others until its next turn, so a thread per core
+trains several times slower than one thread (bench/threads.py). fastgan's own threads sleep while they wait
+(OMP_WAIT_POLICY=PASSIVE, set in fastgan/__init__.py before torch loads OpenMP), and --threads sets their number.
 """
 from __future__ import annotations
 
@@ -48,3 +54,10 @@ def why_bf16_is_emulated() -> Optional[str]:
     cap = onednn_isa_cap()
     return f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from this CPU's bf16 instructions" if cap else None
 
+
+def use_threads(asked: Optional[int]) -> int:
+    """Give torch's step `asked` threads (--threads), or where None keep torch's own count (OMP_NUM_THREADS where
+    set, as torchrun sets it, else one per core); return the count the run uses."""
+    if asked is not None:
+        torch.set_num_threads(asked)
+    return torch.get_num_threads()

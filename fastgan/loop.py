@@ -25,6 +25,7 @@ import torch
 from . import checkpoint, distributed, runfolder
 from .atomic import DiskFull
 from .config import Config
+from .cpu import use_threads
 from .data import open_data, resolve_loader
 from .distributed import resolve_device
 from .errors import FastganError, TrainingStopped
@@ -47,7 +48,7 @@ def train(cfg: Config, resumed: Optional[dict] = None) -> Optional[Path]:
     read it already (the CLI does, for the run's options), so that it is read once."""
     cfg.validate()
     ranks, device = distributed.start(cfg.device, cfg.batch_size, cfg.cuda_graphs, cfg.sync_bn)
-    quiet_before = console.quiet
+    quiet_before, threads_before = console.quiet, torch.get_num_threads()
     console.quiet = quiet_before or not ranks.is_main  # under torchrun, rank 0 speaks for all
     try:
         with ExitStack() as held:  # the run folder's lock, released however the run ends
@@ -55,6 +56,7 @@ def train(cfg: Config, resumed: Optional[dict] = None) -> Optional[Path]:
         return run.resolve() if run else None  # absolute: the caller may change directory after
     finally:
         console.quiet = quiet_before
+        torch.set_num_threads(threads_before)  # the caller's count again (--threads)
         distributed.stop()
 
 
@@ -84,6 +86,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     # ---- set-up: every check that can fail on bad input passes before anything is written ------------------
     if cfg.cuda_graphs and device.type != "cuda":
         raise FastganError("--cuda-graphs needs a CUDA device (--device cuda)")
+    threads = use_threads(cfg.threads)
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
     if precision.note:  # a dry run says it too
         console.print(f"fastgan: note: {precision.note}")
@@ -96,7 +99,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     resumed = check_resumable(resume_path, cfg, resumed, Path(out).expanduser() if out else None) \
         if resume_path else None
     if cfg.dry_run:
-        return dry_run(cfg, device, precision, loader_name, decoder)
+        return dry_run(cfg, device, threads, precision, loader_name, decoder)
     run = None  # rank 0's: chosen and checked now, created once every other check has passed
     with ranks.together("checking the run folder"):
         if ranks.is_main:
@@ -108,7 +111,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
         data = open_data(cfg, device, precision.dtype, loader_name, decoder, ranks)
     loader, steps_per_epoch = data.loader, len(data.loader)
     console.print(f"fastgan: {data.summary}")
-    announce(cfg, ranks, device, precision, batch_size, data.description, run)
+    announce(cfg, ranks, device, threads, precision, batch_size, data.description, run)
 
     trainer = build_trainer(cfg, device, precision, ranks, loader)
     position, fixed_noise, loss_history, carried = Position(), make_fixed_noise(cfg), torch.zeros(0, 2), None
@@ -252,15 +255,17 @@ def measure_epoch(measure, trainer: Trainer, position: Position, stats: Interval
 # ---------------------------------------------------------------------------------------------------------
 # set-up helpers
 
-def announce(cfg: Config, ranks: distributed.Ranks, device: torch.device, precision: Precision, batch_size: int,
-             loader: str, run: Optional[Path]) -> None:
-    """The run's first line: what it decided (device, processes, precision, loader, speed switches, folder)."""
+def announce(cfg: Config, ranks: distributed.Ranks, device: torch.device, threads: int, precision: Precision,
+             batch_size: int, loader: str, run: Optional[Path]) -> None:
+    """The run's first line: what it decided (device, torch's CPU threads, processes, precision, loader, speed
+    switches, folder)."""
     processes = (f"{ranks.world_size} process{'es' if ranks.world_size > 1 else ''} "
                  f"({'NCCL' if device.type == 'cuda' else 'gloo'}), batch "
                  f"{batch_size} each{', SyncBatchNorm' if cfg.sync_bn else ''}, " if ranks.launched else "")
-    console.print(f"fastgan: device {device}, {processes}precision {precision.name}, {loader}, "
-                  f"channels_last {'on' if cfg.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
-                  f"CUDA graphs {'on' if cfg.cuda_graphs else 'off'} -> {run}")
+    console.print(f"fastgan: device {device}, {threads} CPU thread{'s' if threads > 1 else ''}, {processes}"
+                  f"precision {precision.name}, {loader}, channels_last {'on' if cfg.channels_last else 'off'}, "
+                  f"compile {'on' if cfg.compile else 'off'}, CUDA graphs {'on' if cfg.cuda_graphs else 'off'} "
+                  f"-> {run}")
 
 
 def run_folder_of(cfg: Config, resume_path: Optional[Path]) -> Optional[str]:
@@ -282,7 +287,8 @@ def resume_command(run: Path, ranks: distributed.Ranks) -> str:
     return f"{launcher} --out {run} --resume auto"
 
 
-def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name: str, decoder: str) -> None:
+def dry_run(cfg: Config, device: torch.device, threads: int, precision: Precision, loader_name: str,
+            decoder: str) -> None:
     """Print the run's plan (its options and what they resolve to) as JSON on stdout, so that `--dry-run >
     plan.json` keeps it, then run two steps on a tiny batch from the loader the run would build (its worker
     processes or threads included); write nothing."""
@@ -291,8 +297,8 @@ def dry_run(cfg: Config, device: torch.device, precision: Precision, loader_name
     data = open_data(trial, device, precision.dtype, loader_name, decoder)
     trainer = build_trainer(trial, device, precision, loader=data.loader)
     plan = {**cfg.to_dict(), "resolved": {
-        "device": str(device), "precision": precision.name, "loader": data.description, "data": data.summary,
-        "skipped": len(data.bad),
+        "device": str(device), "threads": threads, "precision": precision.name, "loader": data.description,
+        "data": data.summary, "skipped": len(data.bad),
         "parameters": {"generator": count_parameters(trainer.netG), "discriminator": count_parameters(trainer.netD)}}}
     where = distributed.environment()
     if where is None or where[0] == 0:  # under torchrun, one plan

@@ -1014,4 +1014,29 @@ MUTANTS = [
            "    torn = False\n",
            "a resume keeps a torn last record of metrics.jsonl, which then sits in the middle of the file",
            ("tests/test_faults.py::test_a_resume_drops_a_torn_last_record_of_metrics_jsonl",)),
+
+    # --- torch's CPU threads where other programs share the cores --------------------------------------------
+    Mutant("threads-ignored", "fastgan/cpu.py",
+           "        torch.set_num_threads(asked)\n",
+           "        pass\n",
+           "--threads is saved in config.json but the step runs on torch's own count",
+           ("tests/test_threads.py",)),
+    Mutant("threads-left-set", "fastgan/loop.py",
+           "        torch.set_num_threads(threads_before)  # the caller's count again (--threads)\n",
+           "        pass  # the caller's count again (--threads)\n",
+           "train(Config(threads=N)) leaves the caller's torch (a notebook's) on N threads after the run",
+           ("tests/test_threads.py",)),
+    Mutant("wait-policy-after-torch", "fastgan/__init__.py",
+           'if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & os.environ.keys():\n'
+           '    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"\n\nfrom .config import Config  # noqa: E402 (imports torch)\n',
+           'from .config import Config  # noqa: E402 (imports torch)\n'
+           'if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & os.environ.keys():\n'
+           '    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"\n',
+           "the sleeping policy is set after torch has loaded OpenMP, which read the policy once: threads spin",
+           ("tests/test_threads.py",)),
+    Mutant("wait-policy-overrides-user", "fastgan/__init__.py",
+           'if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & os.environ.keys():\n',
+           'if True:\n',
+           "a waiting policy the user set (OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT) is overwritten on import",
+           ("tests/test_threads.py",)),
 ]
