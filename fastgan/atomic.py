@@ -3,7 +3,10 @@
 The bytes go to a hidden temporary file beside the target (`.<name>.<random>.tmp`: unique, so two writers never
 share one), which is flushed to the disk and then renamed over the target; the folder is flushed too, so that
 the rename itself survives a power cut. A write cut short (kill -9, a full disk) leaves the previous file whole
-and at worst a hidden `.tmp` file beside it, which fastgan never reads.
+and at worst a hidden `.tmp` file beside it, which fastgan never reads. The writer holds an flock on its temporary
+file while it writes, so that a leftover of a killed writer (no process holds its lock) can be told from a write
+in progress and removed (`remove_leftovers`): by the next run into the folder, `fastgan prepare` of the same file,
+`fastgan cache clear`.
 """
 from __future__ import annotations
 
@@ -17,7 +20,24 @@ from typing import IO, Iterator, Optional
 
 from .errors import FastganError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; leftovers are then never taken for abandoned, and stay
+    fcntl = None
+
 FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota on it
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only mount, or a folder that is not ours to write
+
+
+def why_not_writable(folder: str | os.PathLike) -> str:
+    """Why `folder` (which exists) cannot be written, in the kernel's words: a read-only file system is not a
+    permission (root may write anything, except there)."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    except (OSError, AttributeError):  # no statvfs here (Windows)
+        pass
+    return os.strerror(errno.EACCES)
 
 
 class DiskFull(FastganError):
@@ -62,7 +82,39 @@ def _temporary_beside(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is closed: a live write, not a leftover
     return fd, Path(tmp)
+
+
+def abandoned(path: Path) -> bool:
+    """Whether no process holds an flock on `path` (a temporary file or a drawing's lock): its writer is gone."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+            return True
+    except OSError:  # held, gone meanwhile, or unreadable: not ours to remove
+        return False
+
+
+def leftovers(folder: Path, name: str = "*") -> list[Path]:
+    """The temporary files of killed writes of `name` (every file: "*") in `folder` that no live process holds."""
+    return [p for p in sorted(Path(folder).glob(f".{name}.*.tmp")) if p.is_file() and abandoned(p)] \
+        if Path(folder).is_dir() else []
+
+
+def remove_leftovers(folders, name: str = "*") -> dict[Path, int]:
+    """Remove the leftovers (see `leftovers`) in each of `folders`; each one removed with its size."""
+    removed = {}
+    for folder in folders:
+        for tmp in leftovers(folder, name):
+            with suppress(OSError):
+                size = tmp.stat().st_size
+                tmp.unlink()
+                removed[tmp] = size
+    return removed
 
 
 def fsync_folder(folder: Path) -> None:

@@ -256,21 +256,33 @@ def add_cache_parser(sub) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from .data.cache import cache_files, cache_folder, clear, describe
+    from .data.cache import cache_files, cache_folder, clear, describe, leftover_bytes
+    from .data.demo import abandoned_drawings, remove_abandoned_drawings
+    from .data.files import cache_dir
     from .report import gb, plural
     folder = cache_folder(args.cache_dir)
     where = f"{folder}" if folder.is_dir() else f"{folder}, a folder that does not exist"  # a typo, or no cache yet
+    # the default cache also holds the demo faces: a drawing killed part-way is a leftover there too
+    demo = [] if args.cache_dir else [cache_dir()]
     if args.action == "list":
         if args.names:
             raise FastganError("cache list takes no file names; `fastgan cache clear NAME` removes one")
         rows = cache_files(folder)
         for row in rows:  # the listing is the command's output: stdout, a line each
             print(describe(row))
-        print(f"{plural(len(rows), 'cache file')}, {gb(sum(r['bytes'] for r in rows))}, in {where}")
+        count, nbytes = leftover_bytes(folder)
+        drawings = [d for c in demo for d in abandoned_drawings(c)]
+        nbytes += sum(f.stat().st_size for d in drawings for f in d.rglob("*") if f.is_file())
+        left = (f"; and {plural(count + len(drawings), 'leftover')} of killed writes, {gb(nbytes)} (fastgan cache "
+                "clear removes them)") if count or drawings else ""
+        print(f"{plural(len(rows), 'cache file')}, {gb(sum(r['bytes'] for r in rows))}, in {where}{left}")
         return 0
-    removed = clear(folder, args.names)
-    print(f"fastgan: removed {plural(len(removed), 'cache file')} ({gb(sum(removed.values()))} freed) "
-          f"from {where}")
+    removed, left = clear(folder, args.names)
+    for cache in demo if not args.names else []:
+        left.update(remove_abandoned_drawings(cache))
+    leftovers = f" and {plural(len(left), 'leftover')} of killed writes" if left else ""
+    print(f"fastgan: removed {plural(len(removed), 'cache file')}{leftovers} "
+          f"({gb(sum(removed.values()) + sum(left.values()))} freed) from {where}")
     return 0
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .atomic import remove_leftovers, why_not_writable
 from .errors import FastganError
 
 try:
@@ -68,12 +69,12 @@ def choose(out: Optional[str], resuming: bool) -> Path:
     if not folder.is_dir():
         ancestor = next(p for p in folder.absolute().parents if p.exists())  # the root exists
         why = ("Not a directory" if not ancestor.is_dir() else
-               "Permission denied" if not os.access(ancestor, os.W_OK | os.X_OK) else None)
+               why_not_writable(ancestor) if not os.access(ancestor, os.W_OK | os.X_OK) else None)
         if why:
-            raise FastganError(f"--out {folder} is not writable ({why}: {ancestor})")
+            raise FastganError(f"--out {folder} is not writable ({why}: {ancestor}); choose another folder")
         return folder
     if not os.access(folder, os.W_OK | os.X_OK):  # said now, not after the data is read (minutes for CelebA)
-        raise FastganError(f"--out {folder} is not writable (Permission denied); choose another folder")
+        raise FastganError(f"--out {folder} is not writable ({why_not_writable(folder)}); choose another folder")
     pid = in_use(folder)
     if pid is not None:
         raise FastganError(f"--out {folder} is in use by another fastgan train (process {pid}); wait for it to "
@@ -119,6 +120,8 @@ def create(folder: Path, resuming: bool) -> tuple[Lock, Optional[Path]]:
         moved = None if resuming or not unfinished(folder) else set_aside(folder)
         (folder / "samples").mkdir(exist_ok=True)
         (folder / "checkpoints").mkdir(exist_ok=True)
+        # the temporary files of writes a kill cut short (checkpoints: the size of the model, each)
+        remove_leftovers([folder, folder / "samples", folder / "checkpoints"])
     except OSError as e:
         lock.release()
         raise FastganError(f"--out {folder} is not writable ({e.strerror or e})") from None

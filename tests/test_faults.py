@@ -272,3 +272,175 @@ def test_a_really_full_disk_under_torch_save_and_pil_is_one_line(tmp_path):
         assert list(small.iterdir()) == []  # no temporary file left
     finally:
         subprocess.run(["umount", str(small)])
+
+
+# ---- 6. read-only places: the cache, a shared pre-filled cache, HOME, `cache clear`, --out -----------------------
+
+@pytest.fixture
+def read_only(tmp_path):
+    """make(folder): `folder` made read-only, and the strerror its writes then fail with. As root (who ignores
+    file permissions) a read-only bind mount of it, where this machine allows mounts: "Read-only file system";
+    as another user a chmod 555: "Permission denied". Skipped as root without mounts."""
+    mounted = []
+
+    def make(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            mounted.append((None, folder))
+            return "Permission denied"
+        bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+        if bind.returncode:
+            pytest.skip("root without mounts: no read-only folder to be had")
+        mounted.append(("mount", folder))
+        assert not subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True).returncode
+        return "Read-only file system"
+    yield make
+    for how, folder in reversed(mounted):
+        if how == "mount":
+            subprocess.run(["umount", str(folder)])
+        else:
+            folder.chmod(0o755)
+
+
+def test_a_read_only_cache_dir_decodes_every_epoch_and_says_so(image_folder, tmp_path, read_only, capfd):
+    cache_dir = tmp_path / "shared"
+    why = read_only(cache_dir)
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--cache-dir", cache_dir, "--epochs", 1) == 0
+    out = " ".join(capfd.readouterr().err.split())
+    assert (f"fastgan: decoding every epoch (torch), not once into a cache: the cache folder {cache_dir} is not "
+            f"writable ({why}); a writable --cache-dir decodes once") in out
+    assert load(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+    # --loader cache, asked for, is refused in one line
+    assert train("--root", image_folder, "--out", tmp_path / "run2", "--cache-dir", cache_dir, "--loader", "cache",
+                 "--epochs", 1) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"fastgan: error: --loader cache cannot write its file: the cache folder {cache_dir} is not writable ({why}); "
+        "choose a writable --cache-dir, or decode every epoch with --loader torch"]
+
+
+def test_a_read_only_cache_that_holds_the_file_is_used_as_it_is(image_folder, tmp_path, read_only, capfd):
+    """A shared, pre-filled cache: the run uses the file (and cannot update its date, which stays)."""
+    cache_dir = tmp_path / "shared"
+    assert train("--root", image_folder, "--out", tmp_path / "fill", "--cache-dir", cache_dir, "--epochs", 1) == 0
+    (cached_file,) = cache_dir.glob("*.fgd")
+    before = cached_file.stat().st_mtime_ns
+    read_only(cache_dir)
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--cache-dir", cache_dir, "--epochs", 1) == 0
+    out = " ".join(capfd.readouterr().err.split())
+    assert "loader cache (" in out and "decoding every epoch" not in out
+    assert cached_file.stat().st_mtime_ns == before
+    assert_same_training(tmp_path / "run", tmp_path / "fill")
+
+
+def test_a_read_only_home_trains_a_folder_and_refuses_the_demo_in_one_line(image_folder, tmp_path, read_only,
+                                                                             monkeypatch, capfd):
+    home = tmp_path / "home"
+    why = read_only(home)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(home))
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", tmp_path / "run", "--epochs", 1) == 0  # no cache: decoded per epoch
+    assert f"the cache folder {home / '.cache' / 'fastgan' / 'prepared'} is not writable ({why})" in \
+        " ".join(capfd.readouterr().err.split())
+    assert main(["train", *TINY, "--out", str(tmp_path / "demo"), "--demo-images", "64", "--epochs", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"fastgan: error: cannot draw the demo faces into {home / '.cache' / 'fastgan'}: {why}; free some room there "
+        "or set XDG_CACHE_HOME to a writable folder, or give --root a folder of images"]
+
+
+def test_cache_clear_of_a_read_only_cache_is_one_line_and_keeps_the_files(image_folder, tmp_path, read_only, capfd):
+    cache_dir = tmp_path / "shared"
+    assert train("--root", image_folder, "--out", tmp_path / "fill", "--cache-dir", cache_dir, "--epochs", 1) == 0
+    (cached_file,) = cache_dir.glob("*.fgd")
+    why = read_only(cache_dir)
+    capfd.readouterr()
+    assert main(["cache", "clear", "--cache-dir", str(cache_dir)]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"fastgan: error: cannot remove {cached_file.name} from {cache_dir} ({why}); 0 removed before it. Clear the "
+        "cache where its folder is writable, or choose another --cache-dir"]
+    assert cached_file.is_file()
+
+
+def test_a_read_only_out_says_read_only_file_system_not_permission_denied(image_folder, tmp_path, read_only, capfd):
+    parent = tmp_path / "parent"
+    (parent / "empty").mkdir(parents=True)
+    why = read_only(parent)
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", parent / "new", "--epochs", 1) == 2
+    assert capfd.readouterr().err.strip() == \
+        f"fastgan: error: --out {parent / 'new'} is not writable ({why}: {parent}); choose another folder"
+    assert train("--root", image_folder, "--out", parent / "empty", "--epochs", 1) == 2
+    assert capfd.readouterr().err.strip() == \
+        f"fastgan: error: --out {parent / 'empty'} is not writable ({why}); choose another folder"
+
+
+# ---- 8. leftovers that fill a disk: what no live process holds is cleared, and counted --------------------------
+
+def test_a_demo_drawing_cut_short_by_a_full_disk_leaves_nothing_and_is_one_line(tmp_path, monkeypatch, capfd):
+    from fastgan.data import demo
+    real_write = demo.write_faces
+
+    def full(folder, n, **kwargs):  # a few faces land, then the disk is full
+        real_write(folder, 2, seed=0)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(demo, "write_faces", full)
+    capfd.readouterr()
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--demo-images", "64", "--epochs", "1"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"fastgan: error: cannot draw the demo faces into {demo.cache_dir()}: No space left on device; free some room")
+    assert not [p for p in demo.cache_dir().iterdir() if ".tmp" in p.name]  # no half-drawn folder left
+
+
+def test_the_folder_of_a_killed_demo_drawing_is_removed_and_counted_and_a_live_one_kept(tmp_path, capfd):
+    import fcntl
+    from fastgan.data import demo
+    cache = demo.cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    killed, live = (demo.demo_folder(64).with_name(f"{demo.demo_folder(64).name}.tmp{pid}") for pid in (1, 2))
+    for folder in (killed, live):
+        folder.mkdir()
+        (folder / "000001.jpg").write_bytes(b"x" * 1000)
+        (folder / demo.DRAWING).write_text("")
+    with open(live / demo.DRAWING) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a drawing in progress (its process holds the lock)
+        capfd.readouterr()
+        assert main(["cache", "list"]) == 0
+        assert "; and 1 leftover of killed writes, 1.0 KB (fastgan cache clear removes them)" in capfd.readouterr().out
+        assert main(["cache", "clear"]) == 0
+        assert "removed 0 cache files and 1 leftover of killed writes (1.0 KB freed)" in capfd.readouterr().out
+        assert not killed.exists() and live.exists()
+        (killed / "000001.jpg").parent.mkdir()
+        (killed / demo.DRAWING).write_text("")
+        demo.demo_faces(64, quiet=True)  # the next drawing removes a killed one's folder too
+        assert not killed.exists() and live.exists()
+
+
+def test_leftovers_of_killed_writes_are_removed_where_no_process_holds_them(image_folder, tmp_path):
+    """A checkpoint write, a prepare, a cache write killed part-way leave a hidden temporary file (each the size of
+    the model or of the decoded images): the next run into the folder, the next prepare of the file and `cache
+    clear` remove them, and never a write still in progress (its writer holds an flock on it)."""
+    from fastgan.atomic import atomic_write
+    from fastgan.data.files import index_images
+    from fastgan.data.prepared import prepare
+    run = tmp_path / "run"
+    assert train("--root", image_folder, "--out", run, "--epochs", 1) == 0
+    killed = [run / "checkpoints" / ".last.pt.k1.tmp", run / "samples" / ".real.png.k2.tmp", run / ".netG.pth.k3.tmp"]
+    for path in killed:
+        path.write_bytes(b"half")
+    with atomic_write(run / "checkpoints" / "epoch009.pt") as writing:  # a live write (in another folder's run,
+        writing.write(b"going on")                                    # say): its temporary file stays
+        (live,) = [p for p in (run / "checkpoints").glob(".epoch009.pt.*.tmp")]
+        assert main(["train", "--out", str(run), "--resume", "auto", "--epochs", "2"]) == 0
+        assert not any(p.exists() for p in killed) and live.exists()
+    out = tmp_path / "faces.fgd"
+    (tmp_path / ".faces.fgd.k4.tmp").write_bytes(b"half")
+    (tmp_path / ".other.fgd.k5.tmp").write_bytes(b"half")  # another file's: not this prepare's to remove
+    prepare(index_images(image_folder), out, 16, 3, workers=1)
+    assert not (tmp_path / ".faces.fgd.k4.tmp").exists() and (tmp_path / ".other.fgd.k5.tmp").exists()

@@ -160,7 +160,7 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
     --loader auto where its disk has no room (or for --dry-run, which writes nothing, where it is not there yet),
     (None, and the loader and decoder that decode every epoch), with a line that says why. --loader cache without
     room is refused."""
-    from .cache import cache_folder, cache_paths, cached, file_bytes, room_for
+    from .cache import CacheUnwritable, cache_folder, cache_paths, cached, file_bytes, room_for
     if decoder != "pil":
         from ..pipeline_dali import readable_by_dali
         index = readable_by_dali(index)  # the cache holds what DALI can decode
@@ -183,12 +183,22 @@ def through_cache(cfg: Config, index: FileIndex, decoder: str, ranks: distribute
             return None, loader_name, decoder, index
 
     # the local ranks wait at open_data's caller (local main first) and then find the file
-    with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
-        path = cached(index, folder, cfg.image_size, cfg.nc, decoder,
-                      cfg.workers if decoder == "pil" else cfg.dali_threads,
-                      lambda line: console.print(f"fastgan: {line}") if ranks.is_main else None,
-                      lambda total: functools.partial(bar.advance, bar.add_task(
-                          f"decoding {total:,} images once", total=total)), cfg.hw_decoder_load)
+    try:
+        with Progress(console=console, transient=True, disable=cfg.quiet or not console.is_interactive) as bar:
+            path = cached(index, folder, cfg.image_size, cfg.nc, decoder,
+                          cfg.workers if decoder == "pil" else cfg.dali_threads,
+                          lambda line: console.print(f"fastgan: {line}") if ranks.is_main else None,
+                          lambda total: functools.partial(bar.advance, bar.add_task(
+                              f"decoding {total:,} images once", total=total)), cfg.hw_decoder_load)
+    except CacheUnwritable as e:
+        if cfg.loader == "cache":
+            raise FastganError(f"--loader cache cannot write its file: {e}; choose a writable --cache-dir, or "
+                               "decode every epoch with --loader torch") from None
+        loader_name, decoder = per_epoch_loader(cfg, device)
+        if ranks.is_main:
+            console.print(f"fastgan: decoding every epoch ({loader_name}), not once into a cache: {e}; a writable "
+                          "--cache-dir decodes once")
+        return None, loader_name, decoder, index
     return path, "cache", decoder, index
 
 

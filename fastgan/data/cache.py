@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from ..atomic import READ_ONLY, abandoned, leftovers
 from ..config import DECODER_FLAGS, HW_DECODER_LOAD
 from ..errors import FastganError
 from ..report import gb
@@ -95,13 +96,25 @@ def room_for(folder: Path, nbytes: int) -> tuple[bool, str]:
     return need <= free, f"it needs {gb(nbytes)} and {folder} has {gb(free)} free (a margin of 10% or 1 GB kept)"
 
 
+class CacheUnwritable(FastganError):
+    """The cache's folder cannot be written (a read-only mount, a shared folder that is not ours): the run decodes
+    every epoch instead, or uses the file that is already there."""
+
+
 @contextmanager
 def writing_lock(path: Path, announce: Callable[[str], None] = lambda line: None) -> Iterator[None]:
     """An exclusive flock on `path`.lock for the block: one writer per cache file; the others wait here, and
-    `announce` says whose lock they wait for (the holder writes its process id into the lock file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    `announce` says whose lock they wait for (the holder writes its process id into the lock file).
+    CacheUnwritable where the folder cannot be written."""
     lock = path.with_suffix(".lock")
-    with open(lock, "a+") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        if e.errno in READ_ONLY:
+            raise CacheUnwritable(f"the cache folder {path.parent} is not writable ({e.strerror})") from None
+        raise
+    with f:
         if fcntl is not None:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,6 +137,8 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
     gave it (see cache_keys), or written now (under the lock, with a progress bar from `progress(total)`) by
     `workers` processes (PIL) or threads (DALI); `announce` gets the line that says which."""
     path, earlier = cache_paths(folder, index, image_size, nc, decoder)
+    if not path.exists() and earlier.is_file() and not os.access(folder, os.W_OK):
+        path = earlier  # a read-only cache that an earlier fastgan filled: used under the name it has
     if not path.exists():
         with writing_lock(path, announce):
             if not path.exists() and earlier.is_file():  # the same pixels: the file is renamed, not decoded again
@@ -142,7 +157,12 @@ def cached(index: FileIndex, folder: Path, image_size: int, nc: int, decoder: st
                                        "choose --cache-dir, or decode every epoch with --loader torch") from None
                 return path
     announce(f"using {path}")
-    os.utime(path)  # its date says when it was last used (fastgan cache list)
+    try:
+        os.utime(path)  # its date says when it was last used (fastgan cache list)
+    except OSError as e:
+        if e.errno not in READ_ONLY:
+            raise
+        # a shared, read-only cache: its date stays that of its writing
     return path
 
 
@@ -185,9 +205,10 @@ def describe(row: dict) -> str:
             f" from {m['source_root']} ({m['decoder']}), last used {used}")
 
 
-def clear(folder: Path, names: list[str]) -> dict[Path, int]:
+def clear(folder: Path, names: list[str]) -> tuple[dict[Path, int], dict[Path, int]]:
     """Remove the cache files `names` (all of them when empty), and their locks and any temporary file a killed
-    run left; a file being written (its lock held) is left alone. Returns each removed file's size."""
+    run left; a file being written (its lock held) is left alone. Returns (each removed file's size, each removed
+    leftover's size: the temporary files of killed writes)."""
     rows = cache_files(folder)
     if names:
         known = {r["path"].name for r in rows}
@@ -196,12 +217,49 @@ def clear(folder: Path, names: list[str]) -> dict[Path, int]:
             raise FastganError(f"no cache file {unknown[0]} in {folder}; `fastgan cache list` names them")
         rows = [r for r in rows if r["path"].name in names]
     removed = {}
-    for row in rows:
-        row["path"].unlink(missing_ok=True)
-        removed[row["path"]] = row["bytes"]
-    # the locks: the removed files' own, or all of them (with what killed runs left) when no name was given
-    locks = [r["path"].with_suffix(".lock") for r in rows] if names else \
-        sorted(folder.glob("*.lock")) if folder.is_dir() else []
-    for lock in locks:
-        drop_lock(lock)
+    try:
+        # what killed writes left, counted: the temporary files no live process holds
+        left = remove_cache_leftovers(folder, [r["path"].name for r in rows] if names else ["*"])
+        for row in rows:
+            row["path"].unlink(missing_ok=True)
+            removed[row["path"]] = row["bytes"]
+        # the locks: the removed files' own, or all of them (with what killed runs left) when no name was given
+        locks = [r["path"].with_suffix(".lock") for r in rows] if names else \
+            sorted(folder.glob("*.lock")) if folder.is_dir() else []
+        for lock in locks:
+            drop_lock(lock)
+    except OSError as e:
+        if e.errno not in READ_ONLY:
+            raise
+        raise FastganError(f"cannot remove {Path(e.filename).name if e.filename else 'the files'} from {folder} "
+                           f"({e.strerror}); {len(removed)} removed before it. Clear the cache where its folder is "
+                           "writable, or choose another --cache-dir") from None
+    return removed, left
+
+
+def cache_leftovers(folder: Path, names: list[str] = ["*"]) -> list[Path]:
+    """The temporary files that killed writes of the cache files `names` (glob patterns) left in `folder`: those no
+    live process holds, beside a lock no live process holds (a writer of an older fastgan locks only the latter)."""
+    found = []
+    for name in names:
+        for tmp in leftovers(folder, name):
+            lock = folder / (tmp.name[1:].split(".fgd.", 1)[0] + ".lock")
+            if not lock.exists() or abandoned(lock):
+                found.append(tmp)
+    return found
+
+
+def remove_cache_leftovers(folder: Path, names: list[str]) -> dict[Path, int]:
+    removed = {}
+    for tmp in cache_leftovers(folder, names):
+        size = tmp.stat().st_size
+        tmp.unlink(missing_ok=True)
+        removed[tmp] = size
     return removed
+
+
+def leftover_bytes(folder: Path) -> tuple[int, int]:
+    """(how many temporary files killed writes left in `folder`, their bytes): what `fastgan cache clear` frees
+    beside the cache files."""
+    found = cache_leftovers(folder)
+    return len(found), sum(p.stat().st_size for p in found)

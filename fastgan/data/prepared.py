@@ -30,7 +30,7 @@ import torch
 
 from ..config import HW_DECODER_LOAD
 from ..errors import FastganError
-from ..atomic import atomic_write
+from ..atomic import atomic_write, remove_leftovers
 from .files import FileIndex, default_workers, load_image, parallel_map
 from .pipeline_torch import epoch_permutation, image_transform, no_full_batch, rank_order
 
@@ -131,6 +131,7 @@ def prepare(index: FileIndex, out: str | os.PathLike, image_size: int, nc: int, 
     }
     placeholder = _head(manifest)
     digests, written = ChunkDigests(CHUNK_BYTES), 0
+    remove_leftovers([out.parent], out.name)  # what a killed prepare of this file left: gigabytes for CelebA
     with atomic_write(out) as f:
         f.write(placeholder)
         for images in decoded_images(index.good, image_size, nc, workers, decoder, hw_decoder_load):
