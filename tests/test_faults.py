@@ -444,3 +444,22 @@ def test_leftovers_of_killed_writes_are_removed_where_no_process_holds_them(imag
     (tmp_path / ".other.fgd.k5.tmp").write_bytes(b"half")  # another file's: not this prepare's to remove
     prepare(index_images(image_folder), out, 16, 3, workers=1)
     assert not (tmp_path / ".faces.fgd.k4.tmp").exists() and (tmp_path / ".other.fgd.k5.tmp").exists()
+
+
+# ---- 7. odd entries under --root are set aside with their reason, not fatal --------------------------------------
+
+def test_a_broken_symlink_a_symlink_loop_and_a_name_not_utf8_are_set_aside(image_folder, tmp_path, capfd):
+    faces = image_folder / "faces"
+    (faces / "broken.jpg").symlink_to(faces / "gone.jpg")
+    (faces / "loop.jpg").symlink_to(faces / "loop.jpg")
+    odd = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8, the name has a lone surrogate in Python
+    (faces / odd).write_bytes((faces / "0000.jpg").read_bytes())
+    run = tmp_path / "run"
+    capfd.readouterr()
+    assert train("--root", image_folder, "--out", run, "--epochs", 1) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    skipped = dict(line.split("\t") for line in (run / "skipped_files.txt").read_text().splitlines())
+    assert skipped == {str(faces / "broken.jpg"): "FileNotFoundError: No such file or directory (a broken symlink)",
+                       str(faces / "loop.jpg"): "OSError: Too many levels of symbolic links (a broken symlink)",
+                       str(faces) + "/caf\\udce9.jpg": "its name is not valid UTF-8; rename it"}
+    assert load(run / "checkpoints" / "last.pt")["epoch"] == 1

@@ -107,9 +107,18 @@ def inspect_image(path: str | os.PathLike) -> tuple[Optional[str], Optional[str]
         return f"{type(e).__name__}: {message}"[:200], None
 
 
+def unusable_name(path: Path) -> Optional[str]:
+    """Why a file's name cannot be used (cache keys, manifests and logs are UTF-8), or None."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it"
+    return None
+
+
 def write_skipped(bad: list[tuple[Path, str]], path: str | os.PathLike) -> None:
-    """List the skipped files, one 'path<TAB>reason' per line."""
-    Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in bad))
+    """List the skipped files, one 'path<TAB>reason' per line (a name that is not UTF-8 with its bytes escaped)."""
+    Path(path).write_text("".join(f"{p}\t{reason}\n" for p, reason in bad), errors="backslashreplace")
 
 
 @dataclass
@@ -220,9 +229,16 @@ def index_images(root: str | os.PathLike, workers: Optional[int] = None,
     paths = find_images(root)
     cache_file = _cache_path(root)
     cached = _read_cache(cache_file, root) if use_cache else {}
-    keys, verdicts, todo = [], {}, []
+    keys, verdicts, todo, unusable = [], {}, [], []
     for path in paths:
-        stat = path.stat()
+        why = unusable_name(path)
+        try:
+            stat = path.stat()  # through a symlink: a broken one, or one to itself, fails here
+        except OSError as e:
+            why = why or f"{type(e).__name__}: {e.strerror}" + (" (a broken symlink)" if path.is_symlink() else "")
+        if why:  # set aside before the check, with its reason, like a file that does not decode
+            unusable.append((path, why))
+            continue
         key = str(path.relative_to(root))
         keys.append(key)
         entry = cached.get(key)
@@ -242,10 +258,11 @@ def index_images(root: str | os.PathLike, workers: Optional[int] = None,
                     progress(done, total)
         if use_cache:
             _write_cache(cache_file, root, verdicts)  # files gone since are dropped
+    paths = [p for p in paths if p not in {u for u, _ in unusable}]
     good = [p for p, k in zip(paths, keys) if verdicts[k][2] is None]
-    bad = [(p, verdicts[k][2]) for p, k in zip(paths, keys) if verdicts[k][2] is not None]
+    bad = sorted(unusable + [(p, verdicts[k][2]) for p, k in zip(paths, keys) if verdicts[k][2] is not None])
     if not good:
-        raise FastganError(f"--root {root}: none of its {len(paths):,} image files can be decoded "
+        raise FastganError(f"--root {root}: none of its {len(bad):,} image files can be decoded "
                            f"(first: {bad[0][0].name}: {bad[0][1]})")
     formats = [verdicts[k][3] for k in keys if verdicts[k][2] is None]
     return FileIndex(root=root, good=good, bad=bad, checked=total, formats=formats)
