@@ -107,7 +107,7 @@ def add_train_parser(sub) -> None:
         epilog="examples:\n  fastgan train\n  fastgan train --root ~/celeba --amp --compile\n"
                "  fastgan train --out runs/a --resume auto --epochs 10\n"
                "  torchrun --nproc_per_node 8 -m fastgan train --root ~/celeba --amp --compile\n\n"
-               "Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second Ctrl-C quits at once.")
+               "Ctrl-C (or SIGTERM, SIGHUP) stops after the current step and writes a checkpoint; a second Ctrl-C quits at once.")
     add_declared(p, "train", GROUPS)
     p.set_defaults(func=run_train, parser=p)
 
