@@ -398,9 +398,11 @@ def test_a_demo_drawing_cut_short_by_a_full_disk_leaves_nothing_and_is_one_line(
     assert not [p for p in demo.cache_dir().iterdir() if ".tmp" in p.name]  # no half-drawn folder left
 
 
-def test_the_folder_of_a_killed_demo_drawing_is_removed_and_counted_and_a_live_one_kept(tmp_path, capfd):
+def test_the_folder_of_a_killed_demo_drawing_is_removed_and_counted_and_a_live_one_kept(tmp_path, monkeypatch,
+                                                                                       capfd):
     import fcntl
     from fastgan.data import demo
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cache of its own: the counts are exact
     cache = demo.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     killed, live = (demo.demo_folder(64).with_name(f"{demo.demo_folder(64).name}.tmp{pid}") for pid in (1, 2))
