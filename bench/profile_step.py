@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loaders as loader_bench  # noqa: E402
 from flops import step_flop_per_image  # noqa: E402
 from loaders import sync  # noqa: E402
-from throughput import PEAK_TFLOPS, fastgan_loader, fastgan_step  # noqa: E402
+from throughput import PEAK_TFLOPS, fastgan_data, fastgan_step  # noqa: E402
 from fastgan.config import Config  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
@@ -130,8 +130,8 @@ def main() -> int:
     flop = step_flop_per_image(args.nz, args.ngf, args.ndf, 3, args.image_size)
 
     def build(config: Config):
-        loader = fastgan_loader(config, device)
-        return fastgan_step(config, device, loader), loader_bench.epochs(loader)
+        data = fastgan_data(config, device)
+        return fastgan_step(config, device, data), loader_bench.epochs(data.loader)
 
     step, batches = build(cfg)
     start = time.perf_counter()

@@ -55,7 +55,7 @@ from fastgan.config import HW_DECODER_LOAD, Config  # noqa: E402
 from fastgan.data.demo import demo_faces  # noqa: E402
 from fastgan.errors import FastganError  # noqa: E402
 from fastgan.data.files import default_workers, index_images  # noqa: E402
-from fastgan.data import open_data, resolve_loader  # noqa: E402
+from fastgan.data import Data, open_data, resolve_loader  # noqa: E402
 from fastgan.distributed import resolve_device  # noqa: E402
 from fastgan.pipeline_dali import dali_version  # noqa: E402
 from fastgan.data.prepared import prepare  # noqa: E402
@@ -81,17 +81,25 @@ def tutorial_stepper(cfg: Config, device: torch.device) -> Callable[[torch.Tenso
                                        torch.randn(batch.shape[0], cfg.nz, 1, 1, device=device))
 
 
-def fastgan_step(cfg: Config, device: torch.device, loader=None) -> Callable[[Optional[torch.Tensor]], torch.Tensor]:
+def fastgan_step(cfg: Config, device: torch.device, data: Optional[Data] = None,
+                 in_graph: bool = True) -> Callable[[Optional[torch.Tensor]], torch.Tensor]:
     """step(batch) -> statistics: fastgan's step exactly as `fastgan train` runs it for cfg (compile,
-    channels_last, amp, cuda_graphs). Given the run's loader, a prepared loader under cuda_graphs gathers its
-    batches inside the graph and yields placeholders, as in training."""
-    return build_trainer(cfg, device, resolve_precision(cfg.amp, device, cfg.cuda_graphs), loader=loader)
+    channels_last, amp, cuda_graphs). Given the run's data, prepared data in device memory under cuda_graphs is
+    gathered inside the graph (its loader then yields placeholders), as in training, unless `in_graph` is False:
+    then each batch is copied into the graph, as the other loaders' are."""
+    feed = data.graph_feed if data is not None and in_graph else None
+    return build_trainer(cfg, device, resolve_precision(cfg.amp, device, cfg.cuda_graphs), graph_feed=feed)
+
+
+def fastgan_data(cfg: Config, device: torch.device) -> Data:
+    """The data `fastgan train` opens for cfg (prepared data for cfg.data, else image files in cfg.root)."""
+    precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
+    return open_data(cfg, device, precision.dtype, *resolve_loader(cfg, device))
 
 
 def fastgan_loader(cfg: Config, device: torch.device):
-    """The loader `fastgan train` builds for cfg (prepared data for cfg.data, else image files in cfg.root)."""
-    precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
-    return open_data(cfg, device, precision.dtype, *resolve_loader(cfg, device)).loader
+    """The loader `fastgan train` builds for cfg."""
+    return fastgan_data(cfg, device).loader
 
 
 def timed(step, batches: Iterator, steps: int, warmup: int, repeats: int, batch: int, device: torch.device) -> dict:
@@ -159,13 +167,15 @@ class Bench:
         return figures
 
     def run_rows(self, section: str, rows, make_batches) -> None:
-        """Time each (name, cfg or "skipped: why") row; cfg None is the tutorial, the section's first row and
-        the baseline of every row's ratio. A row that raises is recorded as failed, with its error, and the
+        """Time each (name, cfg or "skipped: why"[, in_graph]) row; cfg None is the tutorial, the section's first
+        row and the baseline of every row's ratio; in_graph False copies prepared batches into a CUDA graph
+        instead of gathering them inside it. A row that raises is recorded as failed, with its error, and the
         next row runs: one broken loader or step variant must not take the rows after it."""
-        for name, cfg in rows:
+        for name, cfg, *in_graph in rows:
             if not isinstance(cfg, str):
                 try:
-                    self.results[section].append(self.measure_row(section, name, cfg, make_batches))
+                    self.results[section].append(self.measure_row(section, name, cfg, make_batches,
+                                                                  *in_graph))
                     row = self.results[section][-1]
                     ratio = f"{row['ratio']:.2f}x the tutorial" if row["ratio"] else "no tutorial figure"
                     self.console.print(f"{section}  {name}: {row['images_per_second']:,.1f} images/s, {ratio} "
@@ -178,7 +188,8 @@ class Bench:
             self.console.print(f"{section}  {name}: {cfg}")
             self.save()
 
-    def measure_row(self, section: str, name: str, cfg: Optional[Config], make_batches) -> dict:
+    def measure_row(self, section: str, name: str, cfg: Optional[Config], make_batches, in_graph: bool = True
+                    ) -> dict:
         if self.gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         if cfg is not None and cfg.compile:
@@ -186,9 +197,10 @@ class Bench:
             # each forward (autocast dtype, requires_grad, input dtype each make one) up to its limit of 8,
             # past which the row would run uncompiled (main() makes that an error rather than a warning)
             torch._dynamo.reset()
-        batches, loader = make_batches(cfg)
+        batches, data = make_batches(cfg)
         try:
-            step = tutorial_stepper(self.base, self.device) if cfg is None else fastgan_step(cfg, self.device, loader)
+            step = (tutorial_stepper(self.base, self.device) if cfg is None else
+                    fastgan_step(cfg, self.device, data, in_graph))
             figures = timed(step, batches, self.steps, self.warmup, self.repeats, self.batch, self.device)
         finally:
             if hasattr(batches, "close"):
@@ -288,10 +300,10 @@ def end_to_end(bench: Bench) -> None:
     have. Each loader is built once and read epoch after epoch; the DALI row runs the best prepared row's step."""
     def loader_batches_for(cfg: Optional[Config]):
         if cfg is None:  # the tutorial: ImageFolder + DataLoader(shuffle=True, num_workers=2)
-            loader = loader_bench.ImagesOnly(tutorial_loader(bench.folder.parent, 64, bench.batch, 2))
-        else:
-            loader = fastgan_loader(cfg, bench.device)
-        return loader_bench.epochs(loader), loader
+            return loader_bench.epochs(loader_bench.ImagesOnly(tutorial_loader(bench.folder.parent, 64, bench.batch,
+                                                                               2))), None
+        data = fastgan_data(cfg, bench.device)
+        return loader_bench.epochs(data.loader), data
 
     if bench.args.dali_only:
         mode = best_mode(bench)
@@ -345,11 +357,18 @@ def end_to_end_rows(bench: Bench) -> list:
     for precision in ("fp16", "bf16"):
         fast = dataclasses.replace(prepared, channels_last=True, amp=precision)
         rows += [
-            (f"prepared + compile ({precision})", on_gpu(compiled(dataclasses.replace(fast, compile=True)))),
+            # compile alone is shown once, in bf16: a compile fewer for the GPU check's few minutes
+            *([(f"prepared + compile ({precision})", on_gpu(compiled(dataclasses.replace(fast, compile=True))))]
+              if precision == "bf16" else []),
             (f"prepared + CUDA graphs ({precision})", on_gpu(dataclasses.replace(fast, cuda_graphs=True))),
             (f"prepared + compile + CUDA graphs ({precision})",
              on_gpu(compiled(dataclasses.replace(fast, compile=True, cuda_graphs=True)))),
         ]
+    # the in-graph gather's own row: the same best mode with each batch copied into the graph instead, so that a
+    # GPU shows whether the gather earns its place (at least a tenth of the step, the project's rule for a trick)
+    rows.append(("prepared + compile + CUDA graphs (bf16), each batch copied into the graph",
+                 on_gpu(compiled(dataclasses.replace(prepared, channels_last=True, amp="bf16", compile=True,
+                                                     cuda_graphs=True))), False))
     return rows
 
 

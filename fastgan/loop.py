@@ -113,7 +113,7 @@ def train_ranked(cfg: Config, ranks: distributed.Ranks, device: torch.device, re
     console.print(f"fastgan: {data.summary}")
     announce(cfg, ranks, device, threads, precision, batch_size, data.description, run)
 
-    trainer = build_trainer(cfg, device, precision, ranks, loader)
+    trainer = build_trainer(cfg, device, precision, ranks, data.graph_feed)
     position, fixed_noise, loss_history, carried = Position(), make_fixed_noise(cfg), torch.zeros(0, 2), None
     if resumed:
         trainer.load_state_dict(resumed)
@@ -295,7 +295,7 @@ def dry_run(cfg: Config, device: torch.device, threads: int, precision: Precisio
     # no bars without a terminal, where rich leaves a blank line for each
     trial = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 4), quiet=cfg.quiet or not console.is_interactive)
     data = open_data(trial, device, precision.dtype, loader_name, decoder)
-    trainer = build_trainer(trial, device, precision, loader=data.loader)
+    trainer = build_trainer(trial, device, precision, graph_feed=data.graph_feed)
     plan = {**cfg.to_dict(), "resolved": {
         "device": str(device), "threads": threads, "precision": precision.name, "loader": data.description,
         "data": data.summary, "skipped": len(data.bad),

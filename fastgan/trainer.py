@@ -1,7 +1,7 @@
 """The training step as a run executes it: both networks, their optimizers, the GradScaler and the training
 noise, with the speed machinery (DDP, torch.compile, a CUDA graph) wrapped around step.train_step from outside.
 
-    trainer = build_trainer(cfg, device, precision, ranks, loader)
+    trainer = build_trainer(cfg, device, precision, ranks, data.graph_feed)
     stats = trainer(batch)   # one D update and one G update; statistics stay on the device
 
 `fastgan train` and bench/throughput.py build their steps here, so the bench measures the step users run.
@@ -13,7 +13,7 @@ import functools
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from .ema import GeneratorEMA
 from .errors import FastganError
 from .models import Discriminator, Generator, init_weights
 from .step import train_step
+
+if TYPE_CHECKING:
+    from .data.prepared import GraphFeed
 
 
 @dataclass
@@ -219,22 +222,20 @@ def training_device_rng(saved, device: torch.device) -> Optional[torch.Tensor]:
 
 
 def build_trainer(cfg: Config, device: torch.device, precision: Precision,
-                  ranks: distributed.Ranks = distributed.Ranks(), loader=None) -> Trainer:
-    """The networks (seeded from cfg.seed), optimizers and noise, and the step wrapped as cfg asks.
+                  ranks: distributed.Ranks = distributed.Ranks(),
+                  graph_feed: Optional[Callable[[], "GraphFeed"]] = None) -> Trainer:
+    """The networks (seeded from cfg.seed), optimizers and noise, and the one step the loop calls, assembled in one
+    pass as cfg asks: DDP, then torch.compile, then the update (--ema's average folded in after it), then the way
+    a batch reaches it (given to it eagerly, copied into a CUDA graph's static input, or gathered inside the graph).
 
-    With --cuda-graphs and a loader that can gather inside the graph (prepared data), the whole step is one
-    graph replay and the loader yields placeholders; with any other loader each batch is copied into the
-    graph's static input first."""
+    `graph_feed`: where the data can be gathered inside a CUDA graph (prepared data in device memory: Data's
+    graph_feed, PreparedLoader.in_graph), asked for under --cuda-graphs only; the loader then yields placeholders."""
     torch.manual_seed(cfg.seed)
     netG, netD = build_models(cfg, device)
     optimizerG, optimizerD = build_optimizers(cfg, netG, netD, capturable=cfg.cuda_graphs)
     noise_rng = noise_generator(cfg.seed, device)
-    batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
-    rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)
-
-    def draw_noise() -> torch.Tensor:
-        # every rank draws the whole batch's noise and takes its rows: the single process's noise
-        return torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=noise_rng)[rows]
+    draw_noise = noise_drawer(cfg, ranks, device, noise_rng)
+    ema = GeneratorEMA(netG, cfg.ema_kimg, cfg.batch_size) if cfg.ema_kimg is not None else None
 
     # The step runs the (possibly DDP-wrapped, compiled) modules; samples and checkpoints use the plain ones
     stepG, stepD, stepD_for_G = distributed.wrap(netG, netD, ranks, device, cfg.sync_bn)
@@ -243,38 +244,51 @@ def build_trainer(cfg: Config, device: torch.device, precision: Precision,
             import_cpp_extension_quietly()
         compile_once = functools.cache(torch.compile)  # without torchrun, D for G's update is D: one compile
         stepG, stepD, stepD_for_G = compile_once(stepG), compile_once(stepD), compile_once(stepD_for_G)
-    step = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
-                             scaler=precision.scaler, netD_for_G=stepD_for_G)
-    ema = GeneratorEMA(netG, cfg.ema_kimg, cfg.batch_size) if cfg.ema_kimg is not None else None
+    update = functools.partial(train_step, stepG, stepD, optimizerG, optimizerD, autocast=precision.autocast,
+                               scaler=precision.scaler, netD_for_G=stepD_for_G)
     if ema is not None:
-        plain_step = step
+        update = with_average(update, ema)
 
-        def step(real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            stats = plain_step(real, noise)
-            ema.update()
-            return stats
-    parts = Trainer(netG, netD, optimizerG, optimizerD, precision, device, noise_rng, ema, None, "eager")
     if not cfg.cuda_graphs:
-        parts.step = lambda real: step(real, draw_noise())
-        return parts
+        step, description = (lambda real: update(real, draw_noise())), "eager"
+    else:
+        step, description = graphed(update, draw_noise, graph_feed() if graph_feed is not None else None,
+                                    modules=(netG, netD), optimizers=(optimizerG, optimizerD),
+                                    scaler=precision.scaler, generators=[noise_rng],
+                                    state=ema.tensors() if ema is not None else [])
+    return Trainer(netG, netD, optimizerG, optimizerD, precision, device, noise_rng, ema, step, description)
 
+
+def noise_drawer(cfg: Config, ranks: distributed.Ranks, device: torch.device,
+                 generator: torch.Generator) -> Callable[[], torch.Tensor]:
+    """draw() -> this rank's rows of the step's noise: every rank draws the whole batch's noise and takes its rows,
+    so that the ranks together train on the single process's noise."""
+    batch_size = distributed.per_rank_batch(cfg.batch_size, ranks.world_size)
+    rows = slice(ranks.rank * batch_size, (ranks.rank + 1) * batch_size)
+    return lambda: torch.randn(cfg.batch_size, cfg.nz, 1, 1, device=device, generator=generator)[rows]
+
+
+def with_average(update: Callable, ema: GeneratorEMA) -> Callable:
+    """update(real, noise), then --ema's average folds in G's new weights (device work only: capturable)."""
+    def update_and_average(real: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        stats = update(real, noise)
+        ema.update()
+        return stats
+    return update_and_average
+
+
+def graphed(update: Callable, draw_noise: Callable, feed: Optional["GraphFeed"], state: list,
+            **graph_parts) -> tuple[Callable, str]:
+    """(step, its description): the update and its noise (and, given `feed`, the batch's gather) in one CUDA graph;
+    `state` the further tensors the warm-up must put back (the EMA's)."""
     from .graphs import GraphedStep, StaticBatch
-    graph_parts = dict(modules=(netG, netD), optimizers=(optimizerG, optimizerD), scaler=precision.scaler,
-                       generators=[noise_rng])
-    ema_state = ema.tensors() if ema is not None else []  # the average's update is captured with the step
-    if hasattr(loader, "in_graph"):
-        feed = loader.in_graph()
-        graphed = GraphedStep(step, lambda: (feed(), draw_noise()), state=[feed.position, *ema_state],
-                              **graph_parts)
-        parts.step = lambda _placeholder: graphed()
-        parts.description = "one CUDA graph per step, the batch gathered inside it"
-        return parts
+    if feed is not None:  # the gather is captured with the step: the loader's batch is a placeholder
+        graph = GraphedStep(update, lambda: (feed(), draw_noise()), state=[feed.position, *state], **graph_parts)
+        return (lambda _placeholder: graph()), "one CUDA graph per step, the batch gathered inside it"
     static = StaticBatch(draw_noise)
-    graphed = GraphedStep(step, static, state=ema_state, **graph_parts)
+    graph = GraphedStep(update, static, state=state, **graph_parts)
 
     def step_on(real: torch.Tensor) -> torch.Tensor:
-        static.feed(real)
-        return graphed()
-    parts.step = step_on
-    parts.description = "one CUDA graph per step, each batch copied into it"
-    return parts
+        static.feed(real)  # one copy kernel into the graph's static input
+        return graph()
+    return step_on, "one CUDA graph per step, each batch copied into it"

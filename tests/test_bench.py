@@ -17,7 +17,8 @@ from fastgan.pipeline_dali import dali_available  # noqa: E402
 
 # the end-to-end rows a user runs; the CUDA ones say "skipped: no CUDA GPU" on the CPU
 CUDA_ROWS = [f"prepared + {what} ({precision})" for precision in ("fp16", "bf16")
-             for what in ("compile", "CUDA graphs", "compile + CUDA graphs")]
+             for what in ("CUDA graphs", "compile + CUDA graphs")] + [
+    "prepared + compile (bf16)", "prepared + compile + CUDA graphs (bf16), each batch copied into the graph"]
 CPU_ROWS = ["prepared, eager fp32", "prepared + channels_last", "prepared + channels_last + bf16"]
 
 
@@ -201,7 +202,7 @@ def test_a_row_that_fails_is_recorded_with_its_error_and_the_rows_after_it_run(t
     """One broken loader or step (a DALI that fails to build, a compile that breaks) must not end the bench: the
     rows after it still run, and the row records why it has no figure; the JSON is saved after each row."""
     monkeypatch.setattr(throughput, "tutorial_stepper", lambda cfg, device: lambda batch: torch.ones(5))
-    monkeypatch.setattr(throughput, "fastgan_step", lambda cfg, device, loader: lambda batch: torch.ones(5))
+    monkeypatch.setattr(throughput, "fastgan_step", lambda cfg, device, data, in_graph=True: lambda b: torch.ones(5))
 
     def make_batches(cfg):
         if cfg is not None and cfg.loader == "dali":
@@ -220,16 +221,20 @@ def test_a_row_that_fails_is_recorded_with_its_error_and_the_rows_after_it_run(t
     assert throughput.judge_targets(bench) == 1  # a failed row fails the bench, its figures saved
 
 
-def test_each_compiled_row_starts_from_a_fresh_compile_state_and_a_recompile_limit_fails_it(tmp_path, monkeypatch):
+def test_each_compiled_row_starts_from_a_fresh_compile_state_and_a_recompile_limit_fails_it(tmp_path, monkeypatch,
+                                                                                                       request):
     """torch.compile keeps up to 8 versions of a forward: the rows before a compiled row would fill them, and
     the row would then run eager under its compiled name. Each compiled row resets the compile state, and a
     limit hit anyway is an error of that row, not a warning."""
     import torch._dynamo
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # as settings() sets it
+    # torch's own patch: pytest's monkeypatch deletes a config key on undo (torch's config module has no
+    # instance attribute to restore), which broke every later compile in the same process
+    limits = torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)  # as settings() sets
+    limits.__enter__()
+    request.addfinalizer(lambda: limits.__exit__(None, None, None))
     compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")  # dynamo's guards without inductor's minutes
 
-    def step_of(cfg, device, loader):
+    def step_of(cfg, device, data, in_graph=True):
         return lambda batch: compiled(batch).sum().reshape(1)
 
     monkeypatch.setattr(throughput, "tutorial_stepper", lambda cfg, device: lambda batch: torch.ones(1))
@@ -253,7 +258,8 @@ def test_each_compiled_row_starts_from_a_fresh_compile_state_and_a_recompile_lim
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("sizes", [dict(nz=16, ngf=8, ndf=8, image_size=32), dict(nz=100, ngf=8, ndf=16, image_size=64)])
+@pytest.mark.parametrize("sizes", [dict(nz=16, ngf=8, ndf=8, image_size=32),
+                                   dict(nz=100, ngf=8, ndf=16, image_size=64)])
 def test_the_flop_count_of_a_step_is_what_torch_counts_in_fastgans_step(sizes):
     """bench/flops.py counts a step from the model's convolutions and Algorithm 1's passes; torch's own counter,
     run over fastgan's real step, must find the same FLOPs (convolutions forward and backward)."""

@@ -98,27 +98,13 @@ def train_some(cfg: Config, data: torch.Tensor, epochs: int, in_graph_loader: bo
     precision = resolve_precision(cfg.amp, device, cfg.cuda_graphs)
     loader = PreparedLoader(data, cfg.batch_size, device, channels_last=cfg.channels_last, seed=cfg.seed,
                             mirror=True, dtype=precision.dtype)
-    # a loader without in_graph() makes the graph take each batch through its static input, as torch/DALI do
-    source = loader if in_graph_loader else IterOnly(loader)
-    trainer = build_trainer(cfg, device, precision, loader=source)
+    # without the in-graph gather the graph takes each batch through its static input, as torch/DALI batches go
+    trainer = build_trainer(cfg, device, precision, graph_feed=loader.in_graph if in_graph_loader else None)
     stats = []
     for epoch in range(epochs):
-        source.set_epoch(epoch)
-        stats += [trainer(batch).clone() for batch in source]
+        loader.set_epoch(epoch)
+        stats += [trainer(batch).clone() for batch in loader]
     return torch.stack(stats).cpu(), trainer
-
-
-class IterOnly:
-    """A prepared loader seen as any other loader: batches, no in-graph gather."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def set_epoch(self, epoch, start=0):
-        self.loader.set_epoch(epoch, start)
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 def weights(module) -> torch.Tensor:
@@ -153,6 +139,50 @@ def test_what_the_gpu_comparison_counts_holds_for_two_eager_runs_on_the_cpu(amp)
     assert_the_same_steps(first, second, 12, amp)
     if amp == "fp16":  # the tiny model overflows at the GradScaler's first scale: a step is skipped
         assert max(adam_steps(first)) < 12
+
+
+class FakeFeed:
+    """A graph feed as PreparedLoader.in_graph gives one: a device-side position and a capturable gather."""
+
+    def __init__(self):
+        self.position = torch.zeros((), dtype=torch.int64)
+
+    def __call__(self):
+        return torch.zeros(8, 3, 16, 16)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_the_step_is_assembled_once_for_each_kind_of_batch_source(monkeypatch, ema):
+    """Which step build_trainer assembles, checked on the CPU with the graph faked (a CUDA graph needs a GPU
+    only when captured): eager without --cuda-graphs (the feed never asked for, so the loader keeps yielding
+    batches); under --cuda-graphs the data's in-graph gather where there is one, captured with the step and its
+    position put back after the warm-up with the EMA's state; else each batch copied into the graph."""
+    import fastgan.graphs
+    made = []
+
+    class Recorded:
+        def __init__(self, step, inputs, **parts):
+            made.append({"inputs": inputs, **parts})
+    monkeypatch.setattr(fastgan.graphs, "GraphedStep", Recorded)
+    cpu = torch.device("cpu")
+    cfg = Config(image_size=16, ngf=4, ndf=4, nz=8, batch_size=8, device="cpu", ema_kimg=0.05 if ema else None)
+    asked = []
+
+    def graph_feed():
+        asked.append(FakeFeed())
+        return asked[-1]
+    eager = build_trainer(cfg, cpu, resolve_precision("off", cpu), graph_feed=graph_feed)
+    assert eager.description == "eager" and not asked and not made
+    graphed = dataclasses.replace(cfg, cuda_graphs=True)
+    inside = build_trainer(graphed, cpu, resolve_precision("off", cpu, True), graph_feed=graph_feed)
+    assert inside.description == "one CUDA graph per step, the batch gathered inside it" and len(asked) == 1
+    state = made[-1]["state"]
+    assert state[0] is asked[0].position
+    assert len(state) == 1 + (len(inside.ema.tensors()) if ema else 0)
+    copied = build_trainer(graphed, cpu, resolve_precision("off", cpu, True))
+    assert copied.description == "one CUDA graph per step, each batch copied into it" and len(asked) == 1
+    assert len(made[-1]["state"]) == (len(copied.ema.tensors()) if ema else 0)
+    assert made[-1]["generators"] == [copied.noise_generator]
 
 
 @pytest.mark.gpu
@@ -219,7 +249,7 @@ def test_graphed_steps_on_prepared_data_never_sync(amp):
     precision = resolve_precision(amp, cuda, cuda_graphs=True)
     loader = PreparedLoader(pixels(n=16 * 30, size=32), 16, cuda, channels_last=True, seed=1, mirror=True,
                             dtype=precision.dtype)
-    trainer = build_trainer(cfg, cuda, precision, loader=loader)
+    trainer = build_trainer(cfg, cuda, precision, graph_feed=loader.in_graph)
     stats = IntervalStats(50, trainer, Ranks(), 16, None, torch.zeros(0, 2))
     batches = iter(loader)
     stats.add(trainer(next(batches)))  # capture (warm-up, cuDNN autotuning) happens here, allowed to sync

@@ -60,7 +60,7 @@ def one_trainer(variant: dict):
     else:
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         batches = iter([b.float().contiguous(memory_format=memory_format) for b in loader])
-    trainer = build_trainer(cfg, CPU, precision, loader=loader)
+    trainer = build_trainer(cfg, CPU, precision)
     stats = IntervalStats(50, trainer, Ranks(), cfg.batch_size, None, torch.zeros(0, 2))
     return trainer, batches, stats
 

@@ -128,6 +128,10 @@ class Data:
     bad: list               # (path, reason) of the files set aside
     preview: Callable[[int], torch.Tensor]  # the first n images of the first epoch, for samples/real.png
     count: int              # images trained on: each epoch's order is a permutation of this many
+    # the kind of batch source under --cuda-graphs: where the data can be gathered inside the graph (prepared
+    # data in device memory), the capturable gather to ask for (PreparedLoader.in_graph); None where batches
+    # come through the loader and are copied into the graph
+    graph_feed: Optional[Callable[[], object]] = None
 
 
 def open_data(cfg: Config, device: torch.device, dtype: torch.dtype, loader_name: str, decoder: str,
@@ -220,6 +224,7 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
     options = dict(batch_size=distributed.per_rank_batch(cfg.batch_size, ranks.world_size), device=device,
                    channels_last=cfg.channels_last, seed=cfg.seed, mirror=cfg.mirror, rank=ranks.rank,
                    world_size=ranks.world_size, dtype=dtype)  # batches in the dtype the networks compute in
+    feed = None  # the loader's batches are copied into a CUDA graph, unless gathered inside it (below)
     if tier == "disk":
         source, manifest, check = map_pixels(file, cfg.image_size, cfg.nc, advice, naming)
         loader, where = StreamedLoader(source, check=check, **options), "disk: the file memory-mapped"
@@ -230,10 +235,12 @@ def open_prepared(cfg: Config, device: torch.device, dtype: torch.dtype, ranks: 
         else:  # on the CPU host memory is device memory
             loader = PreparedLoader(pixels, **options)
             where = f"{device.type} memory" + (" (host memory on the CPU)" if tier == "host" else "")
+            feed = loader.in_graph
     if cached is None:
         kind, bad = "prepared", []
         summary = f"{manifest['count']:,} prepared images in {file} (from {manifest['source_root']})"
     else:
         kind, summary, bad = "cache", cached[1].summary(), cached[1].bad
     mirrored = ", mirrored" if cfg.mirror else ""
-    return Data(loader, f"loader {kind} ({where}{mirrored}; {why})", summary, bad, loader.preview, manifest["count"])
+    return Data(loader, f"loader {kind} ({where}{mirrored}; {why})", summary, bad, loader.preview, manifest["count"],
+                feed)
