@@ -343,6 +343,7 @@ def test_a_gpu_test_stuck_where_signals_cannot_reach_is_ended_at_its_cap(tmp_pat
                      "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n    time.sleep(60)\n")
     argv = [a for a in gpu_parts.pytest_argv(None, timeout_s=3, paths=(stuck,))]
     result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=45)  # the signal method:
-    assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout[-2000:]  # 60 s, past this
-    # the timer thread's stack dump names the timeout (with pytest-xdist the worker it ended is reported crashed)
+    assert result.returncode != 0, result.stdout[-2000:]  # 60 s, past this timeout
+    # the timer thread dumps the stacks under "Timeout" and ends the process (with pytest-xdist, the worker: it is
+    # reported crashed and the run goes on)
     assert "Timeout" in result.stdout + result.stderr or "crashed while running" in result.stdout
