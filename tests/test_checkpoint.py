@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from fastgan import checkpoint
+from fastgan.atomic import DiskFull
 from fastgan.cli import main
 from fastgan.errors import FastganError
 from fastgan.generate import load_generator
@@ -45,7 +46,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match="cannot write last.pt in .*: No space left on device"):  # one line
         checkpoint.write_file(path, {"step": 2})
     assert checkpoint.read_file(path) == {"step": 1}  # the previous checkpoint is whole
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -390,6 +390,8 @@ def test_a_demo_drawing_cut_short_by_a_full_disk_leaves_nothing_and_is_one_line(
         real_write(folder, 2, seed=0)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(demo, "write_faces", full)
+    # a cache of its own: in the suite's shared cache an earlier test may have drawn these 64 faces already
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     capfd.readouterr()
     assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--demo-images", "64", "--epochs", "1"]) == 2
     err = capfd.readouterr().err
